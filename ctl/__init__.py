@@ -1,0 +1,1 @@
+"""mfrctl: the command-line interface.  Never imports torch."""

@@ -1,0 +1,235 @@
+"""The one typed training config: a YAML file plus ``--set a.b=c`` overrides.
+
+``TrainConfig`` is the single truth for training settings.  The trainer loads
+it in every pod, ``mfrctl`` validates it before anything is launched, and the
+chart's ``values.schema.json`` is generated from it.  This module stays
+torch-free so the CLI can import it.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BACKBONES = ("tiny", "r18", "r34", "r50", "r100", "r200", "custom")
+DEMO_CONFIG = "synthetic-demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: reported as one line, exit code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """The data-parallel backbone (iResNet family)."""
+
+    backbone: Literal[BACKBONES] = Field("r50", description="iResNet depth, or 'custom' with layers")
+    layers: list[int] | None = Field(
+        None, min_length=4, max_length=4, description="stage depths for backbone=custom, e.g. [3, 25, 88, 3]"
+    )
+    width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
+    embedding_size: int = Field(512, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _layers_match_backbone(self) -> ModelConfig:
+        if self.backbone == "custom" and self.layers is None:
+            raise ValueError("backbone 'custom' needs layers, e.g. layers: [3, 25, 88, 3]")
+        if self.backbone != "custom" and self.layers is not None:
+            raise ValueError(f"layers is only used with backbone 'custom' (backbone is {self.backbone!r})")
+        if self.layers is not None and min(self.layers) < 1:
+            raise ValueError(f"every stage depth must be >= 1, got {self.layers}")
+        return self
+
+
+class HeadConfig(_Section):
+    """The model-parallel margin softmax head ("Partial FC")."""
+
+    num_classes: int = Field(ge=1, description="identities in the training set")
+    margins: tuple[float, float, float] = Field(
+        (1.0, 0.5, 0.0),
+        description="combined margin (m1, m2, m3): cos(m1*theta + m2) - m3; ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)",
+    )
+    scale: float = Field(64.0, gt=0, description="logit scale s")
+    sample_rate: float = Field(
+        1.0, gt=0, le=1, description="fraction of class centres per rank and step (all positives kept)"
+    )
+
+    @model_validator(mode="after")
+    def _sane_margins(self) -> HeadConfig:
+        m1, m2, m3 = self.margins
+        if m1 < 1:
+            raise ValueError(f"margins m1 must be >= 1 (multiplicative angular margin), got {m1}")
+        if not 0 <= m2 < math.pi / 2:
+            raise ValueError(f"margins m2 must be in [0, pi/2) (additive angular margin), got {m2}")
+        if not 0 <= m3 < 1:
+            raise ValueError(f"margins m3 must be in [0, 1) (additive cosine margin), got {m3}")
+        return self
+
+
+class DataConfig(_Section):
+    """Where training images come from."""
+
+    source: Literal["synthetic"] = Field("synthetic", description="built-in synthetic masked faces")
+    images_per_identity: int = Field(32, ge=1, description="synthetic images per training identity")
+    mask_prob: float = Field(0.35, ge=0, le=1, description="probability of drawing a face mask on a sample")
+    batch_size: int = Field(128, ge=1, description="samples per rank and optimizer step")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    seed: int = Field(0, ge=0)
+
+
+class OptimConfig(_Section):
+    """Optimizer, schedule and gradient handling (backbone and head alike)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = Field(2.0, gt=0)
+    grad_clip: float | None = Field(5.0, gt=0, description="max global grad norm; null disables clipping")
+    micro_batches: int = Field(1, ge=1, description="gradient accumulation: micro-batches per step")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimConfig:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class RunConfig(_Section):
+    """How long and on what the job runs."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype; fp16 needs cuda")
+    max_nonfinite_steps: int = Field(10, ge=1, description="abort after this many non-finite steps in a row")
+    log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    output_dir: str = Field("runs/mfr", description="where eval results are written")
+
+
+class EvalConfig(_Section):
+    """Verification on held-out identities (never seen in training)."""
+
+    num_identities: int = Field(100, ge=2)
+    images_per_identity: int = Field(8, ge=2)
+    fprs: list[float] = Field([1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6], min_length=1)
+    batch_size: int = Field(256, ge=1)
+    at_start: bool = Field(True, description="also evaluate the untrained model, as a baseline")
+
+    @model_validator(mode="after")
+    def _fprs_are_rates(self) -> EvalConfig:
+        bad = [f for f in self.fprs if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"fprs must be in (0, 1), got {bad}")
+        return self
+
+
+class TrainConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    head: HeadConfig
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.data.batch_size % self.optim.micro_batches:
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                f"optim.micro_batches ({self.optim.micro_batches})"
+            )
+        if self.optim.warmup_steps >= self.run.steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be < run.steps ({self.run.steps})"
+            )
+        if self.run.amp == "fp16" and self.run.device == "cpu":
+            raise ValueError("run.amp fp16 needs a GPU (GradScaler); use bf16 on cpu")
+        return self
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. head.sample_rate=0.1")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set to a value and cannot hold {leaf}")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err.problem})") from None
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, f"{path}{key}.")
+        elif isinstance(value, dict) and key in merged and merged[key] is not None:
+            raise ConfigError(f"--set {path}{key}.…: {path}{key} is a value, not a section")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        shown = "" if e["type"] in ("missing", "value_error") else f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file; a missing or malformed file is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def demo_config_path() -> Path:
+    """The packaged config of the built-in synthetic demo (the default job)."""
+    return Path(str(resources.files("mfr.trainer") / "configs" / DEMO_CONFIG))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load and validate; ``path=None`` means the built-in synthetic demo."""
+    data = read_yaml(path if path is not None else demo_config_path())
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None

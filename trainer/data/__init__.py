@@ -1,0 +1,1 @@
+"""Datasets, augmentation and loaders for the trainer."""

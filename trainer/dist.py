@@ -1,0 +1,61 @@
+"""Process-group set-up from the environment torchrun (and the operator) give.
+
+Under torchrun every worker gets RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR/PORT and TORCHELASTIC_RESTART_COUNT.  Started
+without torchrun (``python -m mfr.trainer``) the trainer is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    restart_count: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """``auto`` means this node's GPU ``local_rank`` when CUDA is there, else CPU."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is cuda but no CUDA device is available; use auto or cpu")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device_preference: str = "auto") -> DistEnv:
+    """Join the job's process group: NCCL on CUDA, gloo on CPU."""
+    env = os.environ
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    device = pick_device(device_preference, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistEnv(
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        device=device,
+    )

@@ -1,0 +1,217 @@
+"""Partial FC: the model-parallel margin softmax head over millions of classes.
+
+Each rank owns one contiguous block of class centres (rows
+``[start, start + num_local)`` of the global ``num_classes x D`` matrix).  A
+step all-gathers the embeddings of the whole global batch, computes cosine
+logits against the local (optionally sampled) centres only, applies the
+combined margin to the target logits, and evaluates the softmax
+cross-entropy across ranks with an all-reduce of the row max and of the row
+sum of exponentials.  No rank ever holds a ``batch x num_classes`` matrix.
+
+Gradient convention.  The loss is the mean over the *global* batch, identical
+on every rank.  Its gradient w.r.t. the head shard is exact.  The backbone is
+wrapped in DDP, which *averages* gradients over the W ranks, so the
+all-gather hands each rank ``W x dL/d(its embeddings)``: after DDP's
+averaging every backbone gradient equals that of the single-process loss.
+
+ArcFace margin.  The target logit is ``cos(m1*theta + m2) - m3`` with the
+exact gradient through ``acos`` (cosines clamped to ``+-(1 - 1e-7)``).  Where
+``m1*theta + m2 > pi`` the curve would turn back up, so it continues as
+``cos(theta) - (1 + cos(theta_max))`` with ``theta_max = (pi - m2)/m1``: the
+same fallback idea as insightface's, made continuous and still monotonic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+_COS_EPS = 1e-7
+
+
+def class_shard(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(start, num_local)`` of ``rank``'s contiguous class block."""
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + (rank < extra)
+
+
+def combined_margin(cos_target: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """Target logit ``cos(m1*theta + m2) - m3`` (before scaling), see module docs."""
+    if m1 == 1.0 and m2 == 0.0:
+        return cos_target - m3
+    theta = torch.acos(cos_target.clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+    theta_max = (math.pi - m2) / m1
+    margined = torch.cos(m1 * theta + m2)
+    fallback = cos_target - (1 + math.cos(theta_max))
+    return torch.where(theta <= theta_max, margined, fallback) - m3
+
+
+class _GatherEmbeddings(torch.autograd.Function):
+    """All-gather of equal-sized blocks; backward sums over ranks, times W (DDP)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        blocks = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(blocks, local.contiguous(), group=group)
+        return torch.cat(blocks)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        own = grad.chunk(world)[rank]
+        return own * world, None
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """Softmax cross-entropy whose classes are split over the ranks of ``group``.
+
+    ``target`` holds each row's target column in the local logits, or -1 when
+    the target lives on another rank.  Rows where ``valid`` is False (padding)
+    take no part in the loss.  The gradient is computed in closed form,
+    ``(softmax - onehot) / n_valid``: no differentiable collective is involved.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, group):
+        row_max = logits.detach().max(dim=1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        probs = torch.exp(logits.detach() - row_max[:, None])
+        sum_exp = probs.sum(dim=1)
+        dist.all_reduce(sum_exp, group=group)
+        probs /= sum_exp[:, None]
+
+        has_target = target >= 0
+        rows = has_target.nonzero().squeeze(1)
+        target_logit = torch.zeros_like(row_max)
+        target_logit[rows] = logits.detach()[rows, target[rows]]
+        dist.all_reduce(target_logit, group=group)
+
+        n_valid = valid.sum()
+        per_row = (sum_exp.log() + row_max - target_logit) * valid
+        loss = per_row.sum() / n_valid
+        ctx.save_for_backward(probs, rows, target, valid, n_valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        probs, rows, target, valid, n_valid = ctx.saved_tensors
+        grad = probs
+        grad[rows, target[rows]] -= 1
+        grad *= (valid / n_valid * grad_loss)[:, None]
+        return grad, None, None, None
+
+
+class PartialFC(nn.Module):
+    """Margin softmax head whose class centres are split across ranks.
+
+    ``forward(embeddings, labels)`` takes this rank's batch (sizes may differ
+    between ranks, e.g. a short last batch) and returns the mean loss over the
+    global batch, the same value on every rank.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margins: tuple[float, float, float] = (1.0, 0.5, 0.0),
+        scale: float = 64.0,
+        sample_rate: float = 1.0,
+        group: dist.ProcessGroup | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.group = group or dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        if num_classes < self.world_size:
+            raise ValueError(
+                f"head.num_classes ({num_classes}) must be >= the world size ({self.world_size})"
+            )
+        self.num_classes = num_classes
+        self.start, self.num_local = class_shard(num_classes, self.world_size, self.rank)
+        self.margins = tuple(float(m) for m in margins)
+        self.scale = float(scale)
+        self.sample_rate = float(sample_rate)
+        init = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size), generator=init))
+        self.sampler = torch.Generator().manual_seed(seed * 1_000_003 + self.rank + 7919)
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes [{self.start}, {self.start + self.num_local}) of {self.num_classes}, "
+            f"margins={self.margins}, scale={self.scale}, sample_rate={self.sample_rate}"
+        )
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        padded, labels, valid = self._pad_to_common_batch(embeddings, labels.to(embeddings.device).long())
+        blocks = [torch.empty_like(labels) for _ in range(self.world_size)]
+        dist.all_gather(blocks, labels, group=self.group)
+        global_labels = torch.cat(blocks)
+        self._check_labels(global_labels[valid])
+        global_embeddings = _GatherEmbeddings.apply(padded, self.group)
+
+        local = global_labels - self.start
+        is_local = valid & (local >= 0) & (local < self.num_local)
+        target = torch.where(is_local, local, -1)
+        weight = self.weight
+        if self.sample_rate < 1.0:
+            index, target = self.sample_classes(target)
+            weight = weight[index]
+
+        # Logits in at least fp32 whatever the autocast dtype of the backbone.
+        dtype = torch.promote_types(torch.promote_types(global_embeddings.dtype, weight.dtype), torch.float32)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            cos = F.linear(F.normalize(global_embeddings.to(dtype)), F.normalize(weight.to(dtype)))
+            cos = cos.clamp(-1, 1)
+            rows = (target >= 0).nonzero().squeeze(1)
+            margined = combined_margin(cos[rows, target[rows]], *self.margins)
+            logits = cos.index_put((rows, target[rows]), margined) * self.scale
+            return _ShardedCrossEntropy.apply(logits, target, valid, self.group)
+
+    def sample_classes(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep every local positive class plus uniformly random negatives.
+
+        Returns the sorted local rows kept and ``target`` remapped into them.
+        """
+        positives = torch.unique(target[target >= 0])
+        num_sample = min(self.num_local, max(positives.numel(), math.ceil(self.sample_rate * self.num_local)))
+        priority = torch.rand(self.num_local, generator=self.sampler).to(target.device)
+        priority[positives] = 2.0
+        index = priority.topk(num_sample).indices.sort().values
+        remap = torch.full((self.num_local,), -1, dtype=torch.long, device=target.device)
+        remap[index] = torch.arange(num_sample, device=target.device)
+        return index, torch.where(target >= 0, remap[target.clamp(min=0)], -1)
+
+    def _pad_to_common_batch(self, embeddings, labels):
+        """Pad this rank's batch to the largest in the group.
+
+        Also returns which rows of the gathered global batch are real samples.
+        """
+        size = torch.tensor([labels.numel()], device=labels.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.group)
+        sizes = torch.cat(sizes)
+        padded_size = int(sizes.max())
+        missing = padded_size - labels.numel()
+        if missing:
+            embeddings = F.pad(embeddings, (0, 0, 0, missing))
+            labels = F.pad(labels, (0, missing))
+        valid = torch.arange(padded_size, device=labels.device)[None, :] < sizes[:, None]
+        return embeddings, labels, valid.flatten()
+
+    def _check_labels(self, global_labels: torch.Tensor) -> None:
+        """Every rank sees the same global labels, so every rank raises together."""
+        bad = global_labels[(global_labels < 0) | (global_labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"label {int(bad[0])} is outside [0, {self.num_classes}): "
+                f"head.num_classes must cover every label in the data"
+            )

@@ -1,0 +1,78 @@
+"""Optimizer, learning-rate schedule and global gradient clipping.
+
+One optimizer holds two parameter groups: the data-parallel backbone (whose
+gradients DDP has already made identical on every rank) and this rank's
+head shard (whose gradients are different on every rank).  The global
+gradient norm therefore sums the backbone once and the head over all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import OptimConfig
+
+
+def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(backbone.parameters()), "name": "backbone"},
+        {"params": list(head.parameters()), "name": "head"},
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warm-up, then the decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.schedule == "poly":
+        return (1 - progress) ** cfg.poly_power
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_lr_schedule(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def _sum_of_squares(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.detach().float().pow(2).sum()
+    return total
+
+
+def clip_global_grad_norm(
+    replicated: list[nn.Parameter],
+    sharded: list[nn.Parameter],
+    max_norm: float | None,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Clip to ``max_norm`` over the whole model; returns the norm before clipping.
+
+    ``replicated`` gradients are equal on all ranks, ``sharded`` ones are
+    this rank's share.  The result is the same on every rank, so every rank
+    takes the same decision about a non-finite step.
+    """
+    sharded_sq = _sum_of_squares(sharded, device)
+    dist.all_reduce(sharded_sq, group=group)
+    norm = (_sum_of_squares(replicated, device) + sharded_sq).sqrt()
+    if max_norm is not None and torch.isfinite(norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in (*replicated, *sharded):
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
