@@ -116,11 +116,16 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(scale), msg=what)
 
 
+def _sharded_all_margins(rank: int, world_size: int):
+    return {name: _sharded(rank, world_size, margins, 1.0) for name, margins in MARGINS.items()}
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_sharded_head_equals_full_softmax(world_size):
+    per_rank = run_distributed(_sharded_all_margins, world_size)
     for name, margins in MARGINS.items():
         ref = _reference(world_size, margins)
-        results = run_distributed(_sharded, world_size, margins, 1.0)
+        results = [r[name] for r in per_rank]
         sizes = BATCH_PER_RANK[world_size]
         for rank, res in enumerate(results):
             what = f"{name} world={world_size} rank={rank}"

@@ -40,10 +40,13 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
-def build_lr_schedule(
-    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """Set every group's learning rate for ``step``; a pure function of the step
+    (nothing to checkpoint, and a skipped step cannot shift the schedule)."""
+    lr = cfg.lr * lr_factor(step, total_steps, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def _sum_of_squares(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,160 @@
+"""The training loop: composes backbone (DDP), sharded head, data and optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import ConfigError, TrainConfig
+from .data.loader import EpochStream
+from .dist import DistEnv
+from .evaluate import HeldOutEvaluator
+from .head import PartialFC
+from .models import build_backbone
+from .optim import build_optimizer, clip_global_grad_norm, set_lr
+from .progress import Progress
+from .verification import ProtocolResult, format_fpr
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. the loss stays non-finite); exit non-zero."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
+        if cfg.run.amp == "fp16" and env.device.type != "cuda":
+            raise ConfigError("run.amp fp16 needs a CUDA device (GradScaler); use bf16 on cpu")
+        self.cfg, self.env = cfg, env
+        torch.manual_seed(cfg.run.seed)  # same backbone init on every rank
+        backbone = build_backbone(
+            cfg.model.backbone,
+            layers=cfg.model.layers,
+            width=cfg.model.width,
+            embedding_size=cfg.model.embedding_size,
+            dropout=cfg.model.dropout,
+        ).to(env.device)
+        self.model = DistributedDataParallel(backbone, device_ids=[env.device.index] if env.device.index is not None else None)
+        self.head = PartialFC(
+            cfg.model.embedding_size,
+            cfg.head.num_classes,
+            margins=cfg.head.margins,
+            scale=cfg.head.scale,
+            sample_rate=cfg.head.sample_rate,
+            seed=cfg.run.seed,
+        ).to(env.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model, self.head)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp)
+        try:
+            self.data = EpochStream(
+                cfg.data, cfg.head.num_classes, env.rank, env.world_size, pin_memory=env.device.type == "cuda"
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.evaluator = HeldOutEvaluator(cfg.eval, cfg.data, cfg.head.num_classes, env)
+        self.progress = Progress(enabled=env.is_main)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.env.world_size
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+        """One optimizer step over ``micro_batches`` micro-batches; None if skipped."""
+        micro = self.cfg.optim.micro_batches
+        self.lr = set_lr(self.optimizer, self.cfg.optim, self.step, self.cfg.run.steps)
+        images = images.to(self.env.device, non_blocking=True)
+        labels = labels.to(self.env.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i, (x, y) in enumerate(zip(images.chunk(micro), labels.chunk(micro))):
+            sync_grads = i == micro - 1
+            with contextlib.nullcontext() if sync_grads else self.model.no_sync():
+                with self._autocast():
+                    embeddings = self.model(x)
+                loss = self.head(embeddings, y)
+                self.scaler.scale(loss / micro).backward()
+            loss_sum += loss.detach()
+
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_global_grad_norm(
+            list(self.model.parameters()),
+            list(self.head.parameters()),
+            self.cfg.optim.grad_clip,
+            self.env.device,
+        )
+        loss_value = float(loss_sum) / micro
+        finite = bool(torch.isfinite(loss_sum)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.nonfinite_in_a_row >= self.cfg.run.max_nonfinite_steps:
+            raise TrainingAborted(
+                f"loss or gradients were non-finite for {self.nonfinite_in_a_row} steps in a row "
+                f"(up to step {self.step}); lower optim.lr, enable optim.grad_clip or check the data"
+            )
+        self.last_grad_norm = float(grad_norm)
+        return loss_value if finite else None
+
+    def evaluate(self, stage: str) -> dict[str, ProtocolResult]:
+        """TPR@FPR of the backbone on held-out identities, reported by rank 0."""
+        report = self.evaluator(self.model.module)
+        self.progress.event("eval", stage=stage, step=self.step, results=[r.to_dict() for r in report.values()])
+        for protocol, result in report.items():
+            points = " ".join(
+                f"{format_fpr(p.target_fpr)}={'n/a' if p.tpr is None else f'{p.tpr:.4f}'}" for p in result.points
+            )
+            self.progress.log(f"eval {stage} {protocol} TPR@FPR {points}")
+        return report
+
+    def fit(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.progress.event(
+            "start",
+            steps=cfg.run.steps,
+            world_size=env.world_size,
+            global_batch=self.global_batch,
+            device=str(env.device),
+            restart_count=env.restart_count,
+        )
+        self.progress.log(
+            f"world size {env.world_size} on {env.device}, global batch {self.global_batch}, "
+            f"{cfg.head.num_classes} classes ({self.head.num_local} on rank 0), {cfg.run.steps} steps"
+        )
+        if cfg.eval.at_start:
+            self.evaluate("untrained")
+        window_start, window_samples = time.perf_counter(), 0
+        batches = iter(self.data)
+        while self.step < cfg.run.steps:
+            images, labels = next(batches)
+            loss = self.train_step(images, labels)
+            window_samples += self.global_batch
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples / elapsed
+                lr = self.lr
+                self.progress.event(
+                    "step", step=self.step, loss=loss, lr=lr, samples_per_s=rate, epoch=self.data.epoch
+                )
+                shown = "non-finite (skipped)" if loss is None else f"{loss:.4f}"
+                self.progress.log(
+                    f"step {self.step}/{cfg.run.steps} loss {shown} lr {lr:.4g} "
+                    f"grad_norm {self.last_grad_norm:.3g} {rate:.1f} samples/s"
+                )
+                window_start, window_samples = time.perf_counter(), 0
+        self.evaluate("trained")
+        self.progress.event("done", step=self.step)
+        self.progress.close()
