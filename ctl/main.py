@@ -1,0 +1,181 @@
+"""mfrctl: train, deploy and inspect masked-face-recognition runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from mfr.trainer.config import ConfigError, TrainConfig, load_config
+
+from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
+from .progress import EventTail, TrainProgress, results_table
+
+app = typer.Typer(
+    name="mfrctl",
+    help="Train masked-face-recognition models: locally, or as a Kubeflow PyTorchJob.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Validate and show training configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a setting, e.g. --set head.sample_rate=0.1 (repeatable)."),
+]
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line, no traceback; exit 2 marks a usage/config error."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> TrainConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        raise fail(f"config: {e}") from None
+
+
+def _parse_elastic(value: str | None, nodes: int) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    low, sep, high = value.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()) or not 1 <= int(low) <= int(high):
+        raise fail(f"--elastic {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 1:3")
+    if not int(low) <= nodes <= int(high):
+        raise fail(f"--nodes {nodes} is outside --elastic {value}")
+    return int(low), int(high)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, output: OutputOpt = Output.yaml) -> None:
+    """Validate a config and print it with every default filled in."""
+    cfg = _load(config, set_)
+    data = cfg.model_dump(mode="json")
+    out.print(json.dumps(data, indent=2) if output == Output.json else yaml.safe_dump(data, sort_keys=False))
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    nodes: Annotated[int, typer.Option(min=1, help="Emulated pods, one torchrun agent each.")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(min=1, help="Training processes per pod.")] = 1,
+    elastic: Annotated[
+        Optional[str], typer.Option(metavar="MIN:MAX", help="Elastic job: c10d rendezvous, nodes may come and go.")
+    ] = None,
+    master_port: Annotated[int, typer.Option(min=0, max=65535, help="Rendezvous port; 0 picks a free one.")] = 0,
+    output_dir: Annotated[
+        Optional[Path], typer.Option(help="Run directory (logs, events, results); overrides run.output_dir.")
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Train on this machine as an N-node job, with the pods' exact environment.
+
+    Each emulated node is a torchrun agent that sees what the Kubeflow operator
+    gives a pod, so this runs the real multi-node code path.  Exit code 0 when
+    training finished, 2 for a usage or config error, 1 when training failed.
+    """
+    elastic_range = _parse_elastic(elastic, nodes)
+    overrides = list(set_ or [])
+    if output_dir is not None:
+        overrides.append(f"run.output_dir={output_dir}")
+    cfg = _load(config, overrides)
+    if importlib.util.find_spec("torch") is None:
+        raise fail("mfrctl train runs the trainer, which needs torch: pip install 'mfr[train]'")
+    try:
+        if master_port:
+            check_port_free(master_port)
+    except LaunchError as e:
+        raise fail(str(e)) from None
+
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    job = LocalJob(
+        nodes=nodes,
+        nproc_per_node=nproc_per_node,
+        config_path=config_path,
+        run_dir=run_dir,
+        master_port=master_port or free_port(),
+        elastic=elastic_range,
+        run_id=run_dir.resolve().name,
+    )
+    mode = f"elastic {elastic_range[0]}:{elastic_range[1]}" if elastic_range else "static"
+    err.print(
+        f"mfr: {nodes} node(s) x {nproc_per_node} process(es), {mode}; logs in {run_dir}/node-*.log",
+        highlight=False,
+    )
+    code, events, log_tail = _run(job, cfg.run.steps)
+    if code != 0:
+        error = events.error()
+        if error is not None and error["kind"] == "config":
+            raise fail(f"config: {error['message']}")
+        if error is None:
+            err.print(log_tail, highlight=False, markup=False)
+        raise fail(error["message"] if error else f"training failed (exit code {code})", code=1)
+    _print_results(events.evals, output)
+
+
+def _run(job: LocalJob, steps: int) -> tuple[int, EventTail, str]:
+    """Run the job to its end, following its events; nothing outlives this."""
+    events = EventTail(job.events_path)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    running = RunningJob.start(job)
+    try:
+        with TrainProgress(err, steps) as progress:
+            while (code := running.finished()) is None:
+                progress.update_all(events.read())
+                time.sleep(0.2)
+            progress.update_all(events.read())
+        return code, events, running.log_tail()
+    except KeyboardInterrupt:
+        err.print("mfr: interrupted, stopping every node", highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        running.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _print_results(evals: dict[str, dict], output: Output) -> None:
+    if output == Output.table:
+        out.print(results_table(evals))
+        return
+    data = {stage: ev["results"] for stage, ev in evals.items()}
+    out.print(json.dumps(data, indent=2) if output == Output.json else yaml.safe_dump(data, sort_keys=False))
+
+
+if __name__ == "__main__":
+    sys.exit(app())
