@@ -103,3 +103,15 @@ def test_elastic_pod_environment_matches_the_operator():
 
 def test_pod_command_is_a_bare_torchrun_of_the_trainer():
     assert _job().command() == [sys.executable, "-m", "torch.distributed.run", "-m", "mfr.trainer", "--config", "c.yaml"]
+
+
+def test_config_error_found_at_start_up_exits_2(tmp_path):
+    """Only the trainer knows the world size: 100 samples cannot feed 2 ranks x 64."""
+    proc = mfrctl(
+        "train", "--nodes", "2", "--output-dir", str(tmp_path),
+        "--set", "head.num_classes=100", "--set", "data.images_per_identity=1", "--set", "data.batch_size=64",
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "each rank gets 50 samples per epoch, fewer than data.batch_size (64)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -7,9 +7,11 @@ Exit codes follow the operator's retry rules (restartPolicy ExitCode):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, TrainConfig, load_config
+from .progress import Progress
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,34 +24,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train(cfg: TrainConfig) -> None:
+    import torch.distributed as dist
+
+    from .dist import init_distributed
+    from .loop import Trainer
+
+    env = init_distributed(cfg.run.device)
+    try:
+        Trainer(cfg, env).fit()
+    finally:
+        dist.destroy_process_group()
+
+
+def _fail(kind: str, message: str, code: int) -> int:
+    """One line on stderr; rank 0 also tells ``mfrctl train`` through its events."""
+    Progress(enabled=os.environ.get("RANK", "0") == "0").event("error", kind=kind, message=message)
+    print(f"mfr: {'config error' if kind == 'config' else 'training aborted'}: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"mfr: config error: {err}", file=sys.stderr)
-        return 2
-    # torch is imported only once the config is known to be good.
-    from .dist import init_distributed
-    from .loop import Trainer, TrainingAborted
-    from .progress import Progress
-
-    import torch.distributed as dist
+        return _fail("config", str(err), 2)
+    from .loop import TrainingAborted  # torch is imported only for a good config
 
     try:
-        env = init_distributed(cfg.run.device)
-        try:
-            Trainer(cfg, env).fit()
-        finally:
-            dist.destroy_process_group()
-    except ConfigError as err:
-        Progress(enabled=True).event("error", kind="config", message=str(err))
-        print(f"mfr: config error: {err}", file=sys.stderr)
-        return 2
+        train(cfg)
+    except ConfigError as err:  # found at start-up, e.g. fp16 on a CPU-only node
+        return _fail("config", str(err), 2)
     except TrainingAborted as err:
-        Progress(enabled=True).event("error", kind="aborted", message=str(err))
-        print(f"mfr: training aborted: {err}", file=sys.stderr)
-        return 1
+        return _fail("aborted", str(err), 1)
     return 0
 
 

@@ -22,9 +22,9 @@ class Progress:
         path = os.environ.get(EVENTS_ENV)
         self._events = open(path, "a", buffering=1) if enabled and path else None  # noqa: SIM115
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, name: str, **fields: Any) -> None:
         if self._events is not None:
-            self._events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+            self._events.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
 
     def log(self, message: str) -> None:
         if self.enabled:
