@@ -115,3 +115,19 @@ def test_config_error_found_at_start_up_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "each rank gets 50 samples per epoch, fewer than data.batch_size (64)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_several_processes_per_node(tmp_path):
+    """--nproc-per-node: torchrun starts M workers per emulated pod, WORLD_SIZE = N x M."""
+    proc = mfrctl(
+        "train", "--nodes", "2", "--nproc-per-node", "2", "--output-dir", str(tmp_path), "-o", "json",
+        "--set", "run.steps=2", "--set", "optim.warmup_steps=0", "--set", "eval.at_start=false", "--set", "head.num_classes=16",
+        "--set", "data.images_per_identity=8", "--set", "data.batch_size=8",
+        "--set", "eval.num_identities=4", "--set", "eval.images_per_identity=2",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["world_size"] == 4 and start["global_batch"] == 32
+    assert list(json.loads(proc.stdout)) == ["trained"]

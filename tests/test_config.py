@@ -57,6 +57,7 @@ def test_bad_input_is_one_clear_line(overrides, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         load_config(None, overrides)
     assert "\n" not in str(info.value)
+    assert not str(info.value).startswith("config:"), "no doubled prefix for model-level errors"
 
 
 def test_missing_and_malformed_files(tmp_path):

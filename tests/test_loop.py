@@ -94,3 +94,17 @@ def test_global_grad_norm_counts_the_replicated_part_once(single_process_group):
     assert float(norm) == pytest.approx(5.0)
     clipped = torch.cat([replicated.grad, sharded.grad]).norm()
     assert float(clipped) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_bf16_autocast_step_is_finite(tmp_path):
+    import torch.distributed as dist
+
+    cfg = load_config(None, [*SMALL, f"run.output_dir={tmp_path}", "run.amp=bf16"])
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    try:
+        images, labels = next(iter(trainer.data))
+        loss = trainer.train_step(images, labels)
+        assert loss is not None and math.isfinite(loss)
+        assert all(p.dtype == torch.float32 for p in trainer.head.parameters())
+    finally:
+        dist.destroy_process_group()

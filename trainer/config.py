@@ -196,10 +196,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict
 def _one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         shown = "" if e["type"] in ("missing", "value_error") else f" (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}{shown}")
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     return "; ".join(parts)
 
 
