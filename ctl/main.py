@@ -106,7 +106,7 @@ def train(
     elastic_range = _parse_elastic(elastic, nodes)
     overrides = list(set_ or [])
     if output_dir is not None:
-        overrides.append(f"run.output_dir={output_dir}")
+        overrides.append(f"run.output_dir={json.dumps(str(output_dir))}")  # a JSON string is YAML too
     cfg = _load(config, overrides)
     if importlib.util.find_spec("torch") is None:
         raise fail("mfrctl train runs the trainer, which needs torch: pip install 'mfr[train]'")
