@@ -134,19 +134,22 @@ def train(
         f"mfr: {nodes} node(s) x {nproc_per_node} process(es), {mode}; logs in {run_dir}/node-*.log",
         highlight=False,
     )
-    code, events, log_tail = _run(job, cfg.run.steps)
+    code, events, failure_log = _run(job, cfg.run.steps)
     if code != 0:
         error = events.error()
         if error is not None and error["kind"] == "config":
             raise fail(f"config: {error['message']}")
         if error is None:
-            err.print(log_tail, highlight=False, markup=False)
+            err.print(failure_log, highlight=False, markup=False)
         raise fail(error["message"] if error else f"training failed (exit code {code})", code=1)
     _print_results(events.evals, output)
 
 
 def _run(job: LocalJob, steps: int) -> tuple[int, EventTail, str]:
-    """Run the job to its end, following its events; nothing outlives this."""
+    """Run the job to its end, following its events; nothing outlives this.
+
+    Returns the exit code, the events, and the failed node's log tail ("" on success).
+    """
     events = EventTail(job.events_path)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     running = RunningJob.start(job)
@@ -156,7 +159,7 @@ def _run(job: LocalJob, steps: int) -> tuple[int, EventTail, str]:
                 progress.update_all(events.read())
                 time.sleep(0.2)
             progress.update_all(events.read())
-        return code, events, running.log_tail()
+        return code, events, running.log_tail() if code else ""
     except KeyboardInterrupt:
         err.print("mfr: interrupted, stopping every node", highlight=False)
         raise typer.Exit(130) from None

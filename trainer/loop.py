@@ -46,6 +46,8 @@ class Trainer:
             seed=cfg.run.seed,
         ).to(env.device)
         self.optimizer = build_optimizer(cfg.optim, self.model, self.head)
+        self.replicated_params = list(self.model.parameters())  # equal on every rank after DDP
+        self.sharded_params = list(self.head.parameters())  # this rank's share of the head
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp)
         try:
@@ -58,6 +60,8 @@ class Trainer:
         self.progress = Progress(enabled=env.is_main)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.lr = 0.0  # of the last step, for the logs
+        self.last_grad_norm = float("nan")
 
     @property
     def global_batch(self) -> int:
@@ -86,10 +90,7 @@ class Trainer:
 
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_global_grad_norm(
-            list(self.model.parameters()),
-            list(self.head.parameters()),
-            self.cfg.optim.grad_clip,
-            self.env.device,
+            self.replicated_params, self.sharded_params, self.cfg.optim.grad_clip, self.env.device
         )
         loss_value = float(loss_sum) / micro
         finite = bool(torch.isfinite(loss_sum)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
@@ -145,13 +146,12 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / elapsed
-                lr = self.lr
                 self.progress.event(
-                    "step", step=self.step, loss=loss, lr=lr, samples_per_s=rate, epoch=self.data.epoch
+                    "step", step=self.step, loss=loss, lr=self.lr, samples_per_s=rate, epoch=self.data.epoch
                 )
                 shown = "non-finite (skipped)" if loss is None else f"{loss:.4f}"
                 self.progress.log(
-                    f"step {self.step}/{cfg.run.steps} loss {shown} lr {lr:.4g} "
+                    f"step {self.step}/{cfg.run.steps} loss {shown} lr {self.lr:.4g} "
                     f"grad_norm {self.last_grad_norm:.3g} {rate:.1f} samples/s"
                 )
                 window_start, window_samples = time.perf_counter(), 0
