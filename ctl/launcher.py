@@ -23,8 +23,8 @@ from pathlib import Path
 
 from mfr.trainer.progress import EVENTS_ENV
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-TRAINER_MODULE = "mfr.trainer"
+# torchrun with retryable exit codes on SIGTERM (see mfr.trainer.launch); the pod command too.
+LAUNCH = [sys.executable, "-m", "mfr.trainer.launch"]
 # Fast failure detection, so a lost node is noticed in seconds, not ~45 s.
 RDZV_CONF = "join_timeout=120,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3,close_timeout=10"
 _PR_SET_PDEATHSIG = 1
@@ -81,8 +81,8 @@ class LocalJob:
         return env
 
     def command(self) -> list[str]:
-        """The pod command: a bare torchrun of the trainer module."""
-        return [*TORCHRUN, "-m", TRAINER_MODULE, "--config", str(self.config_path)]
+        """The pod command: torchrun of the trainer module, via mfr.trainer.launch."""
+        return [*LAUNCH, "--config", str(self.config_path)]
 
 
 def free_port() -> int:

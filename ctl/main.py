@@ -95,16 +95,23 @@ def train(
     output_dir: Annotated[
         Optional[Path], typer.Option(help="Run directory (logs, events, results); overrides run.output_dir.")
     ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over, ignoring checkpoints already in the run's checkpoint.uri.")
+    ] = False,
     output: OutputOpt = Output.table,
 ) -> None:
     """Train on this machine as an N-node job, with the pods' exact environment.
 
     Each emulated node is a torchrun agent that sees what the Kubeflow operator
-    gives a pod, so this runs the real multi-node code path.  Exit code 0 when
-    training finished, 2 for a usage or config error, 1 when training failed.
+    gives a pod, so this runs the real multi-node code path.  Like a pod, the
+    run resumes from the newest committed checkpoint in its checkpoint.uri
+    (by default <output-dir>/checkpoints) unless --fresh is given.  Exit code 0
+    when training finished, 2 for a usage or config error, 1 when training failed.
     """
     elastic_range = _parse_elastic(elastic, nodes)
     overrides = list(set_ or [])
+    if fresh:
+        overrides.append("checkpoint.resume=never")
     if output_dir is not None:
         overrides.append(f"run.output_dir={json.dumps(str(output_dir))}")  # a JSON string is YAML too
     cfg = _load(config, overrides)

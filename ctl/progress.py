@@ -85,6 +85,18 @@ class TrainProgress:
                 self._bar.update(
                     self._task, completed=event["step"], rate=f"{event['samples_per_s']:.0f}", loss=loss
                 )
+            elif kind == "resume":
+                self._bar.update(self._task, completed=event["step"])
+                self._console.print(
+                    f"mfr: resumed at step {event['step']} from {event['url']} "
+                    f"(saved by {event['from_world_size']} ranks)",
+                    highlight=False,
+                )
+            elif kind == "checkpoint_failed":
+                self._console.print(
+                    f"mfr: warning: checkpoint of step {event['step']} failed, training continues: {event['message']}",
+                    highlight=False, markup=False,
+                )
             elif kind == "eval":
                 self._console.print(f"mfr: evaluated the {event['stage']} model at step {event['step']}")
 

@@ -101,8 +101,8 @@ def test_elastic_pod_environment_matches_the_operator():
     assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"} & set(env), "elastic pods get no static rank"
 
 
-def test_pod_command_is_a_bare_torchrun_of_the_trainer():
-    assert _job().command() == [sys.executable, "-m", "torch.distributed.run", "-m", "mfr.trainer", "--config", "c.yaml"]
+def test_pod_command_is_torchrun_of_the_trainer_with_retryable_exit_codes():
+    assert _job().command() == [sys.executable, "-m", "mfr.trainer.launch", "--config", "c.yaml"]
 
 
 def test_config_error_found_at_start_up_exits_2(tmp_path):
@@ -113,7 +113,7 @@ def test_config_error_found_at_start_up_exits_2(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "each rank gets 50 samples per epoch, fewer than data.batch_size (64)" in proc.stderr
+    assert "an epoch of 100 samples holds no global batch of 128 (2 ranks x data.batch_size 64)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

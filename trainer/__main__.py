@@ -1,7 +1,8 @@
 """Entry point of every training process: ``torchrun -m mfr.trainer --config F``.
 
 Exit codes follow the operator's retry rules (restartPolicy ExitCode):
-2 for a config error (permanent, never retried), 1 for an aborted run.
+2 for a config error (permanent, never retried), 1 for an aborted run,
+143 after SIGTERM once the state is checkpointed (retried, and resumed).
 """
 
 from __future__ import annotations
@@ -50,14 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         return _fail("config", str(err), 2)
-    from .loop import TrainingAborted  # torch is imported only for a good config
+    from .checkpoint import Preempted  # torch is imported only for a good config
+    from .loop import TrainingAborted
+    from .storage import StorageError
 
     try:
         train(cfg)
     except ConfigError as err:  # found at start-up, e.g. fp16 on a CPU-only node
         return _fail("config", str(err), 2)
+    except StorageError as err:  # checkpoint storage unusable at start-up
+        return _fail("config" if err.permanent else "aborted", str(err), 2 if err.permanent else 1)
     except TrainingAborted as err:
         return _fail("aborted", str(err), 1)
+    except Preempted as err:
+        print(f"mfr: {err}", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -116,7 +116,49 @@ class RunConfig(_Section):
     max_nonfinite_steps: int = Field(10, ge=1, description="abort after this many non-finite steps in a row")
     log_every: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
-    output_dir: str = Field("runs/mfr", description="where eval results are written")
+    output_dir: str = Field("runs/mfr", description="run directory: eval results, and checkpoints by default")
+
+
+_CREDENTIAL_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+
+
+class CheckpointConfig(_Section):
+    """Sharded checkpoints (torch.distributed.checkpoint) on any fsspec URL."""
+
+    uri: str | None = Field(
+        None, description="local path, file:// or s3://bucket/prefix; null = <run.output_dir>/checkpoints"
+    )
+    every_steps: int | None = Field(100, ge=1, description="save every N optimizer steps; null = not by steps")
+    every_minutes: float | None = Field(None, gt=0, description="also save when this long passed since the last save")
+    keep: int = Field(3, ge=1, description="committed checkpoints kept; the newest is never deleted")
+    async_save: bool = Field(
+        True, description="upload in the background; the loop waits only while the state is copied to host memory"
+    )
+    resume: str = Field(
+        "auto", description="auto = the newest committed checkpoint under uri, if any; never; or one step-<N> URI"
+    )
+    preempt_budget_s: float = Field(
+        25.0, gt=0, description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)"
+    )
+    retries: int = Field(4, ge=0, description="retries, with exponential backoff, of transient storage errors")
+    storage_options: dict[str, Any] = Field(
+        {},
+        description="fsspec/s3fs options, e.g. {endpoint_url: http://minio:9000}; credentials come from the "
+        "AWS_* environment (a Kubernetes Secret), never from the config",
+    )
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> CheckpointConfig:
+        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
+        if found:
+            raise ValueError(
+                f"storage_options must not hold credentials ({', '.join(found)}): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY in the environment (from a Secret) instead"
+            )
+        return self
+
+    def resolved_uri(self, output_dir: str) -> str:
+        return self.uri if self.uri is not None else f"{output_dir.rstrip('/')}/checkpoints"
 
 
 class EvalConfig(_Section):
@@ -142,6 +184,7 @@ class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .data.loader import EpochStream
 from .dist import DistEnv
@@ -58,6 +59,7 @@ class Trainer:
             raise ConfigError(str(err)) from None
         self.evaluator = HeldOutEvaluator(cfg.eval, cfg.data, cfg.head.num_classes, env)
         self.progress = Progress(enabled=env.is_main)
+        self.checkpointer = Checkpointer(cfg, self)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.lr = 0.0  # of the last step, for the logs
@@ -135,13 +137,16 @@ class Trainer:
             f"world size {env.world_size} on {env.device}, global batch {self.global_batch}, "
             f"{cfg.head.num_classes} classes ({self.head.num_local} on rank 0), {cfg.run.steps} steps"
         )
-        if cfg.eval.at_start:
+        self.checkpointer.install_sigterm_handler()
+        resumed = self.checkpointer.resume()
+        if cfg.eval.at_start and resumed is None:
             self.evaluate("untrained")
         window_start, window_samples = time.perf_counter(), 0
         batches = iter(self.data)
         while self.step < cfg.run.steps:
             images, labels = next(batches)
             loss = self.train_step(images, labels)
+            self.checkpointer.after_step()
             window_samples += self.global_batch
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
                 elapsed = time.perf_counter() - window_start
@@ -155,6 +160,7 @@ class Trainer:
                     f"grad_norm {self.last_grad_norm:.3g} {rate:.1f} samples/s"
                 )
                 window_start, window_samples = time.perf_counter(), 0
+        self.checkpointer.finish()
         self.evaluate("trained")
         self.progress.event("done", step=self.step)
         self.progress.close()
