@@ -7,16 +7,16 @@ import json
 import signal
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 import yaml
-from rich.console import Console
 
 from mfr.trainer.config import ConfigError, TrainConfig, load_config
 
+from .ckpt import ckpt_app
+from .console import Output, OutputOpt, err, fail, out, print_data
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .progress import EventTail, TrainProgress, results_table
 
@@ -28,9 +28,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate and show training configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-err = Console(stderr=True)
-out = Console()
+app.add_typer(ckpt_app, name="ckpt")
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")
@@ -39,21 +37,6 @@ SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a setting, e.g. --set head.sample_rate=0.1 (repeatable)."),
 ]
-
-
-class Output(str, Enum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
-
-
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="Output format.")]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line, no traceback; exit 2 marks a usage/config error."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> TrainConfig:
@@ -78,8 +61,7 @@ def _parse_elastic(value: str | None, nodes: int) -> tuple[int, int] | None:
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, output: OutputOpt = Output.yaml) -> None:
     """Validate a config and print it with every default filled in."""
     cfg = _load(config, set_)
-    data = cfg.model_dump(mode="json")
-    out.print(json.dumps(data, indent=2) if output == Output.json else yaml.safe_dump(data, sort_keys=False))
+    print_data(cfg.model_dump(mode="json"), Output.json if output == Output.json else Output.yaml)
 
 
 @app.command()
@@ -183,8 +165,7 @@ def _print_results(evals: dict[str, dict], output: Output) -> None:
     if output == Output.table:
         out.print(results_table(evals))
         return
-    data = {stage: ev["results"] for stage, ev in evals.items()}
-    out.print(json.dumps(data, indent=2) if output == Output.json else yaml.safe_dump(data, sort_keys=False))
+    print_data({stage: ev["results"] for stage, ev in evals.items()}, output)
 
 
 if __name__ == "__main__":
