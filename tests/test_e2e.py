@@ -57,13 +57,6 @@ def test_static_two_node_demo_learns(tmp_path):
     _assert_learned(results, min_gain=0.2)
 
 
-def test_elastic_two_node_job_learns(tmp_path):
-    results, events = _train(tmp_path, "--elastic", "1:3", "--set", "run.steps=100")
-    start = next(e for e in events if e["event"] == "start")
-    assert start["world_size"] == 2
-    _assert_learned(results, min_gain=0.1)
-
-
 def _processes_mentioning(text: str) -> list[int]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

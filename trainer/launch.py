@@ -7,10 +7,16 @@ stopped by a signal (a preempted pod gets SIGTERM) exits 1, which a
 ``restartPolicy: ExitCode`` job treats as permanent.  Here it exits
 128 + signal (143 for SIGTERM), which the operator retries, after the
 workers have checkpointed.
+
+It also turns off torchrun's sharing of the rendezvous TCPStore with the
+workers: with sharing on (torch 2.13), a node that joins a running elastic
+job waits forever for a MASTER_ADDR that the unchanged rank-0 agent never
+publishes again (the whole job then dies 60 s later).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 TRAINER_MODULE = "mfr.trainer"
@@ -21,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun
 
     args = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun(["-m", TRAINER_MODULE, *args])
     except SignalException as err:

@@ -1,0 +1,235 @@
+"""Preemption and elastic membership changes, end to end, with real torchrun agents.
+
+An emulated pod is a ``python -m mfr.trainer.launch`` agent (the pod command)
+with the operator's environment.  Workers are killed with SIGKILL, whole
+nodes are lost, nodes join, and pods are SIGTERMed; each time the job must
+resume from its newest committed checkpoint and go on where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mfr.ctl.launcher import LocalJob, _descendants, free_port
+from mfr.trainer.storage import MARKER, Storage
+from tests.test_e2e import MFRCTL, _assert_learned
+
+pytestmark = pytest.mark.e2e
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _wait(what: str, predicate, timeout: float = 240, alive: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if alive is not None and alive.poll() is not None:
+            pytest.fail(f"the job ended (exit {alive.returncode}) while waiting for {what}")
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _agents(config: Path) -> list[int]:
+    """Agent (pod) processes of a run, found by their command line."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mfr.trainer.launch" in argv and str(config).encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def _store_host(port: int) -> int:
+    """The process that listens on the rendezvous port (hosts the c10d store)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
+                    return int(fd_dir.parent.name)
+        except OSError:
+            continue
+    raise AssertionError(f"nobody listens on {port}")
+
+
+def _agent_of(pid: int, agents: list[int]) -> int:
+    return next(a for a in agents if a == pid or pid in _descendants(a))
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _resumes(run_dir: Path) -> list[dict]:
+    return [e for e in _events(run_dir) if e["event"] == "resume"]
+
+
+def _start_before(events: list[dict], resume: dict) -> dict:
+    """The start event of the incarnation that resumed (it comes just before its resume)."""
+    return [e for e in events[: events.index(resume)] if e["event"] == "start"][-1]
+
+
+def _steps_after(events: list[dict], resume: dict) -> list[dict]:
+    index = events.index(resume)
+    return [e for e in events[index:] if e["event"] == "step"]
+
+
+def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [*MFRCTL, "train", "--nodes", "2", "--elastic", "1:3", "--master-port", str(port),
+         "--output-dir", str(tmp_path), "-o", "json",
+         "--set", "run.steps=100", "--set", "checkpoint.every_steps=10", "--set", "run.log_every=5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    config = tmp_path / "config.yaml"
+    extra = None
+    try:
+        def committed_at_least(step):
+            return lambda: [e for e in _events(tmp_path) if e["event"] == "checkpoint" and e["step"] >= step]
+
+        # (a) kill -9 one worker process
+        _wait("a first checkpoint", committed_at_least(10), alive=proc)
+        agents = _agents(config)
+        assert len(agents) == 2
+        victim = _descendants(agents[1])[0]
+        os.kill(victim, signal.SIGKILL)
+        first = _wait("a resume after the killed worker", lambda: _resumes(tmp_path), alive=proc)[0]
+        assert first["step"] >= 10 and first["from_world_size"] == 2
+
+        # (c) a node joins: every worker is restarted in a world of 3
+        _wait("a checkpoint after the first resume", committed_at_least(first["step"] + 10), alive=proc)
+        job = LocalJob(nodes=3, nproc_per_node=1, config_path=config, run_dir=tmp_path, master_port=port,
+                       elastic=(1, 3), run_id=tmp_path.resolve().name)
+        extra = subprocess.Popen(
+            [*job.command()], env=os.environ | job.node_env(2) | {"OMP_NUM_THREADS": "1"},
+            stdout=open(tmp_path / "node-2.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+        second = _wait("a resume in a world of 3", lambda: _resumes(tmp_path)[1:], alive=proc)[0]
+        joined = _start_before(_events(tmp_path), second)
+        assert joined["world_size"] == 3 and second["step"] > first["step"]
+
+        # (b) a whole node is lost: not the one hosting the rendezvous store
+        _wait("a checkpoint in the world of 3", lambda: [
+            e for e in _events(tmp_path)[_events(tmp_path).index(joined):] if e["event"] == "checkpoint"], alive=proc)
+        agents = _agents(config)
+        host = _agent_of(_store_host(port), agents)
+        lost = next(a for a in agents if a != host)
+        _kill_tree(lost)
+        third = _wait("a resume after the lost node", lambda: _resumes(tmp_path)[2:], alive=proc)[0]
+        back = _start_before(_events(tmp_path), third)
+        assert back["world_size"] == 2 and third["step"] > second["step"]
+
+        out, err = proc.communicate(timeout=600)
+    finally:
+        for p in (proc, extra):
+            if p is not None and p.poll() is None:
+                _kill_tree(p.pid)
+    assert proc.returncode == 0, err[-3000:]
+
+    events = _events(tmp_path)
+    steps = [e for e in events if e["event"] == "step"]
+    assert steps[-1]["step"] == 100
+    initial_loss = steps[0]["loss"]
+    for resume in _resumes(tmp_path):
+        after = _steps_after(events, resume)
+        # the job went on from the checkpoint: later step numbers and a loss far below the start
+        assert after[0]["step"] > resume["step"] >= 10
+        assert after[0]["loss"] < initial_loss - 0.5, (resume, after[0], initial_loss)
+    _assert_learned(json.loads(out), min_gain=0.1)
+
+
+def _pod(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+    """One static pod: the launch wrapper with the operator's environment."""
+    config = tmp_path / "config.yaml"
+    if not config.exists():
+        args = [sys.executable, "-m", "mfr.ctl.main", "config", "show", "--set", f"run.output_dir={tmp_path}"]
+        for o in overrides:
+            args += ["--set", o]
+        config.write_text(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    job = LocalJob(nodes=1, nproc_per_node=nproc, config_path=config, run_dir=tmp_path, master_port=free_port())
+    env = os.environ | job.node_env(0) | {"OMP_NUM_THREADS": "1", "MFR_EVENTS_FILE": str(tmp_path / "events.jsonl")}
+    return subprocess.Popen(job.command(), env=env, stdout=open(tmp_path / "pod.log", "ab"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
+
+
+SMALL = ("run.steps=40", "run.log_every=2", "eval.num_identities=10", "eval.images_per_identity=4",
+         "eval.at_start=false", "data.batch_size=16", "optim.warmup_steps=2")
+
+
+def test_sigterm_commits_a_checkpoint_and_exits_143_then_the_pod_resumes_there(tmp_path):
+    pod = _pod(tmp_path, *SMALL, "checkpoint.every_steps=1000")
+    _wait("training steps", lambda: [e for e in _events(tmp_path) if e["event"] == "step" and e["step"] >= 6],
+          alive=pod)
+    pod.send_signal(signal.SIGTERM)
+    assert pod.wait(timeout=60) == 143, (tmp_path / "pod.log").read_text()[-3000:]
+    (saved,) = [e for e in _events(tmp_path) if e["event"] == "checkpoint"]
+    assert saved["step"] >= 6
+    storage = Storage(str(tmp_path / "checkpoints"))
+    assert storage.latest_committed().step == saved["step"]
+
+    again = _pod(tmp_path)
+    assert again.wait(timeout=300) == 0, (tmp_path / "pod.log").read_text()[-3000:]
+    (resume,) = _resumes(tmp_path)
+    assert resume["step"] == saved["step"]
+    assert [e["step"] for e in _events(tmp_path) if e["event"] == "step"][-1] == 40
+
+
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path):
+    # A big head (100k classes) makes a save take long enough to be interrupted.
+    big = ("head.num_classes=100000", "data.images_per_identity=1", "model.embedding_size=256",
+           "checkpoint.every_steps=2", "checkpoint.async_save=true", "head.sample_rate=0.1")
+    pod = _pod(tmp_path, *SMALL, *big)
+    root = tmp_path / "checkpoints"
+    try:
+        _wait("a committed checkpoint", lambda: (root / "step-00000002" / MARKER).exists(), alive=pod)
+        while True:  # catch a save in the act: its directory exists, its marker does not
+            writing = _wait("the next save", lambda: sorted(
+                p for p in root.glob("step-*") if not (p / MARKER).exists()), alive=pod)[0]
+            workers = _descendants(pod.pid)
+            os.kill(workers[-1], signal.SIGKILL)
+            if not (writing / MARKER).exists():
+                break
+            pytest.fail("the save finished before the kill; make the state bigger")  # pragma: no cover
+        assert pod.wait(timeout=120) != 0
+    finally:
+        _kill_tree(pod.pid)
+    storage = Storage(str(root))
+    committed = [c.step for c in storage.checkpoints() if c.committed]
+    assert not (writing / MARKER).exists()
+    assert (root / "latest").read_text().strip() == f"step-{committed[-1]:08d}"
+    assert committed[-1] < int(writing.name.removeprefix("step-"))
+
+    again = _pod(tmp_path)
+    _wait("a resume", lambda: _resumes(tmp_path), alive=again)
+    again.send_signal(signal.SIGTERM)
+    again.wait(timeout=120)
+    assert _resumes(tmp_path)[0]["step"] == committed[-1]
+    assert not writing.exists()  # the interrupted save was cleaned up
