@@ -17,6 +17,7 @@ from mfr.trainer.config import ConfigError, TrainConfig, load_config
 
 from .ckpt import ckpt_app
 from .console import Output, OutputOpt, err, fail, out, print_data
+from .deploy import add_commands as add_kubernetes_commands
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .progress import EventTail, TrainProgress, results_table
 
@@ -167,6 +168,8 @@ def _print_results(evals: dict[str, dict], output: Output) -> None:
         return
     print_data({stage: ev["results"] for stage, ev in evals.items()}, output)
 
+
+add_kubernetes_commands(app)  # render, submit, status, logs, delete, list
 
 if __name__ == "__main__":
     sys.exit(app())

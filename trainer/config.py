@@ -271,7 +271,11 @@ def demo_config_path() -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load and validate; ``path=None`` means the built-in synthetic demo."""
     data = read_yaml(path if path is not None else demo_config_path())
-    data = _merge(data, parse_overrides(overrides or []))
+    return validate_config(_merge(data, parse_overrides(overrides or [])))
+
+
+def validate_config(data: dict[str, Any]) -> TrainConfig:
+    """Validate a config mapping (e.g. a chart's ``train:`` values); a mistake is a ConfigError."""
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as err:

@@ -1,0 +1,121 @@
+{{/*
+The pod template of every replica.  The operator adds the environment of its
+contract (MASTER_ADDR/PORT, WORLD_SIZE, RANK or PET_RDZV_*, PET_NNODES, ...)
+and turns restartPolicy ExitCode into the pod's Never.
+*/}}
+{{- define "mfr-trainer.podTemplate" -}}
+metadata:
+  labels:
+    {{- include "mfr-trainer.selectorLabels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  serviceAccountName: {{ include "mfr-trainer.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automount }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: pytorch
+      image: {{ include "mfr-trainer.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      # torchrun of the trainer (every torchrun flag comes from the operator's
+      # PET_* environment), exiting 128+signal when preempted so it is retried.
+      command: ["python", "-m", "mfr.trainer.launch"]
+      args: ["--config", {{ include "mfr-trainer.configFile" . | quote }}]
+      workingDir: /workspace
+      ports:
+        - name: pytorchjob-port
+          containerPort: {{ int .Values.port }}
+          protocol: TCP
+      {{- $secret := .Values.s3.existingSecret }}
+      {{- if or .Values.env (and $secret .Values.s3.secretKeys) }}
+      env:
+        {{- if $secret }}
+        {{- range $name, $key := .Values.s3.secretKeys }}
+        - name: {{ $name }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ $secret }}
+              key: {{ $key }}
+        {{- end }}
+        {{- end }}
+        {{- with .Values.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      {{- if and $secret (not .Values.s3.secretKeys) }}
+      envFrom:
+        - secretRef:
+            name: {{ $secret }}
+      {{- end }}
+      {{- $resources := deepCopy .Values.resources }}
+      {{- if gt (int .Values.gpusPerNode) 0 }}
+      {{- $limits := get $resources "limits" | default dict }}
+      {{- $_ := set $limits "nvidia.com/gpu" (int .Values.gpusPerNode) }}
+      {{- $_ := set $resources "limits" $limits }}
+      {{- end }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: {{ .Values.configMountPath }}
+          readOnly: true
+        - name: dshm
+          mountPath: /dev/shm
+        - name: workspace
+          mountPath: /workspace
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "mfr-trainer.fullname" . }}-config
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        {{- with .Values.shm.sizeLimit }}
+        sizeLimit: {{ . }}
+        {{- end }}
+    - name: workspace
+      {{- if .Values.workspace.existingClaim }}
+      persistentVolumeClaim:
+        claimName: {{ .Values.workspace.existingClaim }}
+      {{- else }}
+      emptyDir:
+        {{- with .Values.workspace.sizeLimit }}
+        sizeLimit: {{ . }}
+        {{- else }} {}
+        {{- end }}
+      {{- end }}
+{{- end }}

@@ -1,0 +1,239 @@
+"""Render charts/mfr-trainer with the real Helm engine: the one source of a run's objects.
+
+``mfrctl render``, ``mfrctl submit``, ``helm install`` and ``manifests/`` all
+come from the same chart through the same engine (helm-python-sdk, no helm
+binary, no cluster), so they cannot drift apart.  Everything a user can get
+wrong is found here, before anything is sent anywhere, and reported as one
+line (ChartError, exit code 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mfr.trainer.config import ConfigError, TrainConfig, load_config, validate_config
+
+CHART = "mfr-trainer"
+# Helm's install order for the kinds the chart renders; the job goes last so
+# that what its pods mount already exists.
+KIND_ORDER = ("ServiceAccount", "ConfigMap", "PyTorchJob")
+# The operator names pods and Services <job>-<type>-<index>, which must stay a
+# DNS-1035 label (<= 63 characters): room for "-worker-NNNN" is kept.
+MAX_NAME = 50
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Docker's reference grammar: [host[:port]/]path[:tag][@digest].
+_IMAGE = re.compile(
+    r"^(?P<repository>(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$"
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's config.yaml) as readable literal blocks."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
+)
+
+
+class ChartError(ValueError):
+    """Bad input found before anything is sent: one line, exit code 2."""
+
+
+def chart_dir() -> Path:
+    """The chart shipped inside the package (charts/ in a checkout)."""
+    return Path(str(resources.files("mfr.charts") / CHART))
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered run: its objects in install order, and the chart's NOTES."""
+
+    objects: list[dict[str, Any]]
+    sources: list[str]
+    notes: str
+
+    @property
+    def job(self) -> dict[str, Any]:
+        return next(o for o in self.objects if o["kind"] == "PyTorchJob")
+
+    def to_yaml(self) -> str:
+        docs = [
+            f"---\n# Source: {source}\n" + yaml.dump(obj, Dumper=_Dumper, sort_keys=False)
+            for obj, source in zip(self.objects, self.sources)
+        ]
+        return "".join(docs)
+
+    def to_list(self) -> dict[str, Any]:
+        """A kubectl-style v1 List, for -o json."""
+        return {"apiVersion": "v1", "kind": "List", "items": self.objects}
+
+
+def check_name(name: str) -> None:
+    if len(name) > MAX_NAME or not _DNS1035.match(name):
+        raise ChartError(
+            f"--name {name!r}: must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+            f"letter) of at most {MAX_NAME} characters: pods and Services are named <name>-worker-<index>"
+        )
+
+
+def check_namespace(namespace: str) -> None:
+    if len(namespace) > 63 or not _DNS1123.match(namespace):
+        raise ChartError(
+            f"--namespace {namespace!r}: must be a DNS-1123 label (lowercase letters, digits and '-', "
+            "at most 63 characters)"
+        )
+
+
+def parse_elastic(value: str) -> tuple[int, int]:
+    low, sep, high = value.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()) or not 1 <= int(low) <= int(high):
+        raise ChartError(f"--elastic {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 4:8")
+    return int(low), int(high)
+
+
+def image_values(ref: str) -> dict[str, str]:
+    """``registry/repo[:tag][@digest]`` as the chart's image values."""
+    match = _IMAGE.match(ref)
+    if match is None:
+        raise ChartError(f"--image {ref!r}: expected an image reference like registry.example.com/mfr-trainer:0.1.0")
+    return {"repository": match["repository"], "tag": match["tag"] or "", "digest": match["digest"] or ""}
+
+
+def flag_values(
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    nproc_per_node: int | None = None,
+    elastic: str | None = None,
+    image: str | None = None,
+    config: Path | None = None,
+) -> dict[str, Any]:
+    """The chart values mfrctl's flags stand for (None = leave the chart's value)."""
+    values: dict[str, Any] = {}
+    if nodes is not None:
+        if nodes < 1:
+            raise ChartError(f"--nodes {nodes}: a job needs at least 1 node")
+        values["nodes"] = nodes
+    if gpus_per_node is not None:
+        if gpus_per_node < 0:
+            raise ChartError(f"--gpus-per-node {gpus_per_node}: must be >= 0 (0 trains on CPU)")
+        values["gpusPerNode"] = gpus_per_node
+    if nproc_per_node is not None:
+        if nproc_per_node < 1:
+            raise ChartError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
+        values["nprocPerNode"] = nproc_per_node
+    if elastic is not None:
+        low, high = parse_elastic(elastic)
+        if nodes is not None and not low <= nodes <= high:
+            raise ChartError(f"--nodes {nodes} is outside --elastic {elastic}")
+        values["elastic"] = {"enabled": True, "minNodes": low, "maxNodes": high}
+        values.setdefault("nodes", high)
+    if image is not None:
+        values["image"] = image_values(image)
+    if config is not None:
+        try:
+            values["train"] = load_config(config).model_dump(mode="json")
+        except ConfigError as err:
+            raise ChartError(f"config: {err}") from None
+    return values
+
+
+def file_values(path: Path) -> dict[str, Any]:
+    """A ``-f values.yaml`` file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ChartError(f"-f {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ChartError(f"-f {path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ChartError(f"-f {path}: expected a mapping of values, got {type(data).__name__}")
+    return data
+
+
+def set_values(expression: str) -> dict[str, Any]:
+    """A ``--set a.b=c`` expression, parsed exactly as ``helm --set`` does."""
+    import helm_python
+
+    try:
+        return helm_python.parse_set_string(expression)
+    except helm_python.HelmError as err:
+        raise ChartError(f"--set {expression!r}: {err}") from None
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of user values: maps merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def render(values: dict[str, Any], *, name: str, namespace: str) -> Rendered:
+    """Render the chart, after checking everything that can be checked without a cluster."""
+    import helm_python
+
+    check_name(name)
+    check_namespace(namespace)
+    with helm_python.Chart.load(chart_dir()) as chart:
+        try:
+            manifests = chart.render(values, name=name, namespace=namespace, is_install=True)
+        except helm_python.HelmValuesError as err:
+            raise ChartError(_schema_message(str(err), values)) from None
+        except helm_python.HelmRenderError as err:
+            raise ChartError(_render_message(str(err))) from None
+        train = chart.merge_values(values)["train"]
+    try:
+        validate_config(train)
+    except ConfigError as err:
+        raise ChartError(f"config: {err}") from None
+    return _collect(manifests)
+
+
+def _collect(manifests: dict[str, str]) -> Rendered:
+    found: list[tuple[dict[str, Any], str]] = []
+    notes = ""
+    for source, text in sorted(manifests.items()):
+        if source.endswith("NOTES.txt"):
+            notes = text
+            continue
+        found += [(doc, source) for doc in yaml.safe_load_all(text) if doc]
+    found.sort(key=lambda item: KIND_ORDER.index(item[0]["kind"]) if item[0]["kind"] in KIND_ORDER else len(KIND_ORDER))
+    return Rendered([obj for obj, _ in found], [source for _, source in found], notes)
+
+
+def _schema_message(message: str, values: dict[str, Any]) -> str:
+    """Helm's multi-line schema report as one line: ``values nodes: minimum: got 0, want 1``."""
+    parts = []
+    for line in message.splitlines():
+        match = re.match(r"^- at '(.*?)': (.*)$", line.strip())
+        if match:
+            where = match[1].strip("/").replace("/", ".")
+            parts.append(f"values{' ' + where if where else ''}: {match[2]}")
+    text = "; ".join(parts) or " ".join(message.split())
+    if any(key in TrainConfig.model_fields for key in values):
+        text += " (training settings go under train., e.g. --set train.head.sample_rate=0.1)"
+    return text
+
+
+def _render_message(message: str) -> str:
+    """The chart's own ``fail`` message, without Go's template position."""
+    match = re.search(r"execution error at \(.*?\): (.*)", message)
+    return match[1].strip() if match else " ".join(message.split())
+

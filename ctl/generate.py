@@ -1,0 +1,71 @@
+"""Regenerate what is derived from the code: ``python -m mfr.ctl.generate`` (from a checkout).
+
+* the ``train:`` part of charts/mfr-trainer/values.schema.json, from the
+  TrainConfig model, so Helm validates training settings exactly as the
+  trainer does (its cross-field rules are checked by mfrctl and the trainer);
+* manifests/*.yaml, each the output of the ``mfrctl render`` command written
+  in its header, for kubectl/kustomize users.
+
+Tests fail when either is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mfr.trainer.config import TrainConfig
+
+from .chart import chart_dir
+
+# manifests/<file>: the mfrctl render arguments that produce it.
+MANIFESTS: dict[str, list[str]] = {
+    "static-8x8gpu.yaml": ["--name", "mfr", "--nodes", "8", "--gpus-per-node", "8"],
+    "elastic-4to8x8gpu.yaml": ["--name", "mfr-elastic", "--elastic", "4:8", "--gpus-per-node", "8"],
+    "demo-cpu-2nodes.yaml": ["--name", "mfr-demo", "--nodes", "2"],
+}
+
+
+def values_schema(current: dict[str, Any]) -> dict[str, Any]:
+    """The chart's values schema with ``$defs`` regenerated from TrainConfig."""
+    train = TrainConfig.model_json_schema()
+    defs = train.pop("$defs")
+    return {**current, "$defs": {**defs, "TrainConfig": train}}
+
+
+def schema_path() -> Path:
+    return chart_dir() / "values.schema.json"
+
+
+def manifest_text(args: list[str]) -> str:
+    """What ``mfrctl render ARGS`` prints, with a header saying how to regenerate it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mfr.ctl.main", "render", *args], capture_output=True, text=True, check=True
+    )
+    header = (
+        f"# Rendered from charts/mfr-trainer by: mfrctl render {' '.join(args)}\n"
+        "# Do not edit: regenerate every manifest with `python -m mfr.ctl.generate`.\n"
+    )
+    return header + proc.stdout
+
+
+def manifests_dir() -> Path:
+    """manifests/ of the checkout this package runs from (not part of an installed package)."""
+    return chart_dir().parent.parent / "manifests"
+
+
+def main() -> None:
+    path = schema_path()
+    path.write_text(json.dumps(values_schema(json.loads(path.read_text())), indent=2) + "\n")
+    print(f"wrote {path}")
+    for name, args in MANIFESTS.items():
+        target = manifests_dir() / name
+        target.write_text(manifest_text(args))
+        print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

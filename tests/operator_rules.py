@@ -1,0 +1,161 @@
+"""What the Kubeflow training operator (v1.9) does with a PyTorchJob, for tests.
+
+Written from the operator's own code, independently of ctl/ and the chart:
+* the CRD schema (../shared/crds), made strict so a misspelled field fails;
+* the validating webhook (pkg/webhooks/pytorch/pytorchjob_webhook.go);
+* the environment it gives each replica's container (../shared/design.md,
+  "The operator's environment contract"; pkg/controller.v1/pytorch).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
+PYTORCHJOB_CRD = CRDS / "kubeflow.org_pytorchjobs.yaml"
+DEFAULT_PORT = 23456
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _strict(schema: Any) -> Any:
+    """Every object schema that lists its properties gets additionalProperties: false."""
+    if isinstance(schema, dict):
+        schema = {key: _strict(value) for key, value in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(item) for item in schema]
+    return schema
+
+
+@cache
+def crd_validator():
+    """A jsonschema validator of the CRD's openAPIV3Schema, strict about field names."""
+    import jsonschema
+
+    if not PYTORCHJOB_CRD.exists():
+        pytest.skip(
+            f"{PYTORCHJOB_CRD} is missing: it is kubeflow/training-operator v1.9.0 manifests/base/crds/"
+            "kubeflow.org_pytorchjobs.yaml (or `kubectl get crd pytorchjobs.kubeflow.org -o yaml`)"
+        )
+    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(job: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in crd_validator().iter_errors(job)]
+
+
+def webhook_errors(job: dict[str, Any]) -> list[str]:
+    """The operator's validating webhook for PyTorchJob create (v1.9)."""
+    errors = []
+    name = job["metadata"]["name"]
+    if len(name) > 63 or not _DNS1035.match(name):
+        errors.append(f"metadata.name {name!r}: not a DNS-1035 label")
+    spec = job["spec"]
+    specs = spec.get("pytorchReplicaSpecs")
+    if not specs:
+        return errors + ["spec.pytorchReplicaSpecs: must be required"]
+    if "elasticPolicy" in spec:
+        if "Worker" not in specs:
+            errors.append("spec.pytorchReplicaSpecs[Worker]: must be configured if elastic policy is used")
+        if "nProcPerNode" in spec["elasticPolicy"] and "nprocPerNode" in spec:
+            errors.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
+    managed_by = spec.get("runPolicy", {}).get("managedBy")
+    if managed_by not in (None, "kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue"):
+        errors.append(f"spec.runPolicy.managedBy {managed_by!r}: not supported")
+    for rtype, rspec in specs.items():
+        if rtype not in ("Master", "Worker"):
+            errors.append(f"spec.pytorchReplicaSpecs[{rtype}]: unsupported replica type")
+        containers = rspec.get("template", {}).get("spec", {}).get("containers") or []
+        if not containers:
+            errors.append(f"spec.pytorchReplicaSpecs[{rtype}].template.spec.containers: must be specified")
+        if any(not c.get("image") for c in containers):
+            errors.append(f"spec.pytorchReplicaSpecs[{rtype}]: every container needs an image")
+        if not any(c.get("name") == "pytorch" for c in containers):
+            errors.append(f"spec.pytorchReplicaSpecs[{rtype}]: must have at least one container with name pytorch")
+        replicas = rspec.get("replicas")
+        if rtype == "Master" and replicas != 1:
+            errors.append("spec.pytorchReplicaSpecs[Master].replicas: must be 1")
+        elif replicas is not None and replicas < 1:
+            errors.append(f"spec.pytorchReplicaSpecs[{rtype}].replicas: must be at least 1")
+    return errors
+
+
+def _container(job: dict[str, Any], rtype: str) -> dict[str, Any]:
+    containers = job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "pytorch")
+
+
+def _port(job: dict[str, Any], rtype: str) -> int:
+    ports = _container(job, rtype).get("ports") or []
+    return next(p["containerPort"] for p in ports if p.get("name") == "pytorchjob-port")
+
+
+def _nproc_int(job: dict[str, Any]) -> int:
+    """WORLD_SIZE counts processes only for an integer nprocPerNode (auto/cpu/gpu count pods)."""
+    nproc = str(job["spec"].get("nprocPerNode", "auto"))
+    return int(nproc) if nproc.isdigit() else 1
+
+
+def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
+    """The variables the operator adds to the pytorch container of replica ``rtype`` ``index``."""
+    name, spec = job["metadata"]["name"], job["spec"]
+    specs = spec["pytorchReplicaSpecs"]
+    env = {"PYTHONUNBUFFERED": "1"}
+    if "nprocPerNode" in spec:
+        env["PET_NPROC_PER_NODE"] = str(spec["nprocPerNode"])
+    if "Master" in specs:
+        total = sum(r.get("replicas", 1) for r in specs.values())
+        rank = index + 1 if rtype == "Worker" else index
+        master, port = f"{name}-master-0", str(_port(job, "Master"))
+        env |= {
+            "MASTER_ADDR": master, "MASTER_PORT": port, "PET_MASTER_ADDR": master, "PET_MASTER_PORT": port,
+            "WORLD_SIZE": str(total * _nproc_int(job)), "RANK": str(rank),
+            "PET_NODE_RANK": str(rank), "PET_NNODES": str(total),
+        }
+    policy = spec.get("elasticPolicy")
+    if policy is not None:
+        host = policy.get("rdzvHost") or f"{name}-worker-0"
+        port = policy.get("rdzvPort") or _port(job, "Worker")
+        env |= {
+            "PET_RDZV_ENDPOINT": f"{host}:{port}",
+            "PET_RDZV_BACKEND": policy.get("rdzvBackend", "c10d"),
+            "PET_NNODES": f"{policy['minReplicas']}:{policy['maxReplicas']}"
+            if "minReplicas" in policy else str(specs["Worker"]["replicas"]),
+        }
+        if "maxRestarts" in policy:
+            env["PET_MAX_RESTARTS"] = str(policy["maxRestarts"])
+        if "rdzvId" in policy:
+            env["PET_RDZV_ID"] = policy["rdzvId"]
+        if policy.get("rdzvConf"):
+            env["PET_RDZV_CONF"] = ",".join(f"{c['key']}={c['value']}" for c in policy["rdzvConf"])
+    return env
+
+
+def replicas(job: dict[str, Any]) -> list[tuple[str, int]]:
+    """Every pod of the job as (replica type, index), Master first."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    return [(rtype, i) for rtype in ("Master", "Worker") if rtype in specs for i in range(specs[rtype].get("replicas", 1))]
+
+
+def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of obj with one dotted path set (list items by index), for negative tests."""
+    changed = copy.deepcopy(obj)
+    *parents, leaf = path.split(".")
+    node = changed
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+    return changed
