@@ -261,12 +261,12 @@ def _train_through_outage(rank, world, uri, signals):
 
     for step in range(1, 7):
         if step == 3:
-            trainer.checkpointer.close()  # step 2 is committed
+            trainer.checkpointer.wait()  # step 2 is committed
             barrier_with_parent("stop")
         trainer.train_step(*next(batches))
         trainer.checkpointer.after_step()
         if step == 4:
-            trainer.checkpointer.close()  # the save of step 4 has failed by now
+            trainer.checkpointer.wait()  # the save of step 4 has failed by now
             barrier_with_parent("start")
     trainer.checkpointer.close()
     failures = REGISTRY.get_sample_value("mfr_checkpoint_failures_total", {"rank": str(rank)})

@@ -161,6 +161,7 @@ class Trainer:
                 )
                 window_start, window_samples = time.perf_counter(), 0
         self.checkpointer.finish()
+        self.checkpointer.close()
         self.evaluate("trained")
         self.progress.event("done", step=self.step)
         self.progress.close()
