@@ -44,6 +44,7 @@ class LocalJob:
     elastic: tuple[int, int] | None = None
     max_restarts: int = 3
     run_id: str = "mfr-local"
+    rdzv_conf: str = RDZV_CONF  # "" = torchrun's defaults
 
     @property
     def world_size(self) -> int:
@@ -76,8 +77,9 @@ class LocalJob:
                 "PET_NNODES": f"{low}:{high}",
                 "PET_MAX_RESTARTS": str(self.max_restarts),
                 "PET_RDZV_ID": self.run_id,
-                "PET_RDZV_CONF": RDZV_CONF,
             }
+            if self.rdzv_conf:
+                env["PET_RDZV_CONF"] = self.rdzv_conf
         return env
 
     def command(self) -> list[str]:
