@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mfr.trainer.config import ConfigError, TrainConfig, load_config, validate_config
+from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, validate_config
 
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
@@ -165,13 +165,14 @@ def file_values(path: Path) -> dict[str, Any]:
 
 
 def set_values(expression: str) -> dict[str, Any]:
-    """A ``--set a.b=c`` expression, parsed exactly as ``helm --set`` does."""
-    import helm_python
+    """A ``--set a.b=c`` expression; the value is YAML, as in ``mfrctl train --set``.
 
+    (Helm's own --set keeps 0.1 a string, which the schema then rejects.)
+    """
     try:
-        return helm_python.parse_set_string(expression)
-    except helm_python.HelmError as err:
-        raise ChartError(f"--set {expression!r}: {err}") from None
+        return parse_overrides([expression])
+    except ConfigError as err:
+        raise ChartError(str(err)) from None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
