@@ -293,3 +293,10 @@ def test_pod_command_runs_from_the_package_install():
 def test_render_error_from_the_chart_itself_is_one_line():
     with pytest.raises(ChartError, match=r"^nodes 9 is outside elastic.minNodes..maxNodes 1..4$"):
         _render({"nodes": 9, "elastic": {"enabled": True}})
+
+
+def test_notes_warn_when_checkpoints_would_die_with_the_pods():
+    warning = "Warning: checkpoints go to <run.output_dir>/checkpoints in each pod's own emptyDir"
+    assert warning in render({}, name="mfr", namespace="ml").notes
+    for safe in ({"train": {"checkpoint": {"uri": "s3://bucket/runs"}}}, {"workspace": {"existingClaim": "runs"}}):
+        assert "Warning" not in render(safe, name="mfr", namespace="ml").notes
