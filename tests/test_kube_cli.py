@@ -115,6 +115,14 @@ def test_submit_refuses_a_name_that_exists(api, kubeconfig):
     assert api.sent() == [("GET", f"{JOBS}/exp1")]
 
 
+def test_submit_names_a_leftover_object_of_the_same_run(api, kubeconfig):
+    api.put(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "exp1-config"}})
+    proc = mfrctl("submit", "--name", "exp1", kubeconfig=kubeconfig)
+    one_line_error(proc, 1, "cannot create ConfigMap exp1-config: it already exists in namespace ml", "mfrctl delete exp1 -n ml")
+    assert api.sent() == [("GET", f"{JOBS}/exp1"), ("POST", CONFIGMAPS)]
+    assert JOBS not in api.objects
+
+
 def test_submit_rolls_back_when_the_webhook_denies_the_job(api, kubeconfig):
     api.denied["pytorchjobs"] = 'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
     proc = mfrctl("submit", "--name", "exp1", kubeconfig=kubeconfig)
