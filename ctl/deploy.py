@@ -65,28 +65,14 @@ RunArg = Annotated[str, typer.Argument(help="The run (its PyTorchJob's name).")]
 
 
 def render_run(
-    name: str,
-    namespace: str,
-    *,
-    nodes: int | None = None,
-    gpus_per_node: int | None = None,
-    nproc_per_node: int | None = None,
-    elastic: str | None = None,
-    image: str | None = None,
-    config: Path | None = None,
-    sets: list[str] | None = None,
-    files: list[Path] | None = None,
+    name: str, namespace: str, *, sets: list[str] | None = None, files: list[Path] | None = None, **flags
 ) -> Rendered:
-    """Chart defaults < -f files < flags < --set, as helm layers -f under --set."""
+    """Chart defaults < -f files < flags (see chart.flag_values) < --set, as helm layers -f under --set."""
     try:
         values: dict = {}
         for path in files or []:
             values = merge(values, file_values(path))
-        flags = flag_values(
-            nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
-            elastic=elastic, image=image, config=config,
-        )
-        values = merge(values, flags)
+        values = merge(values, flag_values(**flags))
         for expression in sets or []:
             values = merge(values, set_values(expression))
         return render(values, name=name, namespace=namespace)
