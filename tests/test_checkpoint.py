@@ -348,3 +348,35 @@ def test_a_fresh_run_replaces_an_old_checkpoint_of_the_same_step(tmp_path):
     marker = json.loads((root / "step-00000002" / "COMMITTED").read_text())
     assert marker["config"]["optim"]["lr"] == 0.05  # committed by the new run, not the old marker
     assert not (root / "step-00000002" / "__9_0.distcp").exists()
+
+
+def _timed_saves(rank, world, uri):
+    trainer = _trainer(rank, world, uri, ["checkpoint.every_minutes=1"])
+    now = [0.0]
+    trainer.checkpointer.clock = lambda: now[0]  # steps' wall time must not matter
+    trainer.checkpointer.last_save_time = 0.0
+    trainer.checkpointer.resume()
+    batches = iter(trainer.data)
+    # rank 1's clock runs 35 s ahead: when one rank finds a save due, all save
+    for seconds in (30, 66, 90, 138):
+        now[0] = seconds + 35 * rank
+        trainer.train_step(*next(batches))
+        trainer.checkpointer.after_step()
+    trainer.checkpointer.close()
+
+
+def test_saves_by_time_interval(tmp_path):
+    root = tmp_path / "ckpt"
+    run_distributed(_timed_saves, 2, str(root))
+    from mfr.trainer.storage import Storage
+
+    # step 1: due on rank 1 (65 s); 2: 36 s after; 3: 60 s after; 4: 48 s after
+    assert [c.step for c in Storage(str(root)).checkpoints() if c.committed] == [1, 3]
+
+
+def test_resume_setting_is_checked():
+    from mfr.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="resume must be auto, never or a .../step-<N>"):
+        load_config(None, ["checkpoint.resume=Auto"])
+    assert load_config(None, ["checkpoint.resume=s3://b/run/checkpoints/step-00000100"]).checkpoint.resume

@@ -9,6 +9,7 @@ torch-free so the CLI can import it.
 from __future__ import annotations
 
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +147,12 @@ class CheckpointConfig(_Section):
         description="fsspec/s3fs options, e.g. {endpoint_url: http://minio:9000}; credentials come from the "
         "AWS_* environment (a Kubernetes Secret), never from the config",
     )
+
+    @model_validator(mode="after")
+    def _resume_is_known(self) -> CheckpointConfig:
+        if self.resume not in ("auto", "never") and not re.search(r"/step-\d+/?$", self.resume):
+            raise ValueError(f"resume must be auto, never or a .../step-<N> checkpoint URI, got {self.resume!r}")
+        return self
 
     @model_validator(mode="after")
     def _no_credentials(self) -> CheckpointConfig:
