@@ -15,6 +15,7 @@ import yaml
 
 from mfr.trainer.config import ConfigError, TrainConfig, load_config
 
+from .chart import ChartError, parse_elastic
 from .ckpt import ckpt_app
 from .console import Output, OutputOpt, err, fail, out, print_data
 from .deploy import add_commands as add_kubernetes_commands
@@ -50,12 +51,13 @@ def _load(config: Path | None, overrides: list[str] | None) -> TrainConfig:
 def _parse_elastic(value: str | None, nodes: int) -> tuple[int, int] | None:
     if value is None:
         return None
-    low, sep, high = value.partition(":")
-    if not (sep and low.isdigit() and high.isdigit()) or not 1 <= int(low) <= int(high):
-        raise fail(f"--elastic {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 1:3")
-    if not int(low) <= nodes <= int(high):
+    try:
+        low, high = parse_elastic(value)
+    except ChartError as e:
+        raise fail(str(e)) from None
+    if not low <= nodes <= high:
         raise fail(f"--nodes {nodes} is outside --elastic {value}")
-    return int(low), int(high)
+    return low, high
 
 
 @config_app.command("show")

@@ -380,3 +380,14 @@ def test_resume_setting_is_checked():
     with pytest.raises(ConfigError, match="resume must be auto, never or a .../step-<N>"):
         load_config(None, ["checkpoint.resume=Auto"])
     assert load_config(None, ["checkpoint.resume=s3://b/run/checkpoints/step-00000100"]).checkpoint.resume
+
+
+def _resume_on_own_disk(rank, world, root):
+    # the same checkpoint.uri, but each "node" has its own disk: simulated by a directory per rank
+    return _resume_error(rank, world, f"{root}/node-{rank}/ckpt", [])
+
+
+def test_a_local_path_that_not_every_node_sees_is_refused(tmp_path):
+    messages = run_distributed(_resume_on_own_disk, 2, str(tmp_path))
+    assert all(m is not None and "is not shared by all nodes" in m for m in messages), messages
+    assert not list(tmp_path.glob("node-0/ckpt/.probe-*"))  # the probe is cleaned up

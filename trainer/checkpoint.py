@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -426,6 +427,18 @@ class Checkpointer:
             raise ConfigError(f"checkpoint.resume {spec} is not a committed checkpoint (see mfrctl ckpt ls {root})")
         return chosen, existing
 
+    def _check_shared(self, probe: str) -> None:
+        """A local checkpoint path must be one file system for every node: each rank
+        writes only its own shards, so a pod-local disk would split (and lose) them."""
+        (missing,) = self._any(self.storage.read_text(probe) is None)
+        if self.env.is_main:
+            self.storage.remove(probe)
+        if missing:
+            raise ConfigError(
+                f"checkpoint.uri {self.storage.url} is not shared by all nodes (some cannot see a file rank 0 "
+                "wrote there); use s3://... or a volume every pod mounts (ReadWriteMany)"
+            )
+
     def resume(self) -> CheckpointInfo | None:
         """Load the newest usable committed checkpoint into the trainer, if there is one.
 
@@ -433,9 +446,12 @@ class Checkpointer:
         take the same path (an error included).
         """
         answer: list[Any] = [None]
+        probe = f".probe-{uuid.uuid4().hex}"
         if self.env.is_main:
             try:
                 self.storage.make_root()
+                if self.storage.is_local:
+                    self.storage.write_text("written by rank 0 to check every node sees this path\n", probe)
                 answer[0] = ("ok", self._look())
             except (ConfigError, StorageError) as err:
                 answer[0] = ("error", err)
@@ -443,6 +459,8 @@ class Checkpointer:
         kind, value = answer[0]
         if kind == "error":
             raise value
+        if self.storage.is_local:
+            self._check_shared(probe)
         candidates, self.existing_steps = value
         for info in candidates:
             structural, notes = config_mismatch(info.config or {}, self.train_cfg)
