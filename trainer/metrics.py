@@ -25,3 +25,4 @@ CHECKPOINT_LAST_SUCCESS = Gauge(
     "mfr_checkpoint_last_success_timestamp_seconds", "Unix time of the last committed checkpoint", ["rank"]
 )
 CHECKPOINT_FAILURES = Counter("mfr_checkpoint_failures_total", "Checkpoint saves that failed", ["rank"])
+BAD_SAMPLES = Counter("mfr_bad_samples_total", "Training samples skipped as unreadable or mislabelled", ["rank"])
