@@ -79,12 +79,36 @@ class HeadConfig(_Section):
 class DataConfig(_Section):
     """Where training images come from."""
 
-    source: Literal["synthetic"] = Field("synthetic", description="built-in synthetic masked faces")
+    source: Literal["synthetic", "folder", "recordio", "shards"] = Field(
+        "synthetic",
+        description="synthetic: built-in synthetic masked faces; folder: one sub-folder per identity; "
+        "recordio: insightface train.rec + train.idx; shards: WebDataset tar shards from mfrctl data pack",
+    )
+    uri: str | None = Field(
+        None, description="local path or s3:// URL of the folder, the .rec (or its folder), or the shards' folder"
+    )
+    storage_options: dict[str, Any] = Field(
+        {}, description="fsspec/s3fs options for uri; credentials come from the AWS_* environment"
+    )
     images_per_identity: int = Field(32, ge=1, description="synthetic images per training identity")
     mask_prob: float = Field(0.35, ge=0, le=1, description="probability of drawing a face mask on a sample")
+    flip: bool = Field(True, description="mirror half of the real-data samples")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="abort when a rank skips more than this fraction of an epoch as unreadable"
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="shards: samples held per worker for shuffling")
     batch_size: int = Field(128, ge=1, description="samples per rank and optimizer step")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _uri_for_real_data(self) -> DataConfig:
+        if self.source != "synthetic" and not self.uri:
+            raise ValueError(f"data.source {self.source} needs data.uri (a local path or s3:// URL)")
+        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
+        if found:
+            raise ValueError(f"data.storage_options must not hold credentials ({', '.join(found)}): use AWS_* env")
+        return self
 
 
 class OptimConfig(_Section):

@@ -7,13 +7,16 @@ different number of ranks continues exactly after the last sample consumed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .synthetic import SyntheticFaces
+
+log = logging.getLogger("mfr.data")
 
 
 class GlobalOrderSampler(Sampler[int]):
@@ -45,17 +48,37 @@ class GlobalOrderSampler(Sampler[int]):
         return (self._usable() - self.position) // self.world_size
 
 
+class EpochIndexSampler(GlobalOrderSampler):
+    """``GlobalOrderSampler`` whose items are ``epoch * size + index``: augmentation can depend on the epoch
+    even in persistent workers, which never see the sampler's state."""
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.size
+        return (base + i for i in super().__iter__())
+
+
+class BadDataError(ConfigError):
+    """Too many unreadable samples: permanent (exit 2, not retried), the data must be fixed."""
+
+
 class EpochStream:
     """Endless batches over epochs, reshuffled per epoch from the seed; resumable."""
 
     def __init__(self, cfg: DataConfig, num_classes: int, rank: int, world_size: int, pin_memory: bool = False):
-        self.dataset = SyntheticFaces(
-            num_identities=num_classes,
-            images_per_identity=cfg.images_per_identity,
-            seed=cfg.seed,
-            mask_prob=cfg.mask_prob,
-        )
-        self.sampler = GlobalOrderSampler(len(self.dataset), rank, world_size, cfg.batch_size, cfg.seed)
+        self.rank, self.bad_in_epoch, self.max_bad_fraction = rank, 0, cfg.max_bad_fraction
+        if cfg.source == "synthetic":
+            self.dataset = SyntheticFaces(
+                num_identities=num_classes,
+                images_per_identity=cfg.images_per_identity,
+                seed=cfg.seed,
+                mask_prob=cfg.mask_prob,
+            )
+            self.sampler = GlobalOrderSampler(len(self.dataset), rank, world_size, cfg.batch_size, cfg.seed)
+        else:
+            from . import sources
+
+            self.dataset = sources.build(cfg, num_classes)
+            self.sampler = EpochIndexSampler(len(self.dataset), rank, world_size, cfg.batch_size, cfg.seed)
         if len(self.dataset) < self.sampler.global_batch:
             raise ValueError(
                 f"an epoch of {len(self.dataset)} samples holds no global batch of {self.sampler.global_batch} "
@@ -80,8 +103,27 @@ class EpochStream:
             self.sampler.epoch, self.sampler.position = self.epoch, self.position
             for batch in self.loader:
                 self.position += self.sampler.global_batch
+                if len(batch) == 3:  # real data: (images, labels, samples skipped to fill each slot)
+                    self._count_bad(int(batch[2].sum()))
+                    batch = batch[:2]
                 yield batch
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch, self.position, self.bad_in_epoch = self.epoch + 1, 0, 0
+
+    def _count_bad(self, bad: int) -> None:
+        if not bad:
+            return
+        from ..metrics import BAD_SAMPLES
+
+        BAD_SAMPLES.labels(rank=str(self.rank)).inc(bad)
+        self.bad_in_epoch += bad
+        share = self.sampler.size // self.sampler.world_size  # this rank's share of an epoch
+        limit = self.max_bad_fraction * share
+        if self.bad_in_epoch > limit:
+            raise BadDataError(
+                f"{self.bad_in_epoch} unreadable samples skipped on rank {self.rank} in epoch {self.epoch}, more "
+                f"than data.max_bad_fraction {self.max_bad_fraction} of its {share} samples; fix the data "
+                "(the skipped keys are logged) or raise data.max_bad_fraction"
+            )
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

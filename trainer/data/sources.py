@@ -1,0 +1,268 @@
+"""Real face datasets by fsspec URL (local path or s3://): image folders and MXNet RecordIO.
+
+Both are indexable: the loader's ``GlobalOrderSampler`` shards them across ranks and
+DataLoader workers and resumes them at an exact global position.  Each sample is
+decoded, resized to 112x112 if needed, masked with probability ``mask_prob``,
+mirrored half the time and normalised to [-1, 1].  Augmentation randomness comes
+from ``(seed, epoch, index)`` only: nothing depends on the worker or the rank.
+
+A sample that cannot be used (corrupt or truncated JPEG, truncated record, label
+missing or outside ``[0, num_classes)``) is logged with its key and replaced by the
+next good sample in index order, so every rank still yields full batches and the
+collectives of a step pair up.  The loader counts the replacements
+(``mfr_bad_samples_total``) and aborts past ``data.max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..config import ConfigError
+from . import recordio
+from .masks import MaskAugment
+from .synthetic import SIZE, to_tensor
+
+log = logging.getLogger("mfr.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_REPLACEMENTS = 64  # consecutive bad samples before giving up on a batch slot
+
+
+class BadSample(ValueError):
+    """One sample that cannot be used; the message names the problem."""
+
+
+def storage_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    from ..storage import _storage_options
+
+    return _storage_options(url, options or {})
+
+
+def open_fs(url: str, options: dict[str, Any] | None = None):
+    """``(filesystem, path)`` for a URL, with the checkpoint storage's S3 defaults."""
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(url, **storage_options(url, options))
+    except (ImportError, ValueError, TypeError) as err:
+        raise ConfigError(f"data.uri {url}: {err}") from None
+
+
+def decode(data: bytes, key: str) -> np.ndarray:
+    """uint8 112x112x3 RGB from encoded image bytes; BadSample if it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (SIZE, SIZE))  # JPEG: decode at reduced scale when the image is larger
+            img = img.convert("RGB")
+            if img.size != (SIZE, SIZE):
+                img = img.resize((SIZE, SIZE), Image.BILINEAR)
+            return np.asarray(img)
+    except Exception as err:  # PIL raises many types for broken files
+        raise BadSample(f"{key}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+class Augment:
+    """Mask with probability p, mirror half the time, normalise; randomness from (seed, epoch, index)."""
+
+    def __init__(self, mask_prob: float, flip: bool, seed: int):
+        self.mask, self.flip, self.seed = MaskAugment(mask_prob), flip, seed
+
+    def __call__(self, image: np.ndarray, epoch: int, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        mirrored = self.flip and rng.random() < 0.5
+        image, _ = self.mask(image, rng)
+        if mirrored:
+            image = image[:, ::-1]
+        return to_tensor(image)
+
+
+class IndexedFaces(Dataset):
+    """Base for indexable sources; items are ``epoch * len + index`` (see ``EpochIndexSampler``).
+
+    ``__getitem__`` returns ``(image, label, bad)`` where ``bad`` counts the samples
+    skipped to fill this slot.
+    """
+
+    num_images: int
+    num_identities: int
+
+    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
+        self.url, self.options, self.num_classes, self.augment = url, options or {}, num_classes, augment
+        self._fs, self._pid = None, None
+
+    @property
+    def fs(self):
+        if self._pid != os.getpid():  # one filesystem per worker process (s3fs sessions do not survive fork)
+            from fsspec.core import url_to_fs
+
+            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.url, self.options))
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def key(self, index: int) -> str:
+        raise NotImplementedError
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        """Encoded image bytes and the label; BadSample when unusable."""
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        """Decoded uint8 image and label of one sample (no augmentation); BadSample when unusable."""
+        data, label = self.read(index)
+        if not 0 <= label < self.num_classes:
+            raise BadSample(f"{self.key(index)}: label {label} outside [0, {self.num_classes})")
+        return decode(data, self.key(index)), label
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int]:
+        epoch, index = divmod(int(item), self.num_images)
+        for bad in range(MAX_REPLACEMENTS):
+            i = (index + bad) % self.num_images
+            try:
+                image, label = self.load(i)
+            except BadSample as err:
+                log.warning("mfr data: skipping bad sample %s", err)
+                continue
+            return self.augment(image, epoch, index), label, bad
+        raise ConfigError(
+            f"{self.url}: {MAX_REPLACEMENTS} bad samples in a row from index {index} on; is the data readable?"
+        )
+
+
+class FolderFaces(IndexedFaces):
+    """One sub-folder per identity (sorted names are labels 0, 1, ...), images inside at any depth."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
+        super().__init__(url, options, num_classes, augment)
+        fs, root = open_fs(url, options)
+        root = root.rstrip("/")
+        try:
+            if not fs.isdir(root):
+                raise ConfigError(f"data.uri {url}: no such folder")
+            files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"data.uri {url}: cannot list ({type(err).__name__}: {err})") from None
+        self.root = root
+        self.paths = [p[len(root) + 1 :] for p in files if "/" in p[len(root) + 1 :]]
+        if not self.paths:
+            raise ConfigError(f"data.uri {url}: no images in identity sub-folders ({', '.join(IMAGE_EXTENSIONS)})")
+        self.classes = sorted({p.split("/", 1)[0] for p in self.paths})
+        self.num_images, self.num_identities = len(self.paths), len(self.classes)
+        if self.num_identities > num_classes:
+            raise ConfigError(
+                f"data.uri {url}: {self.num_identities} identity folders but head.num_classes is {num_classes}"
+            )
+        label_of = {name: i for i, name in enumerate(self.classes)}
+        self.labels = np.array([label_of[p.split("/", 1)[0]] for p in self.paths], dtype=np.int64)
+
+    def key(self, index: int) -> str:
+        return f"{self.url.rstrip('/')}/{self.paths[index]}"
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        try:
+            data = self.fs.cat_file(f"{self.root}/{self.paths[index]}")
+        except FileNotFoundError:
+            raise BadSample(f"{self.key(index)}: file vanished") from None
+        return data, int(self.labels[index])
+
+
+class RecordFaces(IndexedFaces):
+    """``train.rec`` + ``train.idx`` (insightface layout, or plain records each with its label)."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
+        rec_url = url if url.endswith(".rec") else url.rstrip("/") + "/train.rec"
+        super().__init__(rec_url, options, num_classes, augment)
+        idx_url = rec_url[: -len(".rec")] + ".idx"
+        fs, rec = open_fs(rec_url, options)
+        idx = rec[: -len(".rec")] + ".idx"
+        try:
+            if not fs.isfile(rec):
+                raise ConfigError(f"{rec_url}: no such RecordIO file")
+            if not fs.isfile(idx):
+                raise ConfigError(f"{idx_url}: no such index (a .rec needs its .idx next to it)")
+            size = fs.size(rec)
+            pairs = recordio.parse_idx(fs.cat_file(idx).decode(), idx_url)
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        except Exception as err:
+            raise ConfigError(f"{rec_url}: cannot read ({type(err).__name__}: {err})") from None
+        if not pairs:
+            raise ConfigError(f"{idx_url}: empty index")
+        offsets = dict(pairs)
+        ordered = sorted(offsets.values())
+        if ordered[-1] + 8 > size or any(b <= a for a, b in zip(ordered, ordered[1:])):
+            raise ConfigError(f"{idx_url} does not match {rec_url}: offsets past the end of the file or repeated")
+        self.rec_path, self.size = rec, size
+        self._end = dict(zip(ordered, [*ordered[1:], size]))  # a record ends where the next one starts
+        self.offsets = offsets
+        try:
+            last = fs.cat_file(rec, start=ordered[-1], end=size)
+            recordio.unframe(last)
+            first_offset = offsets.get(0, ordered[0])
+            first = fs.cat_file(rec, start=first_offset, end=self._end[first_offset])
+            header0, _ = recordio.unpack(recordio.unframe(first))
+        except recordio.RecordError as err:
+            raise ConfigError(f"{idx_url} does not match {rec_url}: {err}") from None
+        if 0 in offsets and header0.flag > 0:  # insightface: images 1..first-1, identities first..end-1
+            first, end = int(header0.label[0]), int(header0.label[1])
+            self.keys = np.arange(1, first, dtype=np.int64)
+            self.num_identities = end - first
+            missing = [k for k in (1, first - 1) if k not in offsets]
+            if first <= 1 or missing:
+                raise ConfigError(f"{idx_url} does not match {rec_url}: header record names images 1..{first - 1}")
+            if self.num_identities > num_classes:
+                raise ConfigError(
+                    f"{rec_url}: {self.num_identities} identities in the header record but head.num_classes is "
+                    f"{num_classes}"
+                )
+        else:
+            self.keys = np.array(sorted(offsets), dtype=np.int64)
+            self.num_identities = -1  # unknown without reading every record
+        self.num_images = len(self.keys)
+
+    def key(self, index: int) -> str:
+        return f"{self.url}#{int(self.keys[index])}"
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        key = int(self.keys[index])
+        start = self.offsets.get(key)
+        if start is None:
+            raise BadSample(f"{self.key(index)}: key missing from the .idx")
+        try:
+            data = self.fs.cat_file(self.rec_path, start=start, end=self._end[start])
+            header, payload = recordio.unpack(recordio.unframe(data))
+        except recordio.RecordError as err:
+            raise BadSample(f"{self.key(index)}: {err}") from None
+        label = header.label[0] if isinstance(header.label, tuple) else header.label
+        if not np.isfinite(label) or label != int(label):
+            raise BadSample(f"{self.key(index)}: malformed label {label}")
+        return payload, int(label)
+
+
+def build(cfg, num_classes: int) -> IndexedFaces:
+    """The indexable dataset for ``data.source`` folder or recordio."""
+    if not cfg.uri:
+        raise ConfigError(f"data.source {cfg.source} needs data.uri")
+    augment = Augment(cfg.mask_prob, cfg.flip, cfg.seed)
+    if cfg.source == "folder":
+        return FolderFaces(cfg.uri, cfg.storage_options, num_classes, augment)
+    if cfg.source == "recordio":
+        return RecordFaces(cfg.uri, cfg.storage_options, num_classes, augment)
+    raise ConfigError(f"data.source {cfg.source} is not an indexable source")
