@@ -26,6 +26,7 @@ from mfr.trainer.progress import EVENTS_ENV
 # torchrun with retryable exit codes on SIGTERM (see mfr.trainer.launch); the pod command too.
 LAUNCH = [sys.executable, "-m", "mfr.trainer.launch"]
 # Fast failure detection, so a lost node is noticed in seconds, not ~45 s.
+METRICS_PORT_ENV = "MFR_METRICS_PORT"  # = mfr.trainer.metrics.PORT_ENV (this module stays torch-free)
 RDZV_CONF = "join_timeout=120,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3,close_timeout=10"
 _PR_SET_PDEATHSIG = 1
 
@@ -45,6 +46,9 @@ class LocalJob:
     max_restarts: int = 3
     run_id: str = "mfr-local"
     rdzv_conf: str = RDZV_CONF  # "" = torchrun's defaults
+    # metrics.port of the run, or None when it serves no metrics.  Pods have their
+    # own IPs; emulated nodes share one, so node i gets the ports after node i-1's.
+    metrics_port: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -58,6 +62,8 @@ class LocalJob:
     def node_env(self, node_rank: int) -> dict[str, str]:
         """What the operator puts in pod ``node_rank``'s environment."""
         env = {"PYTHONUNBUFFERED": "1", "PET_NPROC_PER_NODE": str(self.nproc_per_node)}
+        if self.metrics_port is not None:
+            env[METRICS_PORT_ENV] = str(self.node_metrics_port(node_rank))
         if self.elastic is None:
             env |= {
                 "MASTER_ADDR": "127.0.0.1",
@@ -81,6 +87,23 @@ class LocalJob:
             if self.rdzv_conf:
                 env["PET_RDZV_CONF"] = self.rdzv_conf
         return env
+
+    def node_metrics_port(self, node_rank: int) -> int:
+        """The metrics port of local rank 0 on emulated node ``node_rank``."""
+        assert self.metrics_port is not None
+        return self.metrics_port + node_rank * self.nproc_per_node
+
+    def metrics_endpoints(self, address: str) -> list[tuple[int, int, str]]:
+        """(node, local rank, URL) of every training process's /metrics."""
+        if self.metrics_port is None:
+            return []
+        host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+        host = f"[{host}]" if ":" in host else host
+        return [
+            (node, local, f"http://{host}:{self.node_metrics_port(node) + local}/metrics")
+            for node in range(self.nodes)
+            for local in range(self.nproc_per_node)
+        ]
 
     def command(self) -> list[str]:
         """The pod command: torchrun of the trainer module, via mfr.trainer.launch."""

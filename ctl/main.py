@@ -120,12 +120,16 @@ def train(
         master_port=master_port or free_port(),
         elastic=elastic_range,
         run_id=run_dir.resolve().name,
+        metrics_port=cfg.metrics.port if cfg.metrics.enabled else None,
     )
     mode = f"elastic {elastic_range[0]}:{elastic_range[1]}" if elastic_range else "static"
     err.print(
         f"mfr: {nodes} node(s) x {nproc_per_node} process(es), {mode}; logs in {run_dir}/node-*.log",
         highlight=False,
     )
+    for node, local, url in job.metrics_endpoints(cfg.metrics.address):
+        rank = "" if elastic_range else f" (rank {node * nproc_per_node + local})"
+        err.print(f"mfr: metrics of node {node} process {local}{rank}: {url}", highlight=False)
     code, events, failure_log = _run(job, cfg.run.steps)
     if code != 0:
         error = events.error()

@@ -32,3 +32,21 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def prometheus_factory(tmp_path_factory):
+    """Start real Prometheus servers (Debian's package) on 127.0.0.1: ``start(targets)``; all stop afterwards."""
+    from tests.prometheus import Prometheus
+
+    servers = []
+
+    def start(targets, interval: str = "1s"):
+        server = Prometheus(tmp_path_factory.mktemp("prometheus"), targets, interval=interval)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -452,16 +452,16 @@ class Checkpointer:
                 self.storage.make_root()
                 if self.storage.is_local:
                     self.storage.write_text("written by rank 0 to check every node sees this path\n", probe)
-                answer[0] = ("ok", self._look())
+                answer[0] = ("ok", (probe, self._look()))
             except (ConfigError, StorageError) as err:
                 answer[0] = ("error", err)
         dist.broadcast_object_list(answer, src=0, group=self.control_group)
         kind, value = answer[0]
         if kind == "error":
             raise value
+        probe, (candidates, self.existing_steps) = value  # rank 0's probe name: each rank drew its own
         if self.storage.is_local:
             self._check_shared(probe)
-        candidates, self.existing_steps = value
         for info in candidates:
             structural, notes = config_mismatch(info.config or {}, self.train_cfg)
             if structural:

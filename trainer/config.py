@@ -96,7 +96,9 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="abort when a rank skips more than this fraction of an epoch as unreadable"
     )
-    shuffle_buffer: int = Field(1000, ge=1, description="shards: samples held per worker for shuffling")
+    shard_chunk: int = Field(
+        16, ge=1, description="shards: consecutive samples read together; each epoch permutes these chunks"
+    )
     batch_size: int = Field(128, ge=1, description="samples per rank and optimizer step")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     seed: int = Field(0, ge=0)
@@ -209,6 +211,16 @@ class EvalConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    """The Prometheus exporter of every training process (names: ../shared/design.md)."""
+
+    enabled: bool = Field(True, description="serve /metrics from every training process")
+    port: int = Field(
+        9410, ge=1, le=65535, description="the process of local rank i serves http://<address>:<port + i>/metrics"
+    )
+    address: str = Field("0.0.0.0", min_length=1, description="listen address; 127.0.0.1 keeps it on this machine")
+
+
 class TrainConfig(_Section):
     model: ModelConfig = ModelConfig()
     head: HeadConfig
@@ -217,6 +229,7 @@ class TrainConfig(_Section):
     run: RunConfig = RunConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -8,6 +8,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from . import metrics
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .data.loader import EpochStream
@@ -64,6 +65,8 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.lr = 0.0  # of the last step, for the logs
         self.last_grad_norm = float("nan")
+        self.metrics_url = metrics.serve(cfg.metrics, env.local_rank) if cfg.metrics.enabled else None
+        self.metrics = metrics.TrainMetrics(env.rank, env.world_size, env.restart_count, env.device)
 
     @property
     def global_batch(self) -> int:
@@ -115,6 +118,7 @@ class Trainer:
     def evaluate(self, stage: str) -> dict[str, ProtocolResult]:
         """TPR@FPR of the backbone on held-out identities, reported by rank 0."""
         report = self.evaluator(self.model.module)
+        self.metrics.eval_results(report)
         self.progress.event("eval", stage=stage, step=self.step, results=[r.to_dict() for r in report.values()])
         for protocol, result in report.items():
             points = " ".join(
@@ -132,6 +136,7 @@ class Trainer:
             global_batch=self.global_batch,
             device=str(env.device),
             restart_count=env.restart_count,
+            metrics_url=self.metrics_url,
         )
         self.progress.log(
             f"world size {env.world_size} on {env.device}, global batch {self.global_batch}, "
@@ -144,10 +149,16 @@ class Trainer:
         window_start, window_samples = time.perf_counter(), 0
         batches = iter(self.data)
         while self.step < cfg.run.steps:
+            started = time.perf_counter()
             images, labels = next(batches)
+            fetched = time.perf_counter()
             loss = self.train_step(images, labels)
             self.checkpointer.after_step()
             window_samples += self.global_batch
+            self.metrics.after_step(
+                self.step, cfg.data.batch_size, loss, self.lr, self.last_grad_norm,
+                seconds=time.perf_counter() - started, data_wait=fetched - started,
+            )
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / elapsed
@@ -160,6 +171,7 @@ class Trainer:
                     f"grad_norm {self.last_grad_norm:.3g} {rate:.1f} samples/s"
                 )
                 window_start, window_samples = time.perf_counter(), 0
+                self.metrics.update_memory()
         self.checkpointer.finish()
         self.checkpointer.close()
         self.evaluate("trained")
