@@ -18,6 +18,7 @@ from mfr.trainer.config import ConfigError, TrainConfig, load_config
 from .chart import ChartError, parse_elastic
 from .ckpt import ckpt_app
 from .console import Output, OutputOpt, err, fail, out, print_data
+from .data import data_app
 from .deploy import add_commands as add_kubernetes_commands
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .progress import EventTail, TrainProgress, results_table
@@ -31,6 +32,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate and show training configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
+app.add_typer(data_app, name="data")
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")

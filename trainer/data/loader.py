@@ -57,6 +57,29 @@ class EpochIndexSampler(GlobalOrderSampler):
         return (base + i for i in super().__iter__())
 
 
+class ChunkOrderSampler(GlobalOrderSampler):
+    """Shards: the epoch order is a seeded permutation of chunks of consecutive samples, and rank ``r``
+    takes the contiguous slice ``[k * world * batch + r * batch, ... + batch)`` of it at global step ``k``:
+    a few ranged reads per batch.  Items are ``epoch * size + sample`` as in ``EpochIndexSampler``."""
+
+    def __init__(self, counts, chunk: int, rank: int, world_size: int, batch_size: int, seed: int):
+        super().__init__(int(counts.sum()), rank, world_size, batch_size, seed)
+        self.counts, self.chunk = counts, chunk
+
+    def __iter__(self) -> Iterator[int]:
+        import numpy as np
+
+        from .shards import chunk_order
+
+        first, length = chunk_order(self.counts, self.chunk, self.seed, self.epoch)
+        ends = np.cumsum(length)
+        base = self.epoch * self.size
+        for step_start in range(self.position, self._usable(), self.global_batch):
+            pos = np.arange(step_start + self.rank * self.batch_size, step_start + (self.rank + 1) * self.batch_size)
+            c = np.searchsorted(ends, pos, side="right")
+            yield from (base + first[c] + pos - (ends[c] - length[c])).tolist()
+
+
 class BadDataError(ConfigError):
     """Too many unreadable samples: permanent (exit 2, not retried), the data must be fixed."""
 
@@ -78,7 +101,11 @@ class EpochStream:
             from . import sources
 
             self.dataset = sources.build(cfg, num_classes)
-            self.sampler = EpochIndexSampler(len(self.dataset), rank, world_size, cfg.batch_size, cfg.seed)
+            if cfg.source == "shards":
+                counts = self.dataset.set.counts
+                self.sampler = ChunkOrderSampler(counts, cfg.shard_chunk, rank, world_size, cfg.batch_size, cfg.seed)
+            else:
+                self.sampler = EpochIndexSampler(len(self.dataset), rank, world_size, cfg.batch_size, cfg.seed)
         if len(self.dataset) < self.sampler.global_batch:
             raise ValueError(
                 f"an epoch of {len(self.dataset)} samples holds no global batch of {self.sampler.global_batch} "

@@ -257,7 +257,7 @@ class RecordFaces(IndexedFaces):
 
 
 def build(cfg, num_classes: int) -> IndexedFaces:
-    """The indexable dataset for ``data.source`` folder or recordio."""
+    """The dataset for ``data.source`` folder, recordio or shards."""
     if not cfg.uri:
         raise ConfigError(f"data.source {cfg.source} needs data.uri")
     augment = Augment(cfg.mask_prob, cfg.flip, cfg.seed)
@@ -265,4 +265,74 @@ def build(cfg, num_classes: int) -> IndexedFaces:
         return FolderFaces(cfg.uri, cfg.storage_options, num_classes, augment)
     if cfg.source == "recordio":
         return RecordFaces(cfg.uri, cfg.storage_options, num_classes, augment)
-    raise ConfigError(f"data.source {cfg.source} is not an indexable source")
+    if cfg.source == "shards":
+        return ShardFaces(cfg.uri, cfg.storage_options, num_classes, augment)
+    raise ConfigError(f"unknown data.source {cfg.source}")
+
+
+class ShardFaces(IndexedFaces):
+    """A shard set from ``mfrctl data pack``; batches are fetched as runs of contiguous samples."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
+        from .shards import ShardSet
+
+        super().__init__(url, options, num_classes, augment)
+        self.set = ShardSet(url, options)
+        self.classes = self.set.classes
+        self.num_images, self.num_identities = self.set.num_images, len(self.classes)
+        if self.num_identities > num_classes:
+            raise ConfigError(
+                f"{self.set.url}/index.json: {self.num_identities} classes but head.num_classes is {num_classes}"
+            )
+
+    def key(self, index: int) -> str:
+        return self.set.key(index)
+
+    def _sample(self, index: int, parts: dict[str, bytes]) -> tuple[bytes, int]:
+        from .shards import IMAGE_SUFFIXES
+
+        image = next((parts[s] for s in IMAGE_SUFFIXES if s in parts), None)
+        if image is None:
+            raise BadSample(f"{self.key(index)}: no image member")
+        try:
+            label = int(parts["cls"].decode().strip())
+        except (KeyError, ValueError, UnicodeDecodeError):
+            raise BadSample(f"{self.key(index)}: missing or malformed .cls label") from None
+        return image, label
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        shard, i = self.set.locate(index)
+        try:
+            ((_, parts),) = self.set.read_run(shard, i, i + 1)
+        except ValueError as err:  # torn tar data, or more than one key in a sample's bytes
+            raise BadSample(f"{self.key(index)}: {err}") from None
+        return self._sample(index, parts)
+
+    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        from .shards import runs
+
+        out: list[tuple[torch.Tensor, int, int] | None] = [None] * len(items)
+        epoch = int(items[0]) // self.num_images
+        ids = [int(item) % self.num_images for item in items]
+        slot = {sample: n for n, sample in enumerate(ids)}
+        for first, stop in runs(ids, self.set.starts):
+            shard, i = self.set.locate(first)
+            try:
+                samples = self.set.read_run(shard, i, i + stop - first)
+            except ValueError:
+                samples = []  # fall back to one read per sample: the bad ones are found and named
+            if len(samples) != stop - first:
+                continue
+            for sample, (_, parts) in zip(range(first, stop), samples):
+                try:
+                    data, label = self._sample(sample, parts)
+                    if not 0 <= label < self.num_classes:
+                        raise BadSample(f"{self.key(sample)}: label {label} outside [0, {self.num_classes})")
+                    image = decode(data, self.key(sample))
+                except BadSample:
+                    continue  # replaced below, and logged there
+                out[slot[sample]] = (self.augment(image, epoch, sample), label, 0)
+        for n, item in enumerate(items):
+            if out[n] is None:
+                out[n] = self[item]
+        return out  # type: ignore[return-value]

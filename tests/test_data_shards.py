@@ -1,0 +1,145 @@
+"""Tar shards: mfrctl data pack (folder and RecordIO, local and S3) then read; sharding, resume, bad samples;
+mfrctl data inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mfr.trainer.data import shards
+from mfr.trainer.data.loader import EpochStream
+from mfr.trainer.data.sources import ShardFaces, decode
+from mfr.trainer.metrics import BAD_SAMPLES
+from tests.test_data import config, samples, tag_of, write_folder, write_recordio
+
+MFRCTL = [sys.executable, "-m", "mfr.ctl.main", "data"]
+
+
+def data_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*MFRCTL, *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+def multiset(dataset) -> Counter:
+    """(label, exact pixels digest) of every sample: what pack must preserve."""
+    return Counter((label, image.tobytes()) for image, label in map(dataset.load, range(len(dataset))))
+
+
+def source_multiset(items) -> Counter:
+    return Counter((label, decode(data, "x").tobytes()) for label, data in items)
+
+
+def test_pack_a_folder_then_read_the_same_multiset(tmp_path):
+    items = samples(23, 5)
+    src = write_folder(tmp_path / "faces", items)
+    proc = data_cli("pack", str(src), str(tmp_path / "shards"), "--shard-size", "6", "-j", "2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary | {"source": None, "destination": None} == {
+        "source": None, "destination": None, "images": 23, "classes": 5, "shards": 4, "bad_samples_skipped": 0,
+    }
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["classes"] == [f"id{i:03d}" for i in range(5)] and index["counts"] == [5, 5, 5, 4, 4]
+    assert [s["count"] for s in index["shards"]] == [6, 6, 6, 5]
+    dataset = ShardFaces(str(tmp_path / "shards"), None, 5, None)
+    assert multiset(dataset) == source_multiset(items)
+    # pack refuses to overwrite, and names the file
+    again = data_cli("pack", str(src), str(tmp_path / "shards"))
+    assert again.returncode == 2 and "index.json exists" in again.stderr
+
+
+def test_pack_recordio_to_s3_then_read_the_same_multiset(s3_env, tmp_path):
+    items = samples(12, 3, "JPEG")
+    rec = write_recordio(tmp_path, items)
+    proc = data_cli("pack", str(rec), "s3://mfr-test/data-pack/shards", "--shard-size", "5")
+    assert proc.returncode == 0, proc.stderr
+    dataset = ShardFaces("s3://mfr-test/data-pack/shards", None, 3, None)
+    assert dataset.classes == ["0", "1", "2"] and len(dataset.set.names) == 3
+    assert multiset(dataset) == source_multiset(items)
+    images, labels = next(iter(EpochStream(config("shards", "s3://mfr-test/data-pack/shards", batch_size=4), 3, 0, 1)))
+    assert images.shape == (4, 3, 112, 112)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """50 tagged PNG samples in shards of 7 (uneven: the last holds 1)."""
+    tmp = tmp_path_factory.mktemp("packed")
+    write_folder(tmp / "faces", samples(50, 5))
+    proc = data_cli("pack", str(tmp / "faces"), str(tmp / "shards"), "--shard-size", "7")
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "shards"
+
+
+def test_shards_exactly_once_across_2_ranks_x_2_workers_and_resume(packed):
+    cfg = config("shards", str(packed), batch_size=4, num_workers=2, shard_chunk=3, seed=1)
+    streams = [EpochStream(cfg, 5, rank, 2) for rank in range(2)]
+    iters = [iter(s) for s in streams]
+    epochs = []
+    for _ in range(2):
+        tags = [tag_of(img) for _ in range(6) for it in iters for img in next(it)[0]]  # 6 x 8 = 48 of 50 used
+        assert len(set(tags)) == 48 and set(tags) <= set(range(50))
+        epochs.append(tags)
+    assert epochs[0] != epochs[1]  # reshuffled
+
+    # resume after 2 global steps on 1 rank: the rest of that epoch, exactly
+    fresh = [iter(EpochStream(cfg, 5, rank, 2)) for rank in range(2)]
+    before = [tag_of(img) for _ in range(2) for it in fresh for img in next(it)[0]]
+    one = EpochStream(config("shards", str(packed), batch_size=8, num_workers=2, shard_chunk=3, seed=1), 5, 0, 1)
+    one.load_state_dict({"epoch": 0, "position": 16})
+    it = iter(one)
+    after = [tag_of(img) for _ in range(4) for img in next(it)[0]]
+    assert sorted(before + after) == sorted(epochs[0])
+
+
+def test_bad_shard_samples_are_replaced_and_counted(tmp_path, caplog):
+    items = samples(12, 3, "JPEG")
+    good = [(f"{i:04d}", label, data, "jpg") for i, (label, data) in enumerate(items)]
+    good[2] = (good[2][0], good[2][1], good[2][2][:50] + b"\0" * 300, "jpg")  # corrupt JPEG
+    good[5] = (good[5][0], "x7", good[5][2], "jpg")  # malformed label
+    good[8] = (good[8][0], 9, good[8][2], "jpg")  # label outside num_classes
+    tar, offsets, count = shards.write_shard(good)
+    (tmp_path / "shard-000000.tar").write_bytes(tar)
+    (tmp_path / "shard-000000.offsets").write_bytes(offsets)
+    index = {"format": shards.FORMAT, "classes": ["a", "b", "c"], "counts": [4, 4, 4], "images": 12,
+             "shards": [{"name": "shard-000000.tar", "count": count}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    counter = BAD_SAMPLES.labels(rank="0")
+    before = counter._value.get()
+    stream = EpochStream(config("shards", str(tmp_path), batch_size=4, max_bad_fraction=0.5), 3, 0, 1)
+    it = iter(stream)
+    with caplog.at_level("WARNING", logger="mfr.data"):
+        batches = [next(it) for _ in range(3)]
+    assert all(images.shape[0] == 4 and all(0 <= x < 3 for x in labels.tolist()) for images, labels in batches)
+    assert counter._value.get() - before == 3
+    assert "shard-000000.tar#2: cannot decode image" in caplog.text
+    assert "shard-000000.tar#5: missing or malformed .cls label" in caplog.text
+    assert "shard-000000.tar#8: label 9 outside [0, 3)" in caplog.text
+
+
+def test_inspect_shards_and_folder_with_a_grid(packed, tmp_path):
+    proc = data_cli("inspect", str(packed), "-o", "json", "--grid", str(tmp_path / "grid.png"), "--samples", "4")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert (info["format"], info["classes"], info["images"], info["shards"]) == ("shards", 5, 50, 8)
+    assert info["histogram"] == [{"images": "8-15", "classes": 5}]
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (224, 448, 3)
+    assert not np.array_equal(grid[:112], grid[112:])  # the second row wears masks
+    assert np.array_equal(grid[:56], grid[112:168])  # above the mask line, the same faces
+    table = data_cli("inspect", str(packed.parent / "faces"))
+    assert table.returncode == 0 and "folder" in table.stdout and "IMAGES/CLASS" in table.stdout
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    proc = data_cli("inspect", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "missing: no such file or folder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    proc = data_cli("pack", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "empty: no images in identity sub-folders" in proc.stderr

@@ -1,0 +1,197 @@
+"""Tar shards in the WebDataset layout (``<key>.jpg`` + ``<key>.cls``), written by ``mfrctl data pack``.
+
+A shard set is a folder (local or s3://) holding::
+
+    index.json            {"format": "mfr-shards/1", "classes": [...], "counts": [...],
+                           "images": N, "shards": [{"name": "shard-000000.tar", "count": n}, ...]}
+    shard-000000.tar      the samples, in the order pack shuffled them (with its seed)
+    shard-000000.offsets  count + 1 little-endian uint64: where each sample's first tar header
+                          starts, then where the last sample ends
+
+Reading streams contiguous runs of samples with one ranged read per run, never one
+request per image.  The epoch order is a per-epoch permutation (from the seed) of
+chunks of ``data.shard_chunk`` consecutive samples of a shard; a rank's share of a
+global batch is a contiguous slice of that order, i.e. a few runs.  Because the order
+is a fixed function of (seed, epoch), the position in it is global: resume is exact,
+on any world size, like the indexable sources.  Mixing comes from pack's global
+shuffle plus the per-epoch chunk permutation (a run of ``shard_chunk`` samples stays
+together within an epoch, so keep it well below the batch size).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError
+
+FORMAT = "mfr-shards/1"
+INDEX = "index.json"
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def offsets_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".offsets"
+
+
+def write_shard(samples: Iterable[tuple[str, int, bytes, str]]) -> tuple[bytes, bytes, int]:
+    """``(tar bytes, offsets bytes, count)`` for ``(key, label, image bytes, image suffix)`` samples."""
+    out = io.BytesIO()
+    offsets = []
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, label, data, suffix in samples:
+            offsets.append(out.tell())
+            for name, payload in ((f"{key}.{suffix}", data), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0
+                tar.addfile(info, io.BytesIO(payload))
+        offsets.append(out.tell())
+    return out.getvalue(), struct.pack(f"<{len(offsets)}Q", *offsets), len(offsets) - 1
+
+
+def parse_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """``(name, payload)`` of the tar members in ``data`` (a run of whole members); ValueError if torn."""
+    pos = 0
+    while pos + 512 <= len(data):
+        header = data[pos : pos + 512]
+        if header == b"\0" * 512:
+            return
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if prefix:
+            name = f"{prefix}/{name}"
+        try:
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ValueError(f"bad tar header at byte {pos}") from None
+        if pos + 512 + size > len(data):
+            raise ValueError(f"tar member {name} truncated: {size} bytes announced, {len(data) - pos - 512} present")
+        yield name, data[pos + 512 : pos + 512 + size]
+        pos += 512 + size + (-size % 512)
+    if pos != len(data):
+        raise ValueError(f"tar data truncated at byte {pos}")
+
+
+def group_samples(members: Iterable[tuple[str, bytes]]) -> list[tuple[str, dict[str, bytes]]]:
+    """Members grouped into samples by key (the name up to the first dot of its last part)."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    for name, payload in members:
+        folder, _, base = name.rpartition("/")
+        stem, _, suffix = base.partition(".")
+        key = f"{folder}/{stem}" if folder else stem
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][suffix.lower()] = payload
+    return samples
+
+
+class ShardSet:
+    """The index of a shard set and ranged reads of runs of its samples (one filesystem per process)."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None):
+        from .sources import open_fs
+
+        self.url, self.options = url.rstrip("/"), options or {}
+        fs, root = open_fs(self.url, self.options)
+        self.root = root.rstrip("/")
+        index_url = f"{self.url}/{INDEX}"
+        try:
+            if not fs.exists(f"{self.root}/{INDEX}"):
+                raise ConfigError(f"{index_url}: no such file (shards need the index written by mfrctl data pack)")
+            index = json.loads(fs.cat_file(f"{self.root}/{INDEX}"))
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"{index_url}: cannot read ({type(err).__name__}: {str(err)[:200]})") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT or not index.get("shards"):
+            raise ConfigError(f"{index_url}: not an {FORMAT} index with shards")
+        self.index = index
+        self.classes: list[str] = list(index["classes"])
+        self.names = [s["name"] for s in index["shards"]]
+        self.counts = np.array([int(s["count"]) for s in index["shards"]], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])  # global id of each shard's first sample
+        self.num_images = int(self.starts[-1])
+        self._fs, self._pid = None, None
+        self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None, "_offsets": OrderedDict()}
+
+    @property
+    def fs(self):
+        import os
+
+        if self._pid != os.getpid():
+            from fsspec.core import url_to_fs
+
+            from .sources import storage_options
+
+            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.url, self.options))
+            self._pid = os.getpid()
+        return self._fs
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        """``(shard, position in shard)`` of a global sample id."""
+        shard = int(np.searchsorted(self.starts, sample, side="right")) - 1
+        return shard, sample - int(self.starts[shard])
+
+    def key(self, sample: int) -> str:
+        shard, i = self.locate(sample)
+        return f"{self.url}/{self.names[shard]}#{i}"
+
+    def offsets(self, shard: int) -> np.ndarray:
+        if shard not in self._offsets:
+            raw = self.fs.cat_file(f"{self.root}/{offsets_name(self.names[shard])}")
+            table = np.frombuffer(raw, dtype="<u8")
+            if len(table) != self.counts[shard] + 1:
+                raise ValueError(f"{offsets_name(self.names[shard])} holds {len(table) - 1} samples, index says "
+                                 f"{self.counts[shard]}")
+            self._offsets[shard] = table
+            while len(self._offsets) > 64:
+                self._offsets.popitem(last=False)
+        return self._offsets[shard]
+
+    def read_run(self, shard: int, first: int, stop: int) -> list[tuple[str, dict[str, bytes]]]:
+        """Samples ``first .. stop-1`` of one shard, in one ranged read."""
+        table = self.offsets(shard)
+        start, end = int(table[first]), int(table[stop])
+        data = self.fs.cat_file(f"{self.root}/{self.names[shard]}", start=start, end=end)
+        if len(data) != end - start:
+            raise ValueError(f"{self.names[shard]} truncated: {len(data)} of {end - start} bytes at {start}")
+        return group_samples(parse_members(data))
+
+
+def chunk_order(counts: np.ndarray, chunk: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The epoch order as permuted chunks: (first global sample id of each chunk, its length), in order."""
+    starts, lengths = [], []
+    base = 0
+    for n in counts.tolist():
+        s = np.arange(0, n, chunk, dtype=np.int64)
+        starts.append(base + s)
+        lengths.append(np.minimum(chunk, n - s))
+        base += n
+    first, length = np.concatenate(starts), np.concatenate(lengths)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(first))
+    return first[perm], length[perm]
+
+
+def runs(sample_ids: list[int], limits: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive ids grouped into ``(first, stop)`` runs that never cross a shard boundary."""
+    out: list[tuple[int, int]] = []
+    for s in sample_ids:
+        if out and out[-1][1] == s and not np.any(limits == s):
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
