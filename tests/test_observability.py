@@ -144,3 +144,16 @@ def test_promtool_check_metrics_can_fail():
     bad = "# HELP mfr_bad_count a counter\n# TYPE mfr_bad_count counter\nmfr_bad_count 1\n"
     proc = subprocess.run([PROMTOOL, "check", "metrics"], input=bad, capture_output=True, text=True)
     assert "counter metrics should have \"_total\" suffix" in proc.stdout + proc.stderr
+
+
+def test_every_alert_expression_evaluates_against_the_live_run(live_run):
+    from tests.test_observability_chart import ALERTS, rendered_rules
+
+    rules = [r for g in rendered_rules()["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in rules} == ALERTS
+    for rule in rules:
+        live_run.range(rule["expr"])  # raises PrometheusError on a bad expression
+    # the healthy run trips none of them: no non-finite step, no failed checkpoint, no rank down
+    for name in ("MFRLossNonFinite", "MFRCheckpointFailing", "MFRBadSamplesHigh", "MFRElasticRestartsClimbing"):
+        (rule,) = [r for r in rules if r["alert"] == name]
+        assert live_run.range(rule["expr"]) == [], name

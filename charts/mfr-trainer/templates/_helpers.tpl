@@ -76,3 +76,34 @@ Where the TrainConfig is mounted, and the file the trainer reads.
 {{- define "mfr-trainer.configFile" -}}
 {{- printf "%s/config.yaml" (trimSuffix "/" .Values.configMountPath) }}
 {{- end }}
+
+{{/*
+The trainer's metrics port (train.metrics.port, default as in trainer/config.py):
+the process of local rank i serves /metrics on port + i.
+*/}}
+{{- define "mfr-trainer.metricsPort" -}}
+{{- $m := .Values.train.metrics | default dict }}
+{{- int (hasKey $m "port" | ternary $m.port 9410) }}
+{{- end }}
+
+{{/*
+Labels of the monitoring objects: the run's, the release label kube-prometheus-stack
+selects on, and monitoring.labels.
+*/}}
+{{- define "mfr-trainer.monitoringLabels" -}}
+{{ include "mfr-trainer.labels" . }}
+{{- with .Values.monitoring.release }}
+release: {{ . | quote }}
+{{- end }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The PromQL selector of this run's series: prometheus-operator gives the targets
+of a PodMonitor the job label <namespace>/<PodMonitor name>.
+*/}}
+{{- define "mfr-trainer.promSelector" -}}
+{{- printf "job=%q" (printf "%s/%s" .Release.Namespace (include "mfr-trainer.fullname" .)) }}
+{{- end }}

@@ -56,6 +56,14 @@ spec:
         - name: pytorchjob-port
           containerPort: {{ int .Values.port }}
           protocol: TCP
+        {{- if .Values.monitoring.podMonitor.enabled }}
+        {{- $metricsPort := int (include "mfr-trainer.metricsPort" .) }}
+        {{- range $i := until (int (include "mfr-trainer.nprocPerNode" .)) }}
+        - name: metrics-{{ $i }}
+          containerPort: {{ add $metricsPort $i }}
+          protocol: TCP
+        {{- end }}
+        {{- end }}
       {{- $secret := .Values.s3.existingSecret }}
       {{- if or .Values.env (and $secret .Values.s3.secretKeys) }}
       env:

@@ -1,0 +1,210 @@
+"""The chart's monitoring objects: PodMonitor, PrometheusRule (promtool check/test rules), dashboard ConfigMap.
+
+promtool comes from Debian's ``prometheus`` package (.ci/setup installs it).
+The alert unit tests run the rendered rules: each alert fires on its failure
+series and stays quiet on a healthy one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import helm_python
+import pytest
+import yaml
+
+from mfr.ctl.chart import ChartError, chart_dir, render
+from mfr.trainer.config import MetricsConfig
+from tests.prometheus import PROMTOOL
+
+NAMESPACE, NAME = "ml", "mfr"
+JOB = f"{NAMESPACE}/{NAME}"
+MONITORING = {
+    "monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
+}
+ALERTS = {
+    "MFRTrainingStalled", "MFRLossNonFinite", "MFRCheckpointStale", "MFRCheckpointFailing",
+    "MFRThroughputDropped", "MFRRankDown", "MFRBadSamplesHigh", "MFRElasticRestartsClimbing",
+}
+
+
+def _objects(values: dict, name: str = NAME) -> dict[str, dict]:
+    return {o["kind"]: o for o in render(values, name=name, namespace=NAMESPACE).objects}
+
+
+def rendered_rules(values: dict | None = None) -> dict:
+    """The PrometheusRule's spec as a Prometheus rule file."""
+    return {"groups": _objects({**MONITORING, **(values or {})})["PrometheusRule"]["spec"]["groups"]}
+
+
+@pytest.mark.parametrize("values", [MONITORING, {**MONITORING, "nprocPerNode": 4, "gpusPerNode": 4,
+                                                 "elastic": {"enabled": True}, "nodes": 2}])
+def test_helm_lint_is_clean_with_monitoring(values):
+    report = helm_python.lint(chart_dir(), values, strict=True, namespace=NAMESPACE, kube_version="v1.29.0")
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+def test_monitoring_objects_are_off_by_default():
+    assert not {"PodMonitor", "PrometheusRule"} & set(_objects({}))
+    assert all(o["metadata"]["name"] != f"{NAME}-dashboard" for o in render({}, name=NAME, namespace=NAMESPACE).objects)
+
+
+def test_podmonitor_scrapes_every_process_of_every_pod():
+    objects = _objects({**MONITORING, "gpusPerNode": 4, "train": {"metrics": {"port": 9500}}})
+    monitor, job = objects["PodMonitor"], objects["PyTorchJob"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == [f"metrics-{i}" for i in range(4)]
+    for rspec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = rspec["template"]
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert {e["port"]: ports[e["port"]] for e in endpoints} == {f"metrics-{i}": 9500 + i for i in range(4)}
+
+
+def test_release_label_is_a_value_and_extra_labels_apply():
+    objects = _objects({**MONITORING, "monitoring": {**MONITORING["monitoring"], "release": "prom", "labels": {"team": "faces"}}})
+    for kind in ("PodMonitor", "PrometheusRule"):
+        assert objects[kind]["metadata"]["labels"]["release"] == "prom"
+        assert objects[kind]["metadata"]["labels"]["team"] == "faces"
+
+
+def test_chart_default_metrics_port_is_the_trainers():
+    objects = _objects(MONITORING)
+    ports = {p["name"]: p["containerPort"] for p in
+             objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["metrics-0"] == MetricsConfig().port
+
+
+def test_podmonitor_refuses_a_trainer_without_metrics():
+    with pytest.raises(ChartError, match="needs train.metrics.enabled"):
+        _objects({**MONITORING, "train": {"metrics": {"enabled": False}}})
+
+
+def test_every_alert_has_summary_description_and_runbook():
+    rules = [r for g in rendered_rules({"monitoring": {**MONITORING["monitoring"],
+                                                        "prometheusRule": {"enabled": True, "runbookUrl": "https://r"}}})["groups"]
+             for r in g["rules"]]
+    assert {r["alert"] for r in rules} == ALERTS
+    for rule in rules:
+        assert {"summary", "description", "runbook", "runbook_url"} <= rule["annotations"].keys(), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert f'job="{JOB}"' in rule["expr"]
+
+
+def test_promtool_check_rules_accepts_the_rendered_rules(tmp_path):
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rendered_rules()))
+    proc = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in proc.stdout
+
+
+def test_promtool_check_rules_can_fail(tmp_path):
+    rules = rendered_rules()
+    rules["groups"][0]["rules"][0]["expr"] = "max by (job) (changes(mfr_train_step[10m]) == "
+    rules["groups"][0]["rules"][1]["annotations"]["summary"] = "{{ $labels.job "
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    proc = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "MFRTrainingStalled" in proc.stdout + proc.stderr or "parse error" in proc.stdout + proc.stderr
+
+
+# --- promtool test rules: one failure and one healthy history per alert ----------------------------------------
+# Series at 1m resolution; promtool's clock starts at 0 (so a "timestamp" series counts seconds from there).
+SEL = f'job="{JOB}",namespace="{NAMESPACE}"'
+RANK0, RANK1 = f'{{{SEL},rank="0"}}', f'{{{SEL},rank="1"}}'
+GROUP = {"namespace": NAMESPACE, "job": JOB}
+CASES = {
+    # alert: (failure series, healthy series, eval time, expected labels of the firing alert)
+    "MFRTrainingStalled": (
+        {f"mfr_train_step{RANK0}": "0+1x20 20x40", f"mfr_train_step{RANK1}": "0+1x20 20x40"},
+        {f"mfr_train_step{RANK0}": "0+1x60", f"mfr_train_step{RANK1}": "0+1x60"},
+        "60m", {**GROUP, "severity": "critical"},
+    ),
+    "MFRLossNonFinite": (
+        {f"mfr_train_nonfinite_steps_total{RANK0}": "0x30 1x30"},
+        {f"mfr_train_nonfinite_steps_total{RANK0}": "0x60"},
+        "33m", {**GROUP, "severity": "warning"},
+    ),
+    "MFRCheckpointStale": (  # rendered with a 600 s interval x 3 intervals: stale after 30m
+        {f"mfr_checkpoint_last_success_timestamp_seconds{RANK0}": "0+60x30 1800x90"},
+        {f"mfr_checkpoint_last_success_timestamp_seconds{RANK0}": "0+60x120"},
+        "100m", {**GROUP, "severity": "warning"},
+    ),
+    "MFRCheckpointFailing": (
+        {f"mfr_checkpoint_failures_total{RANK1}": "0x20 1x40"},
+        {f"mfr_checkpoint_failures_total{RANK1}": "0x60"},
+        "25m", {**GROUP, "severity": "warning"},
+    ),
+    "MFRThroughputDropped": (  # 10 samples/s per rank, then 100 a minute
+        {f"mfr_train_samples_total{RANK0}": "0+600x60 36000+100x60"},
+        {f"mfr_train_samples_total{RANK0}": "0+600x120"},
+        "90m", {**GROUP, "severity": "warning"},
+    ),
+    "MFRRankDown": (
+        {f'up{{{SEL},pod="mfr-worker-0",instance="10.0.0.2:9410"}}': "1x10 0x20"},
+        {f'up{{{SEL},pod="mfr-worker-0",instance="10.0.0.2:9410"}}': "1x30"},
+        "20m", {**GROUP, "pod": "mfr-worker-0", "instance": "10.0.0.2:9410", "severity": "critical"},
+    ),
+    "MFRBadSamplesHigh": (  # 10% of samples bad vs 1 in 600
+        {f"mfr_train_samples_total{RANK0}": "0+600x60", f"mfr_bad_samples_total{RANK0}": "0+60x60"},
+        {f"mfr_train_samples_total{RANK0}": "0+600x60", f"mfr_bad_samples_total{RANK0}": "0+1x60"},
+        "40m", {**GROUP, "severity": "warning"},
+    ),
+    "MFRElasticRestartsClimbing": (  # ranks renumbered by the restarts: new series, the count goes on
+        {f"mfr_elastic_restarts{RANK0}": "0x10 1x10 2x10 3x30", f"mfr_elastic_restarts{RANK1}": "_x30 3x30"},
+        {f"mfr_elastic_restarts{RANK0}": "0x30 1x30"},
+        "50m", {**GROUP, "severity": "warning"},
+    ),
+}
+
+
+def _unit_tests(alert: str) -> list[dict]:
+    failing, healthy, at, labels = CASES[alert]
+    tests = []
+    for series, expected in ((failing, [{"exp_labels": labels}]), (healthy, [])):
+        tests.append({
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": expected}],
+        })
+    return tests
+
+
+def _promtool_test(tmp_path, tests: list[dict]) -> subprocess.CompletedProcess:
+    rules = rendered_rules({"monitoring": {**MONITORING["monitoring"],
+                                           "prometheusRule": {"enabled": True, "checkpointIntervalSeconds": 600}}})
+    for group in rules["groups"]:  # promtool compares annotations exactly; `check rules` checks their templates
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m",
+                                                        "tests": tests}))
+    return subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "tests.yml")], capture_output=True, text=True)
+
+
+def test_every_alert_has_a_unit_test():
+    assert set(CASES) == ALERTS
+
+
+def test_promtool_test_rules_every_alert_fires_on_failure_and_not_when_healthy(tmp_path):
+    proc = _promtool_test(tmp_path, [t for alert in sorted(CASES) for t in _unit_tests(alert)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+@pytest.mark.parametrize("alert", sorted(CASES))
+def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
+    """Each case can fail: with the failure and healthy histories swapped, promtool reports a mismatch."""
+    failing, healthy, at, labels = CASES[alert]
+    swapped = [{
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in healthy.items()],
+        "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": [{"exp_labels": labels}]}],
+    }]
+    proc = _promtool_test(tmp_path, swapped)
+    assert proc.returncode != 0 and alert in proc.stdout + proc.stderr
