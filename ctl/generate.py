@@ -3,6 +3,8 @@
 * the ``train:`` part of charts/mfr-trainer/values.schema.json, from the
   TrainConfig model, so Helm validates training settings exactly as the
   trainer does (its cross-field rules are checked by mfrctl and the trainer);
+* charts/mfr-trainer/dashboards/mfr-training.json, the Grafana dashboard
+  built by mfr.ctl.dashboard (needs the test extra's grafana-foundation-sdk);
 * manifests/*.yaml, each the output of the ``mfrctl render`` command written
   in its header, for kubectl/kustomize users.
 
@@ -57,10 +59,22 @@ def manifests_dir() -> Path:
     return chart_dir().parent.parent / "manifests"
 
 
+def dashboard_path() -> Path:
+    from .dashboard import FILE_NAME
+
+    return chart_dir() / "dashboards" / FILE_NAME
+
+
 def main() -> None:
+    from .dashboard import dashboard_json
+
     path = schema_path()
     path.write_text(json.dumps(values_schema(json.loads(path.read_text())), indent=2) + "\n")
     print(f"wrote {path}")
+    dashboard = dashboard_path()
+    dashboard.parent.mkdir(exist_ok=True)
+    dashboard.write_text(dashboard_json())
+    print(f"wrote {dashboard}")
     for name, args in MANIFESTS.items():
         target = manifests_dir() / name
         target.write_text(manifest_text(args))

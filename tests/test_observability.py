@@ -157,3 +157,27 @@ def test_every_alert_expression_evaluates_against_the_live_run(live_run):
     for name in ("MFRLossNonFinite", "MFRCheckpointFailing", "MFRBadSamplesHigh", "MFRElasticRestartsClimbing"):
         (rule,) = [r for r in rules if r["alert"] == name]
         assert live_run.range(rule["expr"]) == [], name
+
+
+def _dashboard_expr(expr: str) -> str:
+    """A panel query as Grafana sends it for this run (its variables filled in)."""
+    return (expr.replace("$namespace", NAMESPACE).replace("$job", JOB)
+            .replace("$__rate_interval", "1m").replace("$__range", "1h"))
+
+
+def test_every_dashboard_panel_query_returns_data_from_the_live_run(live_run):
+    import json
+
+    from mfr.ctl.dashboard import panel_queries
+    from mfr.ctl.generate import dashboard_path
+
+    queries = panel_queries(json.loads(dashboard_path().read_text()))
+    assert len(queries) >= 20
+    empty = [(title, expr) for title, expr in queries if not live_run.range(_dashboard_expr(expr))]
+    assert empty == []
+
+
+def test_dashboard_variables_find_the_run(live_run):
+    api = live_run.prometheus.api
+    assert NAMESPACE in api("label/namespace/values", **{"match[]": "mfr_train_step"})
+    assert JOB in api("label/job/values", **{"match[]": f'mfr_train_step{{namespace="{NAMESPACE}"}}'})

@@ -208,3 +208,57 @@ def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
     }]
     proc = _promtool_test(tmp_path, swapped)
     assert proc.returncode != 0 and alert in proc.stdout + proc.stderr
+
+
+# --- the dashboard ------------------------------------------------------------------------------------------------
+def test_dashboard_json_in_the_chart_is_the_generated_one():
+    """Fails when mfr.ctl.dashboard changed and `python -m mfr.ctl.generate` was not run."""
+    from mfr.ctl.dashboard import dashboard_json
+    from mfr.ctl.generate import dashboard_path
+
+    assert dashboard_path().read_text() == dashboard_json()
+
+
+def test_dashboard_json_reads_back_into_the_sdk_model():
+    import json
+
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    from mfr.ctl.dashboard import UID, dashboard_json
+
+    data = json.loads(dashboard_json())
+    model = Dashboard.from_json(data)
+    assert model.uid == UID and len(model.panels) == len(data["panels"])
+
+
+def test_dashboard_has_the_run_variables_and_every_panel_selects_the_run():
+    import json
+
+    from mfr.ctl.dashboard import dashboard_json, panel_queries
+
+    data = json.loads(dashboard_json())
+    assert [v["name"] for v in data["templating"]["list"]] == ["datasource", "namespace", "job"]
+    queries = panel_queries(data)
+    titles = {title for title, _ in queries}
+    assert {"Throughput", "Step time", "Data wait share", "Loss", "Learning rate", "Gradient norm", "World size",
+            "Elastic restarts", "Checkpoint age", "Checkpoint save duration", "Checkpoint size and failures",
+            "Device memory", "Held-out TPR @ FPR", "Bad samples"} <= titles
+    for title, expr in queries:
+        assert expr.count('namespace="$namespace", job="$job"') == expr.count("mfr_"), title
+
+
+def test_dashboard_configmap_carries_the_json_with_the_sidecar_label():
+    import json
+
+    from mfr.ctl.dashboard import UID
+
+    values = {"monitoring": {"dashboard": {"enabled": True, "namespace": "monitoring",
+                                           "annotations": {"grafana_folder": "ML"}}}}
+    (cm,) = [o for o in render(values, name=NAME, namespace=NAMESPACE).objects if o["metadata"]["name"] == f"{NAME}-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
+    assert json.loads(cm["data"]["mfr-training.json"])["uid"] == UID
+    import kubernetes_validate
+
+    kubernetes_validate.validate(cm, "1.29.0", strict=True)
