@@ -262,3 +262,11 @@ def test_dashboard_configmap_carries_the_json_with_the_sidecar_label():
     import kubernetes_validate
 
     kubernetes_validate.validate(cm, "1.29.0", strict=True)
+
+
+def test_notes_say_where_metrics_are_served_and_what_scrapes_them():
+    notes = render({}, name=NAME, namespace=NAMESPACE).notes
+    assert "serves /metrics on port 9410 + its local rank" in notes and "monitoring.podMonitor.enabled=true" in notes
+    notes = render(MONITORING, name=NAME, namespace=NAMESPACE).notes
+    assert f"Prometheus scrape them as job {JOB}" in notes
+    assert "Alerts: PrometheusRule mfr" in notes and f"job {JOB}" in notes.split("Dashboard:")[1]

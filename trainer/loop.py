@@ -144,6 +144,7 @@ class Trainer:
         )
         self.checkpointer.install_sigterm_handler()
         resumed = self.checkpointer.resume()
+        self.metrics.step.set(self.step)  # a resumed run reports its step before the first new one
         if cfg.eval.at_start and resumed is None:
             self.evaluate("untrained")
         window_start, window_samples = time.perf_counter(), 0
