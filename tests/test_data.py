@@ -256,3 +256,26 @@ def test_bad_input_is_a_config_error_naming_the_file(tmp_path):
         EpochStream(config("recordio", str(rec)), 3, 0, 1)
     with pytest.raises(ValueError, match="data.source recordio needs data.uri"):
         DataConfig(source="recordio")
+
+
+def test_the_trainer_exits_2_on_bad_data_input_before_training(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    (tmp_path / "empty" / "id0").mkdir(parents=True)
+    args = ["head.num_classes=4", "data.source=folder", f"data.uri={tmp_path / 'empty'}", "metrics.enabled=false",
+            f"run.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "mfr.trainer", *(x for a in args for x in ("--set", a))],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mfr: config error: data.uri {tmp_path / 'empty'}: no images in identity sub-folders "
+        "(.jpg, .jpeg, .png, .bmp, .webp)"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()

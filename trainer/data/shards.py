@@ -172,6 +172,27 @@ class ShardSet:
         return group_samples(parse_members(data))
 
 
+    def read_runs(self, runs: list[tuple[int, int, int]]) -> list[list[tuple[str, dict[str, bytes]]] | None]:
+        """Several ``(shard, first, stop)`` runs, fetched concurrently (one ``cat_ranges`` call: parallel
+        ranged GETs on S3); None for a run whose bytes are torn or missing."""
+        paths, starts, ends = [], [], []
+        for shard, first, stop in runs:
+            table = self.offsets(shard)
+            paths.append(f"{self.root}/{self.names[shard]}")
+            starts.append(int(table[first]))
+            ends.append(int(table[stop]))
+        blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+        out: list[list[tuple[str, dict[str, bytes]]] | None] = []
+        for blob, start, end in zip(blobs, starts, ends):
+            try:
+                if isinstance(blob, BaseException) or len(blob) != end - start:
+                    raise ValueError("short read")
+                out.append(group_samples(parse_members(blob)))
+            except ValueError:
+                out.append(None)
+        return out
+
+
 def chunk_order(counts: np.ndarray, chunk: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """The epoch order as permuted chunks: (first global sample id of each chunk, its length), in order."""
     starts, lengths = [], []
