@@ -240,36 +240,49 @@ class RecordFaces(IndexedFaces):
             if not fs.isfile(idx):
                 raise ConfigError(f"{idx_url}: no such index (a .rec needs its .idx next to it)")
             size = fs.size(rec)
-            pairs = recordio.parse_idx(fs.cat_file(idx).decode(), idx_url)
+            idx_keys, idx_offsets = recordio.parse_idx_arrays(fs.cat_file(idx).decode(), idx_url)
         except ConfigError:
             raise
         except ValueError as err:
             raise ConfigError(str(err)) from None
         except Exception as err:
             raise ConfigError(f"{rec_url}: cannot read ({type(err).__name__}: {err})") from None
-        if not pairs:
+        if not len(idx_keys):
             raise ConfigError(f"{idx_url}: empty index")
-        offsets = dict(pairs)
-        ordered = sorted(offsets.values())
-        if ordered[-1] + 8 > size or any(b <= a for a, b in zip(ordered, ordered[1:])):
+        # Arrays, not dicts: an idx of 5M records stays ~100 MB per process.  A record ends where the next starts.
+        by_offset = np.argsort(idx_offsets, kind="stable")
+        ordered = idx_offsets[by_offset]
+        if ordered[-1] + 8 > size or np.any(np.diff(ordered) <= 0) or ordered[0] < 0:
             raise ConfigError(f"{idx_url} does not match {rec_url}: offsets past the end of the file or repeated")
+        idx_ends = np.empty_like(idx_offsets)
+        idx_ends[by_offset] = np.append(ordered[1:], size)
+        by_key = np.argsort(idx_keys, kind="stable")
+        sorted_keys = idx_keys[by_key]
+        if np.any(np.diff(sorted_keys) == 0):
+            raise ConfigError(f"{idx_url}: repeated keys")
+
+        def lookup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(start, end) of each key's record; -1 where the .idx lacks the key."""
+            pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+            found = sorted_keys[pos] == keys
+            row = by_key[pos]
+            return np.where(found, idx_offsets[row], -1), np.where(found, idx_ends[row], -1)
+
         self.rec_path, self.size = rec, size
-        self._end = dict(zip(ordered, [*ordered[1:], size]))  # a record ends where the next one starts
-        self.offsets = offsets
         try:
-            last = fs.cat_file(rec, start=ordered[-1], end=size)
+            last = fs.cat_file(rec, start=int(ordered[-1]), end=size)
             recordio.unframe(last)
-            first_offset = offsets.get(0, ordered[0])
-            first = fs.cat_file(rec, start=first_offset, end=self._end[first_offset])
-            header0, _ = recordio.unpack(recordio.unframe(first))
+            (start0,), (end0,) = lookup(np.array([0]))
+            if start0 < 0:
+                start0, end0 = int(ordered[0]), int(idx_ends[by_offset[0]])
+            header0, _ = recordio.unpack(recordio.unframe(fs.cat_file(rec, start=int(start0), end=int(end0))))
         except recordio.RecordError as err:
             raise ConfigError(f"{idx_url} does not match {rec_url}: {err}") from None
-        if 0 in offsets and header0.flag > 0:  # insightface: images 1..first-1, identities first..end-1
+        if sorted_keys[0] == 0 and header0.flag > 0:  # insightface: images 1..first-1, identities first..end-1
             first, end = int(header0.label[0]), int(header0.label[1])
             self.keys = np.arange(1, first, dtype=np.int64)
             self.num_identities = end - first
-            missing = [k for k in (1, first - 1) if k not in offsets]
-            if first <= 1 or missing:
+            if first <= 1 or np.any(lookup(np.array([1, first - 1]))[0] < 0):
                 raise ConfigError(f"{idx_url} does not match {rec_url}: header record names images 1..{first - 1}")
             if self.num_identities > num_classes:
                 raise ConfigError(
@@ -277,20 +290,20 @@ class RecordFaces(IndexedFaces):
                     f"{num_classes}"
                 )
         else:
-            self.keys = np.array(sorted(offsets), dtype=np.int64)
+            self.keys = sorted_keys
             self.num_identities = -1  # unknown without reading every record
+        self.starts, self.ends = lookup(self.keys)
         self.num_images = len(self.keys)
 
     def key(self, index: int) -> str:
         return f"{self.url}#{int(self.keys[index])}"
 
     def read(self, index: int) -> tuple[bytes, int]:
-        key = int(self.keys[index])
-        start = self.offsets.get(key)
-        if start is None:
+        start, end = int(self.starts[index]), int(self.ends[index])
+        if start < 0:
             raise BadSample(f"{self.key(index)}: key missing from the .idx")
         try:
-            data = self.fs.cat_file(self.rec_path, start=start, end=self._end[start])
+            data = self.fs.cat_file(self.rec_path, start=start, end=end)
             header, payload = recordio.unpack(recordio.unframe(data))
         except recordio.RecordError as err:
             raise BadSample(f"{self.key(index)}: {err}") from None
