@@ -167,6 +167,51 @@ def bench_s3(n: int, shard_size: int, batch: int, chunk: int, repeats: int) -> d
     }
 
 
+def bench_e2e(steps: int, workers: int) -> dict:
+    """The demo model trained on local shards of synthetic faces (one process): data wait / step time."""
+    import torch.distributed as dist
+
+    from mfr.trainer import metrics
+    from mfr.trainer.config import load_config
+    from mfr.trainer.data import shards
+    from mfr.trainer.dist import init_distributed
+    from mfr.trainer.loop import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = SyntheticFaces(num_identities=256, images_per_identity=8, seed=0, mask_prob=0)
+        group = []
+        for i in range(len(data)):
+            buf = io.BytesIO()
+            Image.fromarray(data.render(i // 8, i % 8, masked=False)).save(buf, "JPEG", quality=90)
+            group.append((f"{i:010d}", i // 8, buf.getvalue(), "jpg"))
+        rng = np.random.default_rng(0)
+        group = [group[i] for i in rng.permutation(len(group))]
+        names = []
+        for k in range(0, len(group), 512):
+            tar, offsets, count = shards.write_shard(group[k : k + 512])
+            names.append({"name": shards.shard_name(k // 512), "count": count})
+            Path(tmp, names[-1]["name"]).write_bytes(tar)
+            Path(tmp, shards.offsets_name(names[-1]["name"])).write_bytes(offsets)
+        Path(tmp, "index.json").write_text(json.dumps({
+            "format": shards.FORMAT, "classes": [str(i) for i in range(256)], "counts": [8] * 256,
+            "images": len(group), "shards": names}))
+        cfg = load_config(None, [
+            "data.source=shards", f"data.uri={tmp}", f"data.num_workers={workers}", f"run.steps={steps}",
+            "metrics.enabled=false", "eval.at_start=false", f"run.output_dir={tmp}/run",
+            "checkpoint.every_steps=100000",
+        ])
+        env = init_distributed("cpu")
+        try:
+            Trainer(cfg, env).fit()
+        finally:
+            dist.destroy_process_group()
+    wait = metrics.TRAIN_DATA_WAIT_SECONDS.labels(rank="0")
+    step = metrics.TRAIN_STEP_SECONDS.labels(rank="0")
+    wait_s, step_s = wait._sum.get(), step._sum.get()
+    return {"steps": steps, "num_workers": workers, "batch": cfg.data.batch_size, "step_time_s": round(step_s / steps, 3),
+            "data_wait_s": round(wait_s / steps, 4), "data_wait_share": round(wait_s / step_s, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -174,7 +219,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--targets", nargs="+", default=["cpu", "s3"], choices=["cpu", "s3"])
+    parser.add_argument("--targets", nargs="+", default=["cpu", "s3"], choices=["cpu", "s3", "e2e"])
+    parser.add_argument("--steps", type=int, default=60, help="e2e: training steps")
     args = parser.parse_args()
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
               "torch": torch.__version__}
@@ -182,6 +228,8 @@ def main() -> None:
         report["decode_augment_normalise_per_core"] = bench_cpu(args.images, args.repeats)
     if "s3" in args.targets:
         report["shard_streaming_s3"] = bench_s3(args.images, args.shard_size, args.batch, args.chunk, args.repeats)
+    if "e2e" in args.targets:
+        report["e2e_data_wait"] = bench_e2e(args.steps, 2)
     print(json.dumps(report, indent=2))
 
 
