@@ -6,8 +6,9 @@ One process (a world of one on gloo) runs the real Trainer on the built-in
 demo config and alternates blocks of steps:
 
 * on:  the loop's instruments record every step (TrainMetrics.after_step),
-  and a client scrapes the exporter every ``--scrape-interval`` seconds
-  (1 s: far more often than a real Prometheus, 15-30 s);
+  and a client in another process (as Prometheus is) scrapes the exporter
+  every ``--scrape-interval`` seconds (1 s: far more often than a real
+  Prometheus, 15-30 s);
 * off: no instruments, no scrapes.
 
 The step is the loop's iteration as in Trainer.fit: batch fetch, train_step,
@@ -24,9 +25,11 @@ import json
 import platform
 import socket
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
-import urllib.request
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,19 @@ def _cpu() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.machine()
+
+
+_SCRAPER = """
+import os, sys, time, urllib.request
+url, flag, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+while True:
+    if os.path.exists(flag):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            resp.read()
+        print(time.perf_counter() - t0, flush=True)
+    time.sleep(interval)
+"""
 
 
 class _Off:
@@ -71,21 +87,20 @@ def main() -> None:
     on_metrics, off_metrics = trainer.metrics, _Off()
     batches = iter(trainer.data)
 
-    scraping = threading.Event()
-    scrape_times: list[float] = []
-    stop = threading.Event()
+    flag = Path(tempfile.mkdtemp()) / "scrape"  # the scraper process scrapes while this file exists
+    scraper = subprocess.Popen(
+        [sys.executable, "-c", _SCRAPER, trainer.metrics_url, str(flag), str(args.scrape_interval)],
+        stdout=subprocess.PIPE, text=True,
+    )
 
-    def scraper() -> None:
-        while not stop.is_set():
-            if scraping.is_set():
-                t0 = time.perf_counter()
-                with urllib.request.urlopen(trainer.metrics_url, timeout=5) as resp:
-                    resp.read()
-                scrape_times.append(time.perf_counter() - t0)
-            stop.wait(args.scrape_interval)
+    class scraping:  # noqa: N801
+        @staticmethod
+        def set() -> None:
+            flag.touch()
 
-    thread = threading.Thread(target=scraper, daemon=True)
-    thread.start()
+        @staticmethod
+        def clear() -> None:
+            flag.unlink(missing_ok=True)
 
     def step(instruments) -> float:  # Trainer.fit's loop body
         started = time.perf_counter()
@@ -105,8 +120,9 @@ def main() -> None:
             trainer.metrics = on_metrics if mode == "on" else off_metrics
             (scraping.set if mode == "on" else scraping.clear)()
             times[mode] += [step(trainer.metrics) for _ in range(args.steps)]
-    stop.set()
-    thread.join()
+    scraping.clear()
+    scraper.terminate()
+    scrape_times = [float(line) for line in scraper.communicate()[0].split()]
 
     n = 100_000
     t0 = time.perf_counter()

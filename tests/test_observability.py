@@ -8,14 +8,12 @@ panel query and every alert expression is checked through the HTTP API, and
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
