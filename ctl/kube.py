@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import Any
 
 GROUP, VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-# Collection names of every kind the chart renders.
-PLURALS = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "PyTorchJob": JOB_PLURAL}
+MONITORING = "monitoring.coreos.com/v1"  # prometheus-operator's API: only there when its CRDs are installed
+# API version and collection name of every kind the chart renders.
+KINDS = {
+    "ConfigMap": ("v1", "configmaps"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "PodMonitor": (MONITORING, "podmonitors"),
+    "PrometheusRule": (MONITORING, "prometheusrules"),
+    "PyTorchJob": (f"{GROUP}/{VERSION}", JOB_PLURAL),
+}
 # A run's objects carry the chart's labels; these find them all.
 CHART_SELECTOR = "app.kubernetes.io/name=mfr-trainer"
 RUN_LABEL = "app.kubernetes.io/instance"
@@ -54,7 +61,7 @@ def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
     """REST path of a kind's collection, e.g. /api/v1/namespaces/ns/configmaps."""
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     scope = f"/namespaces/{namespace}" if namespace else ""
-    return f"{prefix}{scope}/{PLURALS[kind]}"
+    return f"{prefix}{scope}/{KINDS[kind][1]}"
 
 
 def job_state(job: dict[str, Any]) -> tuple[str, str]:
@@ -131,13 +138,19 @@ class Cluster:
                 f"PyTorchJob {name} already exists in namespace {self.namespace}: "
                 f"choose another --name, or remove it with mfrctl delete {name} -n {self.namespace}"
             )
+        from kubernetes.client.rest import ApiException
+
         query = [("fieldManager", FIELD_MANAGER)] + ([("dryRun", "All")] if dry_run else [])
         created: list[dict[str, Any]] = []
         try:
             for obj in objects:
                 path = collection_path(obj["apiVersion"], obj["kind"], self.namespace)
-                with self._errors(f"create {obj['kind']} {obj['metadata']['name']}", conflict=name):
-                    self._request("POST", path, body=obj, query=query)
+                try:
+                    with self._errors(f"create {obj['kind']} {obj['metadata']['name']}", conflict=name,
+                                      passthrough_404=True):
+                        self._request("POST", path, body=obj, query=query)
+                except ApiException:  # the kind's API is not served by this cluster
+                    raise self._missing_api(obj["kind"]) from None
                 created.append(obj)
         except ClusterError as err:
             if created and not dry_run:
@@ -195,12 +208,15 @@ class Cluster:
         except ApiException as err:
             if not _is_status(err, "NotFound", kind=JOB_PLURAL):
                 raise self._no_operator() from None
-        for kind in PLURALS:
+        for kind, (api_version, plural) in KINDS.items():
             if kind == "PyTorchJob":
                 continue
-            path = collection_path("v1", kind, self.namespace)
-            with self._errors(f"delete the {PLURALS[kind]} of {name}"):
-                gone = self._request("DELETE", path, query=[("labelSelector", run_selector(name))])
+            path = collection_path(api_version, kind, self.namespace)
+            try:
+                with self._errors(f"delete the {plural} of {name}", passthrough_404=api_version == MONITORING):
+                    gone = self._request("DELETE", path, query=[("labelSelector", run_selector(name))])
+            except ApiException:  # no prometheus-operator here, so none of its objects either
+                continue
             deleted += [f"{kind.lower()}/{item['metadata']['name']}" for item in gone.get("items") or []]
         if not deleted:
             raise ClusterError(f"no run {name} in namespace {self.namespace} (mfrctl list -n {self.namespace} shows the runs)")
@@ -244,6 +260,16 @@ class Cluster:
                 self._request("DELETE", path)
             except Exception:  # best effort: the error being reported matters more
                 pass
+
+    def _missing_api(self, kind: str) -> ClusterError:
+        if kind == "PyTorchJob":
+            return self._no_operator()
+        if KINDS[kind][0] == MONITORING:
+            return ClusterError(
+                f"the cluster at {self.server} serves no {MONITORING} {kind} API: install the prometheus-operator "
+                "(e.g. kube-prometheus-stack), or leave the chart's monitoring.podMonitor/prometheusRule disabled"
+            )
+        return ClusterError(f"the cluster at {self.server} serves no {KINDS[kind][0]} {kind} API")
 
     def _no_operator(self) -> ClusterError:
         return ClusterError(

@@ -6,7 +6,7 @@ mfrctl makes, the way the API server does: objects stored per collection,
 create / get / list / delete / delete-collection with label selectors,
 409 AlreadyExists and 404 NotFound as Status objects, dryRun=All, pod logs,
 and "404 page not found" for the PyTorchJob API when the operator's CRD is
-not installed.  It records every request, so tests check exactly what was sent.
+not installed (likewise for prometheus-operator's monitoring API).  It records every request, so tests check exactly what was sent.
 The real kubernetes client and kubeflow-training SDK talk to it through a
 kubeconfig; nothing in mfrctl is replaced.
 """
@@ -41,6 +41,7 @@ class Request:
 @dataclass
 class ApiServer:
     crd_installed: bool = True
+    monitoring_crds: bool = True  # prometheus-operator's PodMonitor/PrometheusRule API
     requests: list[Request] = field(default_factory=list)
     objects: dict[str, dict[str, dict]] = field(default_factory=dict)  # collection path -> name -> object
     logs: dict[str, str] = field(default_factory=dict)  # pod name -> log text
@@ -132,6 +133,8 @@ class ApiServer:
         if req.headers.get("authorization") != f"Bearer {TOKEN}":
             return 401, _status(401, "Unauthorized", "Unauthorized")
         if "/apis/kubeflow.org/" in req.path and not self.crd_installed:
+            return 404, "404 page not found\n"
+        if "/apis/monitoring.coreos.com/" in req.path and not self.monitoring_crds:
             return 404, "404 page not found\n"
         if match := _OBJECT.match(req.path):
             collection, name = match["collection"], match["name"]

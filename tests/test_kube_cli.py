@@ -26,6 +26,8 @@ from tests.apiserver import TOKEN, ApiServer
 MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
 JOBS = "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs"
 CONFIGMAPS = "/api/v1/namespaces/ml/configmaps"
+PODMONITORS = "/apis/monitoring.coreos.com/v1/namespaces/ml/podmonitors"
+PROMETHEUSRULES = "/apis/monitoring.coreos.com/v1/namespaces/ml/prometheusrules"
 RUN_SELECTOR = "app.kubernetes.io/name=mfr-trainer,app.kubernetes.io/instance=exp1"
 
 
@@ -91,6 +93,29 @@ def test_submit_creates_the_rendered_objects_with_exact_requests(api, kubeconfig
     assert [r.body for r in posts] == rendered(*args)  # exactly what render prints, in install order
     assert all(r.query == {"fieldManager": "mfrctl"} for r in posts)
     assert api.objects[JOBS]["exp1"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "exp1"
+
+
+MONITORING = ["--set", "monitoring.podMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true"]
+
+
+def test_submit_and_delete_the_monitoring_objects_too(api, kubeconfig):
+    proc = mfrctl("submit", "--name", "exp1", *MONITORING, kubeconfig=kubeconfig)
+    assert proc.returncode == 0, proc.stderr
+    assert "podmonitor/exp1 created" in proc.stdout and "prometheusrule/exp1 created" in proc.stdout
+    assert ("POST", PODMONITORS) in api.sent() and ("POST", PROMETHEUSRULES) in api.sent()
+    assert [r.body for r in api.requests if r.method == "POST"] == rendered("--name", "exp1", *MONITORING)
+    deleted = mfrctl("delete", "exp1", kubeconfig=kubeconfig).stdout.splitlines()
+    assert "podmonitor/exp1 deleted" in deleted and "prometheusrule/exp1 deleted" in deleted
+    assert not api.objects[PODMONITORS] and not api.objects[PROMETHEUSRULES]
+
+
+def test_monitoring_objects_without_prometheus_operator_are_a_clear_error_and_roll_back(api, kubeconfig):
+    api.monitoring_crds = False
+    proc = mfrctl("submit", "--name", "exp1", *MONITORING, kubeconfig=kubeconfig)
+    one_line_error(proc, 1, "serves no monitoring.coreos.com/v1", "install the prometheus-operator", "removed what was created")
+    assert not api.objects.get(CONFIGMAPS) and not api.objects.get(JOBS)
+    assert mfrctl("submit", "--name", "exp1", kubeconfig=kubeconfig).returncode == 0  # without them: fine
+    assert mfrctl("delete", "exp1", kubeconfig=kubeconfig).returncode == 0  # delete skips the absent API
 
 
 def test_submit_dry_run_server_sends_dry_run_requests_and_stores_nothing(api, kubeconfig):
@@ -279,8 +304,9 @@ def test_delete_removes_the_job_and_every_labelled_object(api, kubeconfig):
     assert proc.stdout.splitlines() == ["pytorchjob/exp1 deleted", "configmap/exp1-config deleted"]
     assert api.sent() == [
         ("DELETE", f"{JOBS}/exp1"), ("DELETE", CONFIGMAPS), ("DELETE", "/api/v1/namespaces/ml/serviceaccounts"),
+        ("DELETE", PODMONITORS), ("DELETE", PROMETHEUSRULES),
     ]
-    assert [r.query.get("labelSelector") for r in api.requests[1:]] == [RUN_SELECTOR, RUN_SELECTOR]
+    assert [r.query.get("labelSelector") for r in api.requests[1:]] == [RUN_SELECTOR] * 4
     assert list(api.objects[CONFIGMAPS]) == ["other"] and not api.objects[JOBS]
     one_line_error(mfrctl("delete", "exp1", kubeconfig=kubeconfig), 1, "no run exp1 in namespace ml")
 
