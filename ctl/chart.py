@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, validate_config
+from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, read_yaml, validate_config
 
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
@@ -152,16 +152,9 @@ def flag_values(
 def file_values(path: Path) -> dict[str, Any]:
     """A ``-f values.yaml`` file."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ChartError(f"-f {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ChartError(f"-f {path}: not valid YAML ({err})".replace("\n", " ")) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ChartError(f"-f {path}: expected a mapping of values, got {type(data).__name__}")
-    return data
+        return read_yaml(path, what="-f values file")
+    except ConfigError as err:
+        raise ChartError(str(err)) from None
 
 
 def set_values(expression: str) -> dict[str, Any]:

@@ -290,20 +290,20 @@ def _one_line(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file; a missing or malformed file is a ConfigError."""
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping (a config, or a values file: ``what``); any problem is a ConfigError."""
     try:
         text = Path(path).read_text()
     except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}".replace("\n", " ")) from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}".replace("\n", " ")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must be a mapping, got {type(data).__name__}")
     return data
 
 
