@@ -65,9 +65,9 @@ class CheckpointInfo:
         return asdict(self)
 
 
-def _storage_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+def fsspec_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """The config's options, plus AWS_ENDPOINT_URL for s3:// when none is given."""
-    opts = dict(options)
+    opts = dict(options or {})
     if url.startswith(("s3://", "s3a://")) and "endpoint_url" not in opts:
         client = opts.get("client_kwargs", {})
         if "endpoint_url" not in client and os.environ.get("AWS_ENDPOINT_URL"):
@@ -92,7 +92,7 @@ class Storage:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retries: int = 4, backoff: float = 0.5):
         self.url = url.rstrip("/")
-        self.options = _storage_options(self.url, storage_options or {})
+        self.options = fsspec_options(self.url, storage_options)
         self.retries, self.backoff = retries, backoff
         try:
             self.fs, self.root = url_to_fs(self.url, **self.options)
@@ -256,4 +256,4 @@ def _mtime(entry: dict[str, Any]) -> float | None:
 
 def open_file(url: str, mode: str, storage_options: dict[str, Any] | None = None):
     """``fsspec.open`` with the same S3 defaults as ``Storage`` (for exports)."""
-    return fsspec.open(url, mode, **_storage_options(url, storage_options or {}))
+    return fsspec.open(url, mode, **fsspec_options(url, storage_options))

@@ -135,9 +135,9 @@ class ShardSet:
         if self._pid != os.getpid():
             from fsspec.core import url_to_fs
 
-            from .sources import storage_options
+            from ..storage import fsspec_options
 
-            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.url, self.options))
+            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **fsspec_options(self.url, self.options))
             self._pid = os.getpid()
         return self._fs
 

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
+from ..storage import fsspec_options
 from . import recordio
 from .synthetic import SIZE, to_tensor
 
@@ -39,18 +40,12 @@ class BadSample(ValueError):
     """One sample that cannot be used; the message names the problem."""
 
 
-def storage_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    from ..storage import _storage_options
-
-    return _storage_options(url, options or {})
-
-
 def open_fs(url: str, options: dict[str, Any] | None = None):
     """``(filesystem, path)`` for a URL, with the checkpoint storage's S3 defaults."""
     from fsspec.core import url_to_fs
 
     try:
-        return url_to_fs(url, **storage_options(url, options))
+        return url_to_fs(url, **fsspec_options(url, options))
     except (ImportError, ValueError, TypeError) as err:
         raise ConfigError(f"data.uri {url}: {err}") from None
 
@@ -147,7 +142,7 @@ class IndexedFaces(Dataset):
         if self._pid != os.getpid():  # one filesystem per worker process (s3fs sessions do not survive fork)
             from fsspec.core import url_to_fs
 
-            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.url, self.options))
+            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **fsspec_options(self.url, self.options))
             self._pid = os.getpid()
         return self._fs
 
