@@ -39,6 +39,23 @@ class ModelConfig(_Section):
     width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
     embedding_size: int = Field(512, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    activation_checkpointing: Literal["none", "stage", "block"] = Field(
+        "none",
+        description="recompute activations during backward instead of keeping them: per iResNet stage, "
+        "or per segment of checkpoint_every blocks (block); trades compute for memory",
+    )
+    checkpoint_every: int = Field(
+        1, ge=1, description="blocks per recomputed segment with activation_checkpointing: block"
+    )
+
+    @model_validator(mode="after")
+    def _checkpoint_every_needs_block(self) -> ModelConfig:
+        if self.checkpoint_every != 1 and self.activation_checkpointing != "block":
+            raise ValueError(
+                f"model.checkpoint_every ({self.checkpoint_every}) needs model.activation_checkpointing: block "
+                f"(it is {self.activation_checkpointing})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _layers_match_backbone(self) -> ModelConfig:
@@ -126,6 +143,11 @@ class OptimConfig(_Section):
     poly_power: float = Field(2.0, gt=0)
     grad_clip: float | None = Field(5.0, gt=0, description="max global grad norm; null disables clipping")
     micro_batches: int = Field(1, ge=1, description="gradient accumulation: micro-batches per step")
+    zero: Literal[0, 2, 3] = Field(
+        0,
+        description="ZeRO-style sharding of the backbone over data-parallel ranks (FSDP2): 0 = none (DDP); "
+        "2 = optimizer state and gradients; 3 = also the parameters between uses",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimConfig:
