@@ -21,6 +21,7 @@ from .console import Output, OutputOpt, err, fail, out, print_data
 from .data import data_app
 from .deploy import add_commands as add_kubernetes_commands
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
+from .plan import plan
 from .progress import EventTail, TrainProgress, results_table
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ config_app = typer.Typer(help="Validate and show training configs.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
+app.command("plan")(plan)
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")
