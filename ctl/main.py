@@ -20,6 +20,7 @@ from .ckpt import ckpt_app
 from .console import Output, OutputOpt, err, fail, out, print_data
 from .data import data_app
 from .deploy import add_commands as add_kubernetes_commands
+from .evaluate import evaluate
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .plan import plan
 from .progress import EventTail, TrainProgress, results_table
@@ -34,6 +35,7 @@ config_app = typer.Typer(help="Validate and show training configs.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
+app.command("eval")(evaluate)
 app.command("plan")(plan)
 
 ConfigOpt = Annotated[

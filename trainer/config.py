@@ -224,6 +224,10 @@ class EvalConfig(_Section):
     fprs: list[float] = Field([1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6], min_length=1)
     batch_size: int = Field(256, ge=1)
     at_start: bool = Field(True, description="also evaluate the untrained model, as a baseline")
+    every_steps: int | None = Field(
+        None, ge=1, description="also evaluate every N optimizer steps (mfr_eval_tpr, eval events); null = only at "
+        "the start and the end"
+    )
 
     @model_validator(mode="after")
     def _fprs_are_rates(self) -> EvalConfig:

@@ -1,21 +1,44 @@
-"""Held-out verification during training: TPR@FPR on identities never trained on.
+"""Embedding faces for verification: held-out identities during training, and the offline suite.
 
-Every held-out photo is embedded twice, without and with a mask drawn on the
-same pose, so the three protocols of ``verification`` compare like with
-like.  The photos are split over the ranks and the embeddings all-gathered.
+During training, every held-out photo is embedded twice, without and with a
+mask drawn on the same pose, so the three protocols of ``verification``
+compare like with like; the photos are split over the ranks and the
+embeddings all-gathered.
+
+The offline suite (``mfrctl eval``) loads a backbone from a committed
+checkpoint or an exported state dict and embeds any images the same way,
+with a mask drawn deterministically per image (seed, index) for the masked
+protocols and, by default, insightface's test-time flip: the embedding of a
+crop plus that of its mirror image.
 """
 
 from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import DataConfig, EvalConfig
+from .config import ConfigError, DataConfig, EvalConfig
 from .data.synthetic import SyntheticFaces, to_tensor
 from .dist import DistEnv
-from .verification import ProtocolResult, verification_report
+from .verification import (
+    PROTOCOLS,
+    FoldAccuracy,
+    ProtocolResult,
+    kfold_accuracy,
+    pair_scores,
+    protocol_result,
+    protocol_scores,
+    roc_curve,
+    verification_report,
+)
 
 
 class HeldOutEvaluator:
@@ -63,3 +86,249 @@ class HeldOutEvaluator:
         finally:
             backbone.train(was_training)
         return verification_report(unmasked, masked, self.labels, fprs=tuple(self.cfg.fprs))
+
+
+def backbone_from_state(state: dict[str, torch.Tensor], model: dict[str, Any] | None, source: str) -> nn.Module:
+    """An eval-mode iResNet holding ``state``.
+
+    ``model`` is the ``model`` section of the training config when known (a
+    checkpoint's commit record holds it); otherwise the architecture is read
+    off the tensors: blocks per stage, stem width and embedding size.
+    """
+    from .models import STAGE_WIDTHS, build_backbone
+
+    try:
+        if model:
+            backbone = build_backbone(
+                model["backbone"], layers=model.get("layers"), width=model.get("width"),
+                embedding_size=model["embedding_size"],
+            )
+        else:
+            blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}
+            layers = [1 + max((b for s, b in blocks if s == stage), default=-1) for stage in range(len(STAGE_WIDTHS))]
+            width = state["stem.0.weight"].shape[0] / STAGE_WIDTHS[0]
+            backbone = build_backbone(
+                "custom", layers=layers, width=width, embedding_size=state["head.3.weight"].shape[0]
+            )
+        backbone.load_state_dict(state, strict=True)
+    except (KeyError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{source}: not an iResNet backbone state dict ({reason[:200]})") from None
+    return backbone.eval()
+
+
+def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone at ``url`` and what it is.
+
+    ``url`` is a committed ``step-<N>`` directory, a checkpoint root (its
+    newest committed step), or a file from ``mfrctl ckpt export`` (with or
+    without ``--head``); local or ``s3://``.
+    """
+    from .data.sources import open_fs
+    from .export import load_tensors
+    from .storage import Storage
+
+    fs, path = open_fs(url)
+    if fs.isfile(path):
+        try:
+            loaded = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"{url}: not a torch.save file ({type(err).__name__}); pass a checkpoint or an "
+                              "exported backbone (mfrctl ckpt export)") from None
+        if isinstance(loaded, dict) and isinstance(loaded.get("backbone"), dict):
+            loaded = loaded["backbone"]  # an export with --head
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{url}: holds a {type(loaded).__name__}, not a backbone state dict")
+        return backbone_from_state(loaded, None, url), {"url": url, "kind": "exported", "step": None}
+
+    root, _, name = url.rstrip("/").rpartition("/")
+    if re.fullmatch(r"step-\d+", name) and root:
+        info = next((c for c in Storage(root).checkpoints() if c.name == name), None)
+        if info is None:
+            raise ConfigError(f"{url}: no such checkpoint")
+        if not info.committed:
+            raise ConfigError(f"{url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls)")
+    else:
+        info = Storage(url).latest_committed()
+        if info is None:
+            raise ConfigError(f"{url}: no committed checkpoint here, and not a file (mfrctl ckpt ls {url})")
+    model = (info.config or {}).get("model")
+    state = load_tensors(info.url, ("backbone",))["backbone"]
+    backbone = backbone_from_state(state, model, info.url)
+    return backbone, {"url": info.url, "kind": "checkpoint", "step": info.step}
+
+
+class Embedder:
+    """Unit-free embeddings of aligned uint8 112x112 RGB crops, in batches.
+
+    With ``flip`` each embedding is that of the crop plus that of its mirror
+    image (insightface's evaluation), which steadies scores against pose.
+    """
+
+    def __init__(self, backbone: nn.Module, device: torch.device, batch_size: int = 64, flip: bool = True):
+        self.backbone, self.device, self.batch_size, self.flip = backbone.to(device).eval(), device, batch_size, flip
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        batch = torch.stack([to_tensor(image) for image in images]).to(self.device)
+        embeddings = self.backbone(batch).float()
+        if self.flip:
+            embeddings += self.backbone(batch.flip(3)).float()
+        return embeddings.cpu().numpy()
+
+    def embed(
+        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings of images ``0..count-1`` (``load(i)``), and of the same images masked.
+
+        Image ``i`` wears the mask ``apply_mask`` draws from ``(mask_seed, i)``
+        at the template landmarks: the same mask on every run and machine.
+        """
+        from .data.masks import apply_mask
+
+        unmasked, masked = [], []
+        for start in range(0, count, self.batch_size):
+            images = [load(i) for i in range(start, min(start + self.batch_size, count))]
+            unmasked.append(self(images))
+            if masks:
+                covered = [apply_mask(im, np.random.default_rng([mask_seed, start + k])) for k, im in enumerate(images)]
+                masked.append(self(covered))
+            advance(len(images))
+        return np.concatenate(unmasked), np.concatenate(masked) if masks else None
+
+
+def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(first, second, is_genuine)`` of a pair list for ``dataset``.
+
+    One pair a line, ``A B`` or ``A B 0|1`` (space, tab or comma separated;
+    ``#`` starts a comment).  ``A`` and ``B`` are sample indices in the data
+    set's order, or for a folder paths relative to it (``alice/003.jpg``).
+    Without the third column (``is_genuine`` None) identities decide.
+    """
+    from .data.sources import open_fs
+
+    fs, path = open_fs(url)
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: no such pair list") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{url}: not a text pair list (lines of 'A B' or 'A B 0|1')") from None
+    by_path = {p: i for i, p in enumerate(getattr(dataset, "paths", ()))}
+
+    def sample(token: str, line: int) -> int:
+        index = int(token) if token.isdigit() else by_path.get(token, -1)
+        if not 0 <= index < len(dataset):
+            raise ConfigError(f"{url} line {line}: {token!r} is not a sample index below {len(dataset)} or a path "
+                              f"in {dataset.url}")
+        return index
+
+    rows, columns = [], None
+    for line, raw in enumerate(text.splitlines(), 1):
+        fields = raw.split("#", 1)[0].replace(",", " ").split()
+        if not fields:
+            continue
+        if len(fields) not in (2, 3) or (columns is not None and len(fields) != columns):
+            raise ConfigError(f"{url} line {line}: expected 'A B' or 'A B 0|1' on every line, got {raw.strip()!r}")
+        if len(fields) == 3 and fields[2] not in ("0", "1"):
+            raise ConfigError(f"{url} line {line}: the third column must be 0 or 1, got {fields[2]!r}")
+        columns = len(fields)
+        rows.append((sample(fields[0], line), sample(fields[1], line), fields[2] == "1" if columns == 3 else False))
+    if not rows:
+        raise ConfigError(f"{url}: no pairs")
+    first, second, same = (np.array(column) for column in zip(*rows))
+    return first, second, same.astype(bool) if columns == 3 else None
+
+
+ROC_POINTS = 200  # points of each curve kept in the JSON report
+
+
+@dataclass
+class SetResult:
+    """One evaluated set: per-protocol operating points, k-fold accuracy (pair sets) and ROC curves."""
+
+    name: str
+    kind: str  # bin | pairs | gallery
+    url: str
+    images: int
+    results: dict[str, ProtocolResult]
+    accuracy: dict[str, FoldAccuracy] = field(default_factory=dict)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        protocols = []
+        for protocol, result in self.results.items():
+            entry = result.to_dict()
+            if protocol in self.accuracy:
+                entry["accuracy"] = self.accuracy[protocol].to_dict()
+            fpr, tpr = _thinned(*self.curves[protocol], [p.achieved_fpr for p in result.points if p.supported])
+            entry["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+            protocols.append(entry)
+        return {"name": self.name, "kind": self.kind, "url": self.url, "images": self.images, "protocols": protocols}
+
+
+def _thinned(fpr: np.ndarray, tpr: np.ndarray, keep: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """About ``ROC_POINTS`` points of an exact curve, log-spaced in FPR, plus the reported operating points."""
+    positive = np.flatnonzero(fpr > 0)
+    grid = np.geomspace(fpr[positive[0]], 1.0, ROC_POINTS) if positive.size else np.array([])
+    # The last curve point at or below each grid FPR (and each kept FPR): points of the exact curve.
+    wanted = np.concatenate([grid, np.asarray(keep, dtype=np.float64)])
+    rows = np.unique(np.clip(np.searchsorted(fpr, wanted, side="right") - 1, 0, fpr.size - 1))
+    return fpr[rows], tpr[rows]
+
+
+def evaluate_pairs(
+    name: str, kind: str, url: str, unmasked: np.ndarray, masked: np.ndarray | None,
+    first: np.ndarray, second: np.ndarray, is_genuine: np.ndarray, fprs: tuple[float, ...], folds: int,
+) -> SetResult:
+    """A pair list under each protocol (only unmasked-unmasked without ``masked``); k-fold accuracy if ``folds``."""
+    result = SetResult(name, kind, url, len(unmasked), {})
+    for protocol in PROTOCOLS if masked is not None else PROTOCOLS[:1]:
+        scores = pair_scores(unmasked, unmasked if masked is None else masked, first, second, protocol)
+        result.results[protocol] = protocol_result(protocol, scores, is_genuine, fprs)
+        result.curves[protocol] = roc_curve(scores, is_genuine)[:2]
+        if folds:
+            # unit rows: squared L2 distance is 2 - 2 cos, the quantity insightface thresholds
+            result.accuracy[protocol] = kfold_accuracy(2 - 2 * scores, is_genuine, folds)
+    return result
+
+
+def evaluate_gallery(
+    name: str, url: str, unmasked: np.ndarray, masked: np.ndarray | None, labels: np.ndarray,
+    fprs: tuple[float, ...],
+) -> SetResult:
+    """All-vs-all pairs of a labelled gallery under each protocol (see ``protocol_scores``)."""
+    result = SetResult(name, "gallery", url, len(unmasked), {})
+    for protocol in PROTOCOLS if masked is not None else PROTOCOLS[:1]:
+        scores, is_genuine = protocol_scores(unmasked, unmasked if masked is None else masked, labels, protocol)
+        result.results[protocol] = protocol_result(protocol, scores, is_genuine, fprs)
+        result.curves[protocol] = roc_curve(scores, is_genuine)[:2]
+    return result
+
+
+def plot_roc(results: list[SetResult], write: Callable[[bytes], None]) -> None:
+    """One ROC panel per set (log FPR axis, a curve per protocol), as PNG bytes handed to ``write``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        for protocol, (fpr, tpr) in result.curves.items():
+            shown = fpr > 0
+            ax.step(fpr[shown], tpr[shown], where="post", label=protocol)
+        ax.set_xscale("log")
+        ax.set_xlim(min(1 / r.n_impostor for r in result.results.values()), 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"{result.name} ({result.kind})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write(buffer.getvalue())

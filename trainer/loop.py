@@ -173,6 +173,10 @@ class Trainer:
                 )
                 window_start, window_samples = time.perf_counter(), 0
                 self.metrics.update_memory()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.run.steps:
+                eval_started = time.perf_counter()
+                self.evaluate(f"step {self.step}")  # on every rank: the embeddings are all-gathered
+                window_start += time.perf_counter() - eval_started  # samples/s stays a training rate
         self.checkpointer.finish()
         self.checkpointer.close()
         self.evaluate("trained")

@@ -62,32 +62,17 @@ def format_fpr(fpr: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def tpr_at_fpr(
-    scores: np.ndarray,
-    is_genuine: np.ndarray,
-    fprs: tuple[float, ...] = DEFAULT_FPRS,
-) -> list[OperatingPoint]:
-    """TPR at each target FPR, from the exact (uninterpolated) ROC curve.
+def roc_curve(scores: np.ndarray, is_genuine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact ROC curve ``(fpr, tpr, thresholds)``, one point per distinct score.
 
-    The achievable operating points are "accept nothing" plus one per
-    distinct score (accept every pair scoring at least that much).  For a
-    target FPR the reported point is the one with the largest achieved FPR
-    that is still ``<= target``; TPR never decreases along the curve, so this
-    is also the best TPR the target allows.  Sorting once makes it
+    The first point accepts nothing (threshold: the next float above the
+    highest score), each later one accepts every pair scoring at least its
+    threshold; ``fpr`` and ``tpr`` never decrease.  Sorting once makes it
     O(n log n), fit for millions of pairs.
 
-    Support rule: a target is ``supported`` only when
-    ``n_impostor * fpr >= 1`` (up to float rounding).  Below that, even a
-    single false accept overshoots the target, so the "TPR" would be the
-    zero-false-accept TPR whatever the target and says nothing about it; such
-    targets get ``tpr = threshold = achieved_fpr = None``.
-
-    ``threshold`` is the lowest accepted score; when the point accepts
-    nothing it is the next float above the highest score.
-
     Raises ``ValueError`` if the arrays are not 1-D of equal shape, scores are
-    not finite, labels are not boolean/0-1, there are no genuine or no
-    impostor pairs, or a target is outside ``(0, 1]``.
+    not finite, labels are not boolean/0-1, or there are no genuine or no
+    impostor pairs.
     """
     scores = np.asarray(scores, dtype=np.float64)
     is_genuine = _as_bool_labels(is_genuine)
@@ -104,9 +89,6 @@ def tpr_at_fpr(
         raise ValueError("no genuine pairs: TPR is undefined")
     if n_impostor == 0:
         raise ValueError("no impostor pairs: FPR is undefined")
-    for fpr in fprs:
-        if not 0 < fpr <= 1:
-            raise ValueError(f"target FPR must be in (0, 1], got {fpr}")
 
     descending = np.argsort(scores, kind="stable")[::-1]
     sorted_scores = scores[descending]
@@ -119,6 +101,37 @@ def tpr_at_fpr(
     thresholds = np.concatenate(([accept_nothing], sorted_scores[run_ends]))
     curve_tpr = np.concatenate(([0], true_accepts[run_ends])) / n_genuine
     curve_fpr = np.concatenate(([0], false_accepts[run_ends])) / n_impostor
+    return curve_fpr, curve_tpr, thresholds
+
+
+def tpr_at_fpr(
+    scores: np.ndarray,
+    is_genuine: np.ndarray,
+    fprs: tuple[float, ...] = DEFAULT_FPRS,
+) -> list[OperatingPoint]:
+    """TPR at each target FPR, from the exact (uninterpolated) ``roc_curve``.
+
+    For a target FPR the reported point is the one with the largest achieved
+    FPR that is still ``<= target``; TPR never decreases along the curve, so
+    this is also the best TPR the target allows.
+
+    Support rule: a target is ``supported`` only when
+    ``n_impostor * fpr >= 1`` (up to float rounding).  Below that, even a
+    single false accept overshoots the target, so the "TPR" would be the
+    zero-false-accept TPR whatever the target and says nothing about it; such
+    targets get ``tpr = threshold = achieved_fpr = None``.
+
+    ``threshold`` is the lowest accepted score; when the point accepts
+    nothing it is the next float above the highest score.
+
+    Raises ``ValueError`` as ``roc_curve`` does, or if a target is outside
+    ``(0, 1]``.
+    """
+    curve_fpr, curve_tpr, thresholds = roc_curve(scores, is_genuine)
+    n_impostor = int(np.count_nonzero(~_as_bool_labels(is_genuine)))
+    for fpr in fprs:
+        if not 0 < fpr <= 1:
+            raise ValueError(f"target FPR must be in (0, 1], got {fpr}")
 
     points = []
     for fpr in fprs:
@@ -182,6 +195,106 @@ def protocol_scores(
     return similarity[compared], same_identity[compared]
 
 
+def pair_scores(
+    unmasked: np.ndarray,
+    masked: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    protocol: str,
+) -> np.ndarray:
+    """Cosine score of each listed pair ``(first[k], second[k])`` under a protocol.
+
+    ``masked-unmasked`` compares the masked ``first`` photo with the
+    unmasked ``second`` one; the other protocols compare like with like.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    unmasked, masked = np.asarray(unmasked), np.asarray(masked)
+    if unmasked.ndim != 2 or unmasked.shape != masked.shape:
+        raise ValueError(
+            f"unmasked and masked must be (n, d) with equal shapes, got {unmasked.shape} and {masked.shape}"
+        )
+    first, second = np.asarray(first), np.asarray(second)
+    if first.ndim != 1 or first.shape != second.shape:
+        raise ValueError(f"pair index arrays must be 1-D with equal shapes, got {first.shape} and {second.shape}")
+    n = unmasked.shape[0]
+    if first.size and (min(first.min(), second.min()) < 0 or max(first.max(), second.max()) >= n):
+        raise ValueError(f"pair indices must be in [0, {n})")
+    left_name, right_name = protocol.split("-")
+    left = _unit_rows(masked if left_name == "masked" else unmasked, left_name)
+    right = left if left_name == right_name else _unit_rows(unmasked, right_name)
+    return np.einsum("ij,ij->i", left[first], right[second])
+
+
+def protocol_result(protocol: str, scores: np.ndarray, is_genuine: np.ndarray, fprs=DEFAULT_FPRS) -> ProtocolResult:
+    """Operating points of one protocol's pairs, with the pair counts behind them."""
+    is_genuine = _as_bool_labels(is_genuine)
+    n_genuine = int(np.count_nonzero(is_genuine))
+    return ProtocolResult(
+        protocol=protocol,
+        n_genuine=n_genuine,
+        n_impostor=is_genuine.size - n_genuine,
+        points=tuple(tpr_at_fpr(scores, is_genuine, fprs)),
+    )
+
+
+# insightface's threshold grid: squared L2 distances between unit embeddings span [0, 4].
+KFOLD_THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+@dataclass(frozen=True)
+class FoldAccuracy:
+    """k-fold verification accuracy: ``mean`` ± ``std`` (population) over ``folds``."""
+
+    mean: float
+    std: float
+    folds: tuple[float, ...]
+    thresholds: tuple[float, ...]  # the squared-distance threshold chosen for each test fold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kfold_accuracy(
+    distances: np.ndarray, is_genuine: np.ndarray, n_folds: int = 10, thresholds: np.ndarray = KFOLD_THRESHOLDS
+) -> FoldAccuracy:
+    """Verification accuracy as insightface reports it for lfw, cfp_fp, agedb_30.
+
+    The pairs are split in order into ``n_folds`` contiguous folds (the first
+    ``n % n_folds`` one pair longer, as ``sklearn.model_selection.KFold``
+    without shuffling).  For each fold the threshold with the best accuracy on
+    the other folds (the first one on ties) predicts "same" for pairs with
+    ``distance < threshold``, and its accuracy on the fold is recorded.
+    ``distances`` are squared L2 distances between unit embeddings.
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    is_genuine = _as_bool_labels(is_genuine)
+    if distances.ndim != 1 or distances.shape != is_genuine.shape:
+        raise ValueError(f"distances and is_genuine must be 1-D with equal shapes, got {distances.shape} and "
+                         f"{is_genuine.shape}")
+    if not 2 <= n_folds <= distances.size:
+        raise ValueError(f"need 2 <= n_folds <= pairs, got {n_folds} folds for {distances.size} pairs")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    folds = np.array_split(np.arange(distances.size), n_folds)
+    # correct[f, t]: pairs of fold f that threshold t classifies right.
+    correct = np.stack(
+        [((distances[f, None] < thresholds[None, :]) == is_genuine[f, None]).sum(axis=0) for f in folds]
+    )
+    accuracies, chosen = [], []
+    for f, test in enumerate(folds):
+        train_correct = correct.sum(axis=0) - correct[f]  # same argmax as the train accuracy
+        best = int(np.argmax(train_correct))
+        accuracies.append(float(correct[f, best]) / test.size)
+        chosen.append(float(thresholds[best]))
+    return FoldAccuracy(float(np.mean(accuracies)), float(np.std(accuracies)), tuple(accuracies), tuple(chosen))
+
+
+def squared_distances(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Row-wise squared L2 distance between the unit-normalised rows of two ``(n, d)`` arrays."""
+    a, b = _unit_rows(left, "left"), _unit_rows(right, "right")
+    return np.sum(np.square(a - b), axis=1)
+
+
 def verification_report(
     unmasked: np.ndarray,
     masked: np.ndarray,
@@ -189,17 +302,10 @@ def verification_report(
     fprs: tuple[float, ...] = DEFAULT_FPRS,
 ) -> dict[str, ProtocolResult]:
     """Operating points and pair counts for every protocol, in ``PROTOCOLS`` order."""
-    report = {}
-    for protocol in PROTOCOLS:
-        scores, is_genuine = protocol_scores(unmasked, masked, labels, protocol)
-        n_genuine = int(np.count_nonzero(is_genuine))
-        report[protocol] = ProtocolResult(
-            protocol=protocol,
-            n_genuine=n_genuine,
-            n_impostor=is_genuine.size - n_genuine,
-            points=tuple(tpr_at_fpr(scores, is_genuine, fprs)),
-        )
-    return report
+    return {
+        protocol: protocol_result(protocol, *protocol_scores(unmasked, masked, labels, protocol), fprs)
+        for protocol in PROTOCOLS
+    }
 
 
 def _as_bool_labels(is_genuine: np.ndarray) -> np.ndarray:

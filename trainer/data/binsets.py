@@ -1,0 +1,118 @@
+"""insightface verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``, ...).
+
+A ``.bin`` is a pickle of ``(images, issame)``: ``images`` a list of encoded
+(JPEG/PNG) aligned 112x112 crops, ``issame`` one flag per pair, and pair
+``k`` is images ``2k`` and ``2k+1``.  The files were written by Python 2,
+hence ``encoding="bytes"``.  Unpickling is restricted to plain containers and
+numpy arrays, so a hostile file cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError
+from .sources import BadSample, decode, open_fs
+
+_EXPECTED = "expected a pickle of (list of encoded images, issame list) with two images per pair"
+# What numpy needs to rebuild arrays (some sets hold each image's bytes as a uint8 array).
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
+    ("__builtin__", "bytearray"),
+}
+
+
+class BinFormatError(ConfigError):
+    """The file is not an insightface verification set; the message says what is wrong."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+@dataclass
+class BinSet:
+    """A verification set: encoded images and one genuine flag per consecutive pair."""
+
+    name: str
+    url: str
+    images: list[bytes]
+    issame: np.ndarray
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.issame)
+
+    def image(self, index: int) -> np.ndarray:
+        """Image ``index`` decoded to uint8 112x112x3 RGB."""
+        try:
+            return decode(self.images[index], f"{self.url}#{index}")
+        except BadSample as err:
+            raise BinFormatError(f"{self.url}: image {index} does not decode ({err}); {_EXPECTED}") from None
+
+    @property
+    def first(self) -> np.ndarray:
+        return np.arange(0, 2 * self.num_pairs, 2)
+
+    @property
+    def second(self) -> np.ndarray:
+        return np.arange(1, 2 * self.num_pairs, 2)
+
+
+def parse_bin(data: bytes, url: str) -> BinSet:
+    """A ``BinSet`` from the bytes of a ``.bin``; ``BinFormatError`` naming the problem otherwise."""
+    try:
+        loaded = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as err:  # pickle raises many types for foreign bytes
+        raise BinFormatError(f"{url}: not a pickle ({type(err).__name__}: {str(err)[:120]}); {_EXPECTED}") from None
+    if not isinstance(loaded, (tuple, list)) or len(loaded) != 2:
+        raise BinFormatError(f"{url}: holds a {type(loaded).__name__}; {_EXPECTED}")
+    images, issame = loaded
+    if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
+        raise BinFormatError(
+            f"{url}: holds ({type(images).__name__}, {type(issame).__name__}); {_EXPECTED}"
+        )
+    encoded = []
+    for i, image in enumerate(images):
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 1:
+            image = image.tobytes()
+        if not isinstance(image, (bytes, bytearray)):
+            raise BinFormatError(f"{url}: image {i} is a {type(image).__name__}, not encoded bytes; {_EXPECTED}")
+        encoded.append(bytes(image))
+    flags = np.asarray(issame)
+    if flags.ndim != 1 or not (flags.dtype == bool or np.all(np.isin(flags, (0, 1)))):
+        raise BinFormatError(f"{url}: issame must be a list of booleans; {_EXPECTED}")
+    if len(encoded) != 2 * len(flags) or not len(flags):
+        raise BinFormatError(f"{url}: {len(encoded)} images for {len(flags)} issame flags; {_EXPECTED}")
+    name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")
+    return BinSet(name=name, url=url, images=encoded, issame=flags.astype(bool))
+
+
+def read_bin(url: str, storage_options: dict[str, Any] | None = None) -> BinSet:
+    """Read a ``.bin`` from a local path or ``s3://`` URL; its first image must decode."""
+    fs, path = open_fs(url, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: no such file") from None
+    except Exception as err:
+        raise ConfigError(f"{url}: cannot read ({type(err).__name__}: {str(err)[:200]})") from None
+    binset = parse_bin(data, url)
+    binset.image(0)
+    return binset
+
