@@ -21,7 +21,7 @@ def evaluate(
         typer.Argument(
             metavar="MODEL",
             help="A committed checkpoint step-<N> directory, a checkpoint root (its newest committed step), "
-            "or a backbone file from mfrctl ckpt export; local or s3://.",
+            "or an exported backbone state dict (.pt, torch.save); local or s3://.",
         ),
     ],
     bins: Annotated[

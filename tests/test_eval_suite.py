@@ -218,7 +218,7 @@ def workspace(tmp_path_factory, faces):
     (root / "pairs.txt").write_text("# shard sample indices\n" + "".join(f"{a} {b}\n" for a in range(12)
                                                                           for b in range(a + 1, 12)))
     (root / "t.bin").write_bytes(py2_bin(*bin_pairs(faces)))
-    torch.save(rank["backbone"], root / "backbone.pt")  # what mfrctl ckpt export writes
+    torch.save(rank["backbone"], root / "backbone.pt")  # an exported backbone: exactly backbone.state_dict()
     return root, rank["backbone"]
 
 

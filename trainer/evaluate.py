@@ -121,7 +121,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
     """The backbone at ``url`` and what it is.
 
     ``url`` is a committed ``step-<N>`` directory, a checkpoint root (its
-    newest committed step), or a file from ``mfrctl ckpt export`` (with or
+    newest committed step), or an exported torch state dict (``.pt``; with or
     without ``--head``); local or ``s3://``.
     """
     from .data.sources import open_fs
@@ -134,7 +134,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
             loaded = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
         except Exception as err:
             raise ConfigError(f"{url}: not a torch.save file ({type(err).__name__}); pass a checkpoint or an "
-                              "exported backbone (mfrctl ckpt export)") from None
+                              "exported backbone state dict (.pt)") from None
         if isinstance(loaded, dict) and isinstance(loaded.get("backbone"), dict):
             loaded = loaded["backbone"]  # an export with --head
         if not isinstance(loaded, dict):
