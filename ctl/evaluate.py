@@ -6,8 +6,10 @@ is imported inside the command, so the rest of mfrctl works without it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Optional
 
 import typer
@@ -58,7 +60,7 @@ def evaluate(
     folds: Annotated[int, typer.Option(min=2, help="Folds of the .bin accuracy (threshold from the others).")] = 10,
     max_images: Annotated[
         int, typer.Option(min=2, help="A larger gallery is subsampled (seeded by --mask-seed): pairs grow as n^2.")
-    ] = 10000,
+    ] = 5000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     report: Annotated[Optional[str], typer.Option(help="Write the JSON report here (local or s3://).")] = None,
@@ -144,7 +146,7 @@ def _evaluate(
 
     def embed(what: str, count: int, load):
         try:
-            with _bar(what, count) as advance:
+            with _progress(what, count) as advance:
                 return embedder.embed(count, load, masks, mask_seed, advance)
         except BadSample as e:
             raise fail(f"unreadable image: {e}") from None
@@ -207,22 +209,15 @@ def _checked(source: str, evaluate, *args):
         raise fail(f"{source}: {e}") from None
 
 
-class _bar:
+@contextlib.contextmanager
+def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
     """A transient progress bar on stderr; yields ``advance(n)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __init__(self, what: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn(f"embedding {what}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=err, transient=True)
-        self.task = self.progress.add_task("embed", total=total)
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return lambda n: self.progress.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+    columns = (TextColumn(f"embedding {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("embed", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _write(url: str, payload: bytes) -> None:
@@ -259,7 +254,7 @@ def results_table(data: dict[str, Any]) -> Table:
         cells = [entry["name"], protocol["protocol"], f"{protocol['n_genuine']:,}/{protocol['n_impostor']:,}"]
         if with_accuracy:
             accuracy = protocol.get("accuracy")
-            cells.append(f"{accuracy['mean']:.4f} ± {accuracy['std']:.4f}" if accuracy else "")
+            cells.append(f"{accuracy['mean']:.4f}±{accuracy['std']:.4f}" if accuracy else "")
         points = protocol["points"]
         cells += ["n/a" if points[i]["tpr"] is None else f"{points[i]['tpr']:.4f}" for i in shown]
         table.add_row(*cells)

@@ -159,7 +159,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
 
 
 class Embedder:
-    """Unit-free embeddings of aligned uint8 112x112 RGB crops, in batches.
+    """Embeddings (not normalised) of aligned uint8 112x112 RGB crops, in batches.
 
     With ``flip`` each embedding is that of the crop plus that of its mirror
     image (insightface's evaluation), which steadies scores against pose.
