@@ -59,8 +59,13 @@ def evaluate(
     mask_seed: Annotated[int, typer.Option(min=0, help="Seed of the masks: image i wears the mask of (seed, i).")] = 0,
     folds: Annotated[int, typer.Option(min=2, help="Folds of the .bin accuracy (threshold from the others).")] = 10,
     max_images: Annotated[
-        int, typer.Option(min=2, help="A larger gallery is subsampled (seeded by --mask-seed): pairs grow as n^2.")
-    ] = 5000,
+        int,
+        typer.Option(
+            min=2,
+            help="A larger gallery is subsampled (seeded by --mask-seed): pairs and memory grow as n^2 "
+            "(3000 images: 4.5M same-condition pairs, ~1 GB).",
+        ),
+    ] = 3000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     report: Annotated[Optional[str], typer.Option(help="Write the JSON report here (local or s3://).")] = None,
