@@ -21,6 +21,7 @@ from .console import Output, OutputOpt, err, fail, out, print_data
 from .data import data_app
 from .deploy import add_commands as add_kubernetes_commands
 from .evaluate import evaluate
+from .export import export
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .plan import plan
 from .progress import EventTail, TrainProgress, results_table
@@ -35,6 +36,7 @@ config_app = typer.Typer(help="Validate and show training configs.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
+app.command("export")(export)
 app.command("eval")(evaluate)
 app.command("plan")(plan)
 
