@@ -325,20 +325,27 @@ def test_an_exported_backbone_and_s3_give_the_checkpoints_numbers(workspace, s3_
     import fsspec
 
     root, _ = workspace
-    from_checkpoint = eval_cli(str(root / "checkpoints" / "step-00000001"), "--bin", str(root / "t.bin"),
-                               "--no-masks", "-o", "json")
-    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
-    prefix = f"s3://mfr-test/{root.name}"
-    with fsspec.open(f"{prefix}/backbone.pt", "wb", endpoint_url=os.environ["AWS_ENDPOINT_URL"]) as f:
-        f.write((root / "backbone.pt").read_bytes())
-    with fsspec.open(f"{prefix}/t.bin", "wb", endpoint_url=os.environ["AWS_ENDPOINT_URL"]) as f:
-        f.write((root / "t.bin").read_bytes())
-    from_s3 = eval_cli(f"{prefix}/backbone.pt", "--bin", f"{prefix}/t.bin", "--no-masks", "-o", "json")
-    assert from_s3.returncode == 0, from_s3.stderr
-    checkpoint_set, s3_set = json.loads(from_checkpoint.stdout)["sets"][0], json.loads(from_s3.stdout)["sets"][0]
-    assert [p["protocol"] for p in s3_set["protocols"]] == ["unmasked-unmasked"]
-    assert s3_set["protocols"] == checkpoint_set["protocols"]
-    assert json.loads(from_s3.stdout)["model"]["kind"] == "exported"
+    fs = fsspec.filesystem("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    prefix = f"mfr-test/{root.name}"
+    fs.put(str(root / "checkpoints"), f"{prefix}/checkpoints", recursive=True)
+    fs.put(str(root / "backbone.pt"), f"{prefix}/backbone.pt")
+    fs.put(str(root / "t.bin"), f"{prefix}/t.bin")
+    runs = {
+        "local step": eval_cli(str(root / "checkpoints" / "step-00000001"), "--bin", str(root / "t.bin"), "--no-masks",
+                               "-o", "json"),
+        "s3 root": eval_cli(f"s3://{prefix}/checkpoints", "--bin", f"s3://{prefix}/t.bin", "--no-masks", "-o", "json"),
+        "s3 file": eval_cli(f"s3://{prefix}/backbone.pt", "--bin", f"s3://{prefix}/t.bin", "--no-masks", "-o", "json"),
+    }
+    reports = {}
+    for what, proc in runs.items():
+        assert proc.returncode == 0, (what, proc.stderr)
+        reports[what] = json.loads(proc.stdout)
+    assert reports["s3 root"]["model"] == {"url": f"s3://{prefix}/checkpoints/step-00000001", "kind": "checkpoint",
+                                           "step": 1}
+    assert reports["s3 file"]["model"]["kind"] == "exported"
+    protocols = [r["sets"][0]["protocols"] for r in reports.values()]
+    assert [p["protocol"] for p in protocols[0]] == ["unmasked-unmasked"]
+    assert protocols[0] == protocols[1] == protocols[2]
 
 
 @pytest.mark.parametrize(
