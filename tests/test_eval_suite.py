@@ -199,6 +199,20 @@ def test_pair_list_scores_and_tpr_match_loops_and_sklearn(protocol):
             assert point.tpr == _sklearn_tpr(scores, is_genuine, point.target_fpr)
 
 
+@pytest.mark.parametrize(("layers", "width"), [((1, 2, 1, 1), 0.3), ((2, 1, 3, 1), 0.0625)])
+def test_an_exported_state_dict_rebuilds_its_architecture(layers, width):
+    from mfr.trainer.evaluate import backbone_from_state
+    from mfr.trainer.models import build_backbone
+
+    torch.manual_seed(0)
+    original = build_backbone("custom", layers=list(layers), width=width, embedding_size=24).eval()
+    rebuilt = backbone_from_state(original.state_dict(), None, "x.pt")
+    assert rebuilt.layers == layers and rebuilt.channels == original.channels
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), original(x))
+
+
 # -- mfrctl eval end to end ---------------------------------------------------------------------------------------------
 
 

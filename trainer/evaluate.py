@@ -93,7 +93,8 @@ def backbone_from_state(state: dict[str, torch.Tensor], model: dict[str, Any] | 
 
     ``model`` is the ``model`` section of the training config when known (a
     checkpoint's commit record holds it); otherwise the architecture is read
-    off the tensors: blocks per stage, stem width and embedding size.
+    off the tensors: blocks per stage, the last stage's width and the
+    embedding size.
     """
     from .models import STAGE_WIDTHS, build_backbone
 
@@ -106,7 +107,7 @@ def backbone_from_state(state: dict[str, torch.Tensor], model: dict[str, Any] | 
         else:
             blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}
             layers = [1 + max((b for s, b in blocks if s == stage), default=-1) for stage in range(len(STAGE_WIDTHS))]
-            width = state["stem.0.weight"].shape[0] / STAGE_WIDTHS[0]
+            width = state["head.0.weight"].shape[0] / STAGE_WIDTHS[-1]  # the widest stage pins it closest
             backbone = build_backbone(
                 "custom", layers=layers, width=width, embedding_size=state["head.3.weight"].shape[0]
             )
