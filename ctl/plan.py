@@ -445,10 +445,8 @@ def _switches(spec: PlanSpec) -> Iterator[tuple[dict, PlanSpec]]:
         yield {"optim.micro_batches": micro}, replace(spec, micro_batches=micro)
     if spec.zero in (0, 2) and spec.world_size > 1:
         yield {"optim.zero": 3}, replace(spec, zero=3)
-    if spec.activation_checkpointing != "block" or spec.checkpoint_every > 1:
-        yield {"model.activation_checkpointing": "block", "model.checkpoint_every": 1}, replace(
-            spec, activation_checkpointing="block", checkpoint_every=1
-        )
+    if spec.activation_checkpointing != "block":
+        yield {"model.activation_checkpointing": "block"}, replace(spec, activation_checkpointing="block")
 
 
 def _fewest_nodes(spec: PlanSpec, most: int = 4096) -> int | None:
@@ -471,24 +469,27 @@ def _fewest_nodes(spec: PlanSpec, most: int = 4096) -> int | None:
 def suggest(spec: PlanSpec) -> list[dict]:
     """What to switch on when ``spec`` does not fit, each checked by planning it.
 
-    First every single switch on its own, then the switches added one after
-    another (and micro-batches doubled) until the configuration fits, then
-    the fewest nodes for the original configuration.
+    First every single switch on its own; when none fits alone, the switches
+    that lower the peak added one after another (micro-batches raised again
+    and again) until the configuration fits; then the fewest nodes that fit.
     """
     suggestions = []
     for change, candidate in _switches(spec):
         result = plan_memory(candidate)
         suggestions.append({"set": change, "peak_bytes": result.peak, "fits": result.fits})
-    combined, changes = spec, {}
-    while not (current := plan_memory(combined)).fits:
-        lower = (s for s in _switches(combined) if plan_memory(s[1]).peak < current.peak)
-        step = next(lower, None)
-        if step is None:
-            break
-        changes.update(step[0])
-        combined = step[1]
-    if len(changes) > 1 and plan_memory(combined).fits:
-        suggestions.append({"set": changes, "peak_bytes": plan_memory(combined).peak, "fits": True})
+    if not any(hint["fits"] for hint in suggestions):
+        combined, changes = spec, {}
+        while not (current := plan_memory(combined)).fits:
+            step = next((c for c in _switches(combined) if plan_memory(c[1]).peak < current.peak), None)
+            if step is None:
+                break
+            changes.update(step[0])
+            combined = step[1]
+        if not current.fits and (nodes := _fewest_nodes(combined)) is not None:
+            changes["nodes"] = nodes
+            combined = replace(combined, nodes=nodes)
+        if changes and plan_memory(combined).fits:
+            suggestions.append({"set": changes, "peak_bytes": plan_memory(combined).peak, "fits": True})
     nodes = _fewest_nodes(spec)
     if nodes is not None:
         suggestions.append({"set": {"nodes": nodes}, "peak_bytes": plan_memory(replace(spec, nodes=nodes)).peak, "fits": True})
