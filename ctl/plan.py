@@ -137,7 +137,7 @@ class Architecture:
 
     @classmethod
     def named(cls, backbone: str, layers=None, width=None, embedding: int = 512) -> Architecture:
-        if backbone == "custom" or (backbone is None and layers is not None):
+        if backbone == "custom":
             if layers is None:
                 raise PlanError("--backbone custom needs --layers, e.g. --layers 3,25,88,3")
         elif backbone in BACKBONE_DEPTHS:
@@ -615,7 +615,7 @@ def plan(
         values.update({k: v for k, v in flags.items() if v is not None})
         if layers is not None:
             values["layers"] = _parse_layers(layers)
-            values.setdefault("backbone", "custom")
+            values["backbone"] = backbone or "custom"
         elif backbone is not None:
             values["layers"] = None
         if "classes" not in values:
