@@ -88,29 +88,20 @@ class HeldOutEvaluator:
         return verification_report(unmasked, masked, self.labels, fprs=tuple(self.cfg.fprs))
 
 
-def backbone_from_state(state: dict[str, torch.Tensor], model: dict[str, Any] | None, source: str) -> nn.Module:
-    """An eval-mode iResNet holding ``state``.
+def backbone_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """An eval-mode iResNet holding a plain state dict, its architecture read off the tensors.
 
-    ``model`` is the ``model`` section of the training config when known (a
-    checkpoint's commit record holds it); otherwise the architecture is read
-    off the tensors: blocks per stage, the last stage's width and the
-    embedding size.
+    An exported state dict carries no config: the blocks per stage come from
+    the keys, the width from the last (widest) stage, the embedding size from
+    the head.
     """
     from .models import STAGE_WIDTHS, build_backbone
 
     try:
-        if model:
-            backbone = build_backbone(
-                model["backbone"], layers=model.get("layers"), width=model.get("width"),
-                embedding_size=model["embedding_size"],
-            )
-        else:
-            blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}
-            layers = [1 + max((b for s, b in blocks if s == stage), default=-1) for stage in range(len(STAGE_WIDTHS))]
-            width = state["head.0.weight"].shape[0] / STAGE_WIDTHS[-1]  # the widest stage pins it closest
-            backbone = build_backbone(
-                "custom", layers=layers, width=width, embedding_size=state["head.3.weight"].shape[0]
-            )
+        blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}
+        layers = [1 + max((b for s, b in blocks if s == stage), default=-1) for stage in range(len(STAGE_WIDTHS))]
+        width = state["head.0.weight"].shape[0] / STAGE_WIDTHS[-1]  # the widest stage pins it closest
+        backbone = build_backbone("custom", layers=layers, width=width, embedding_size=state["head.3.weight"].shape[0])
         backbone.load_state_dict(state, strict=True)
     except (KeyError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -126,7 +117,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
     without ``--head``); local or ``s3://``.
     """
     from .data.sources import open_fs
-    from .export import load_tensors
+    from .export import checkpoint_backbone, load_tensors
     from .storage import Storage
 
     fs, path = open_fs(url)
@@ -140,7 +131,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
             loaded = loaded["backbone"]  # an export with --head
         if not isinstance(loaded, dict):
             raise ConfigError(f"{url}: holds a {type(loaded).__name__}, not a backbone state dict")
-        return backbone_from_state(loaded, None, url), {"url": url, "kind": "exported", "step": None}
+        return backbone_from_state(loaded, url), {"url": url, "kind": "exported", "step": None}
 
     root, _, name = url.rstrip("/").rpartition("/")
     if re.fullmatch(r"step-\d+", name) and root:
@@ -153,9 +144,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
         info = Storage(url).latest_committed()
         if info is None:
             raise ConfigError(f"{url}: no committed checkpoint here, and not a file (mfrctl ckpt ls {url})")
-    model = (info.config or {}).get("model")
-    state = load_tensors(info.url, ("backbone",))["backbone"]
-    backbone = backbone_from_state(state, model, info.url)
+    backbone = checkpoint_backbone(info, load_tensors(info.url, ("backbone",))["backbone"])
     return backbone, {"url": info.url, "kind": "checkpoint", "step": info.step}
 
 
