@@ -20,6 +20,7 @@ from .ckpt import ckpt_app
 from .console import Output, OutputOpt, err, fail, out, print_data
 from .data import data_app
 from .deploy import add_commands as add_kubernetes_commands
+from .distill import distill_app
 from .evaluate import evaluate
 from .export import export
 from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
@@ -36,6 +37,7 @@ config_app = typer.Typer(help="Validate and show training configs.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
+app.add_typer(distill_app, name="distill")
 app.command("export")(export)
 app.command("eval")(evaluate)
 app.command("plan")(plan)

@@ -109,6 +109,10 @@ def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
     }
     if trainer.scaler.is_enabled():
         state["scaler"] = trainer.scaler.state_dict()
+    projection = trainer.distillation.projection if trainer.distillation is not None else None
+    if projection is not None:  # distillation's student->teacher projection, trained like the backbone
+        state["distill"] = {"projection": projection.state_dict()}
+        state["optim"]["distill"] = {n: _optimizer_slots(opt, p) for n, p in projection.named_parameters()}
     if with_rng:
         rng = {"torch": torch.get_rng_state(), "head_sampler": head.sampler.get_state()}
         if trainer.env.device.type == "cuda":
@@ -129,6 +133,9 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     }
     if head_slots:
         opt.state[head.weight] = head_slots
+    for name, p in trainer.distillation.projection.named_parameters() if "distill" in state else ():
+        if state["optim"]["distill"][name]:
+            opt.state[p] = dict(state["optim"]["distill"][name])
     progress = state["progress"]
     trainer.step = int(progress["step"])
     trainer.nonfinite_in_a_row = int(progress["nonfinite_in_a_row"])

@@ -247,6 +247,62 @@ class MetricsConfig(_Section):
     address: str = Field("0.0.0.0", min_length=1, description="listen address; 127.0.0.1 keeps it on this machine")
 
 
+class TeacherConfig(_Section):
+    """The teacher of distillation: its architecture, and where its weights are."""
+
+    backbone: Literal[BACKBONES] = Field("r50", description="iResNet depth of the teacher, or 'custom' with layers")
+    layers: list[int] | None = Field(None, min_length=4, max_length=4, description="stage depths for backbone=custom")
+    width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
+    embedding_size: int = Field(512, ge=1, description="the teacher's embedding size (a projection maps the student's to it)")
+    checkpoint: str | None = Field(
+        None, description="a committed .../step-<N> checkpoint, or a checkpoint root (its newest); online mode"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the frozen teacher's forward (online mode); fp16 needs cuda"
+    )
+
+    @model_validator(mode="after")
+    def _valid_architecture(self) -> TeacherConfig:
+        try:
+            self.as_model()
+        except ValidationError as err:
+            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return self
+
+    def as_model(self) -> ModelConfig:
+        return ModelConfig(backbone=self.backbone, layers=self.layers, width=self.width, embedding_size=self.embedding_size)
+
+
+class DistillConfig(_Section):
+    """Feature distillation: alpha*CE_margin + (1-alpha)*weight*mean||s^ - t^||^2 on L2-normalised embeddings."""
+
+    mode: Literal["none", "online", "offline"] = Field(
+        "none",
+        description="online: run the frozen teacher on each batch; offline: read embeddings precomputed by "
+        "mfrctl distill extract",
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the margin loss; 1 - alpha weighs distillation")
+    weight: float = Field(1.0, gt=0, description="lambda: scale of the distillation term")
+    teacher: TeacherConfig = TeacherConfig()
+    features: str | None = Field(
+        None, description="offline mode: local path or s3:// URL written by mfrctl distill extract"
+    )
+    storage_options: dict[str, Any] = Field(
+        {}, description="fsspec/s3fs options for the teacher checkpoint and features; credentials from AWS_* env"
+    )
+
+    @model_validator(mode="after")
+    def _mode_has_its_source(self) -> DistillConfig:
+        if self.mode == "online" and not self.teacher.checkpoint:
+            raise ValueError("distill.mode online needs distill.teacher.checkpoint (a checkpoint URL)")
+        if self.mode == "offline" and not self.features:
+            raise ValueError("distill.mode offline needs distill.features (written by mfrctl distill extract)")
+        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
+        if found:
+            raise ValueError(f"distill.storage_options must not hold credentials ({', '.join(found)}): use AWS_* env")
+        return self
+
+
 class TrainConfig(_Section):
     model: ModelConfig = ModelConfig()
     head: HeadConfig
@@ -256,6 +312,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     metrics: MetricsConfig = MetricsConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -13,6 +13,7 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, TrainConfig
 from .data.loader import EpochStream
 from .dist import DistEnv
+from .distill import Distillation
 from .evaluate import HeldOutEvaluator
 from .head import PartialFC
 from .models import build_backbone
@@ -54,10 +55,15 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp)
         try:
             self.data = EpochStream(
-                cfg.data, cfg.head.num_classes, env.rank, env.world_size, pin_memory=env.device.type == "cuda"
+                cfg.data, cfg.head.num_classes, env.rank, env.world_size, pin_memory=env.device.type == "cuda",
+                with_indices=cfg.distill.mode == "offline",
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self.distillation = None if cfg.distill.mode == "none" else Distillation(cfg, env, len(self.data.dataset))
+        if self.distillation is not None and self.distillation.projection is not None:
+            self.optimizer.add_param_group({"params": self.distillation.parameters(), "name": "distill"})
+            self.replicated_params += self.distillation.parameters()
         self.evaluator = HeldOutEvaluator(cfg.eval, cfg.data, cfg.head.num_classes, env)
         self.progress = Progress(enabled=env.is_main)
         self.checkpointer = Checkpointer(cfg, self)
@@ -77,11 +83,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float | None:
-        """One optimizer step over ``micro_batches`` micro-batches; None if skipped."""
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None
+    ) -> float | None:
+        """One optimizer step over ``micro_batches`` micro-batches; None if skipped.
+
+        ``indices`` (the samples' indices in the data source) are needed by offline distillation only.
+        """
         micro = self.cfg.optim.micro_batches
         self.lr = set_lr(self.optimizer, self.cfg.optim, self.step, self.cfg.run.steps)
         images = images.to(self.env.device, non_blocking=True)
+        targets = None if self.distillation is None else self.distillation.targets(images, labels, indices)
         labels = labels.to(self.env.device, non_blocking=True)
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(zip(images.chunk(micro), labels.chunk(micro))):
@@ -90,8 +102,12 @@ class Trainer:
                 with self._autocast():
                     embeddings = self.model(x)
                 loss = self.head(embeddings, y)
+                if targets is not None:
+                    loss = self.distillation.combine(loss, embeddings, targets.chunk(micro)[i])
                 self.scaler.scale(loss / micro).backward()
             loss_sum += loss.detach()
+        if self.distillation is not None:
+            self.distillation.sync_grads()
 
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_global_grad_norm(
@@ -151,9 +167,9 @@ class Trainer:
         batches = iter(self.data)
         while self.step < cfg.run.steps:
             started = time.perf_counter()
-            images, labels = next(batches)
+            batch = next(batches)  # (images, labels), and sample indices for offline distillation
             fetched = time.perf_counter()
-            loss = self.train_step(images, labels)
+            loss = self.train_step(*batch)
             self.checkpointer.after_step()
             window_samples += self.global_batch
             self.metrics.after_step(

@@ -8,6 +8,7 @@ different number of ranks continues exactly after the last sample consumed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -80,6 +81,27 @@ class ChunkOrderSampler(GlobalOrderSampler):
             yield from (base + first[c] + pos - (ends[c] - length[c])).tolist()
 
 
+class _Issued(Sampler[int]):
+    """Passes a sampler's items to the DataLoader and remembers them, in order, until
+    their batch comes back (batches return in sampler order, even with workers)."""
+
+    def __init__(self, sampler: GlobalOrderSampler):
+        self.sampler, self.items = sampler, deque()
+
+    def __iter__(self) -> Iterator[int]:
+        self.items.clear()  # a new pass (epoch or resume): nothing of the old one is still to come
+        for item in self.sampler:
+            self.items.append(item)
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def take(self, n: int) -> torch.Tensor:
+        """The items of the next batch of ``n``."""
+        return torch.tensor([self.items.popleft() for _ in range(n)])
+
+
 class BadDataError(ConfigError):
     """Too many unreadable samples: permanent (exit 2, not retried), the data must be fixed."""
 
@@ -87,7 +109,11 @@ class BadDataError(ConfigError):
 class EpochStream:
     """Endless batches over epochs, reshuffled per epoch from the seed; resumable."""
 
-    def __init__(self, cfg: DataConfig, num_classes: int, rank: int, world_size: int, pin_memory: bool = False):
+    def __init__(
+        self, cfg: DataConfig, num_classes: int, rank: int, world_size: int, pin_memory: bool = False,
+        with_indices: bool = False,
+    ):
+        """``with_indices``: batches are ``(images, labels, sample indices)`` (offline distillation reads by index)."""
         self.rank, self.bad_in_epoch, self.max_bad_fraction = rank, 0, cfg.max_bad_fraction
         if cfg.source == "synthetic":
             self.dataset = SyntheticFaces(
@@ -111,10 +137,11 @@ class EpochStream:
                 f"an epoch of {len(self.dataset)} samples holds no global batch of {self.sampler.global_batch} "
                 f"({world_size} ranks x data.batch_size {cfg.batch_size}); add data or lower the batch size"
             )
+        self.issued = _Issued(self.sampler) if with_indices else None
         self.loader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
-            sampler=self.sampler,
+            sampler=self.sampler if self.issued is None else self.issued,
             num_workers=cfg.num_workers,
             persistent_workers=cfg.num_workers > 0,
             pin_memory=pin_memory,
@@ -130,9 +157,13 @@ class EpochStream:
             self.sampler.epoch, self.sampler.position = self.epoch, self.position
             for batch in self.loader:
                 self.position += self.sampler.global_batch
+                skipped = 0
                 if len(batch) == 3:  # real data: (images, labels, samples skipped to fill each slot)
-                    self._count_bad(int(batch[2].sum()))
+                    skipped = batch[2]
+                    self._count_bad(int(skipped.sum()))
                     batch = batch[:2]
+                if self.issued is not None:  # the sample in each slot: a bad one was replaced by the next good one
+                    batch = (*batch, (self.issued.take(len(batch[1])) + skipped) % self.sampler.size)
                 yield batch
             self.epoch, self.position, self.bad_in_epoch = self.epoch + 1, 0, 0
 

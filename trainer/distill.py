@@ -1,0 +1,367 @@
+"""Feature distillation: the student's embeddings are pulled towards a larger teacher's.
+
+The loss is the seed's convex combination
+``alpha * CE_margin + (1 - alpha) * weight * mean ||s^ - t^||^2`` on L2-normalised
+embeddings (``||s^ - t^||^2 = 2 - 2 cos``, so this is cosine distillation).  When the
+teacher's embedding size differs from the student's, a learned linear projection maps
+the student's embedding into the teacher's space; it is trained with the student and
+checkpointed with it, and never exported (the backbone's embedding is the product).
+
+The teacher comes from one of two places:
+
+- online: a backbone loaded from a committed checkpoint, frozen (eval mode, no grad,
+  optionally in bf16/fp16), run on the same augmented batch as the student;
+- offline: embeddings precomputed once by ``mfrctl distill extract`` (see
+  ``extract``), read for each batch by sample index.  At WebFace260M scale a teacher
+  forward per step costs more than the student's, so this is the affordable way.
+
+Offline features are written from the *unaugmented* samples (no mask, no mirror): the
+student learns to map a masked face to the teacher's embedding of the bare face.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fsspec.core import url_to_fs
+from torch import nn
+
+from .config import ConfigError, DataConfig, TeacherConfig, TrainConfig
+from .dist import DistEnv
+from .models import IResNet, build_backbone
+from .storage import CheckpointInfo, Storage, fsspec_options
+
+FORMAT = "mfr-teacher-features/1"
+INDEX = "index.json"
+_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean_i ||s_i/|s_i| - t_i/|t_i|||^2`` in fp32 (whatever precision the embeddings came in)."""
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.float(), dim=1)
+    return (s - t).pow(2).sum(dim=1).mean()
+
+
+# -- the teacher checkpoint -------------------------------------------------------
+
+
+def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """A committed ``.../step-<N>`` as given, or the newest committed checkpoint under a root."""
+    url = url.rstrip("/")
+    step = re.search(r"/step-(\d+)$", url)
+    if step:
+        root = url.rpartition("/")[0]
+        found = [c for c in Storage(root, storage_options).checkpoints() if c.step == int(step.group(1)) and c.committed]
+    else:
+        newest = Storage(url, storage_options).latest_committed()
+        found = [newest] if newest else []
+    if not found:
+        raise ConfigError(
+            f"teacher checkpoint {url} is not a committed checkpoint, nor a checkpoint root holding one "
+            f"(see mfrctl ckpt ls)"
+        )
+    return found[0]
+
+
+def _shape(t: torch.Tensor) -> str:
+    return " x ".join(str(n) for n in t.shape) or "scalar"
+
+
+def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = None) -> tuple[IResNet, CheckpointInfo]:
+    """The configured teacher architecture with the checkpoint's backbone weights, frozen, on the CPU.
+
+    The checkpoint's tensors are compared with the architecture first, so a mismatch is
+    one line naming the tensor instead of a page of ``load_state_dict`` errors.
+    """
+    from .export import load_tensors, tensor_shapes
+
+    info = resolve_checkpoint(cfg.checkpoint or "", storage_options)
+    model = build_backbone(cfg.backbone, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
+    saved = {k.removeprefix("backbone."): v for k, v in tensor_shapes(info.url).items() if k.startswith("backbone.")}
+    expected = {k: _shape(v) for k, v in model.state_dict().items()}
+    problem = next(
+        (
+            f"backbone.{k} is {saved[k] if k in saved else 'missing'} there, {expected[k]} in the configured teacher"
+            for k in expected
+            if saved.get(k) != expected[k]
+        ),
+        next((f"backbone.{k} ({saved[k]}) there is not in the configured teacher" for k in saved if k not in expected), None),
+    )
+    if problem:
+        model_cfg = (info.config or {}).get("model")
+        hint = f" (that run's model: {json.dumps({k: model_cfg.get(k) for k in ('backbone', 'layers', 'width', 'embedding_size')})})" if model_cfg else ""
+        raise ConfigError(
+            f"teacher checkpoint {info.url} does not match distill.teacher "
+            f"(backbone {cfg.backbone}, layers {cfg.layers}, width {cfg.width}, embedding_size {cfg.embedding_size}): "
+            f"{problem}; set distill.teacher to the architecture it was trained with{hint}"
+        )
+    model.load_state_dict(load_tensors(info.url, ("backbone",))["backbone"])
+    return model.eval().requires_grad_(False), info
+
+
+class OnlineTeacher:
+    """A frozen teacher backbone run on the student's (augmented) batch."""
+
+    def __init__(self, cfg: TeacherConfig, storage_options: dict[str, Any], device: torch.device):
+        if cfg.precision == "fp16" and device.type != "cuda":
+            raise ConfigError("distill.teacher.precision fp16 needs a CUDA device; use bf16 or fp32 on cpu")
+        model, self.info = load_teacher(cfg, storage_options)
+        self.model, self.device, self.dtype = model.to(device), device, _PRECISION.get(cfg.precision)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.model(images).float()
+
+
+# -- offline features -------------------------------------------------------------
+
+
+def data_identity(data: DataConfig, num_classes: int) -> dict[str, Any]:
+    """What the sample indices of a data source are indices into: features must match it."""
+    if data.source == "synthetic":
+        return {"source": "synthetic", "num_classes": num_classes, "images_per_identity": data.images_per_identity, "seed": data.seed}
+    return {"source": data.source, "uri": data.uri, "num_classes": num_classes}
+
+
+def _open(uri: str, storage_options: dict[str, Any] | None):
+    fs, root = url_to_fs(uri, **fsspec_options(uri, storage_options))
+    return fs, root.rstrip("/")
+
+
+def _npy(array: np.ndarray) -> tuple[bytes, int]:
+    """The ``.npy`` bytes of ``array`` and where its data starts (rows are then ranged reads)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
+    return data, len(data) - array.nbytes
+
+
+class FeatureWriter:
+    """Writes teacher embeddings in sample-index order as fp16 ``.npy`` shards plus labels.
+
+    ``index.json`` is written last by ``close``: a folder without it is an unfinished
+    extraction and is never read.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None, embedding_size: int, shard_rows: int):
+        self.uri, self.embedding_size, self.shard_rows = uri.rstrip("/"), embedding_size, shard_rows
+        self.fs, self.root = _open(uri, storage_options)
+        if self.fs.exists(f"{self.root}/{INDEX}"):
+            raise ConfigError(f"{uri} already holds teacher features ({INDEX}); choose another --out or remove them")
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.shards: list[dict[str, Any]] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
+
+    def add(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
+        self.pending.append((embeddings.astype(np.float16), labels.astype(np.int32)))
+        self.pending_rows += len(labels)
+        while self.pending_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        embeddings = np.concatenate([e for e, _ in self.pending])
+        labels = np.concatenate([lab for _, lab in self.pending])
+        n = len(self.shards)
+        entry: dict[str, Any] = {"rows": rows}
+        for kind, array in (("embeddings", embeddings[:rows]), ("labels", labels[:rows])):
+            name = f"{kind}-{n:06d}.npy"
+            data, offset = _npy(np.ascontiguousarray(array))
+            self.fs.pipe_file(f"{self.root}/{name}", data)
+            entry[kind] = {"name": name, "offset": offset}
+        self.shards.append(entry)
+        self.pending = [(embeddings[rows:], labels[rows:])] if rows < len(labels) else []
+        self.pending_rows -= rows
+
+    def close(self, meta: dict[str, Any]) -> dict[str, Any]:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        index = {
+            "format": FORMAT,
+            "count": sum(s["rows"] for s in self.shards),
+            "embedding_size": self.embedding_size,
+            "dtype": "float16",
+            "shard_rows": self.shard_rows,
+            "shards": self.shards,
+            **meta,
+        }
+        self.fs.pipe_file(f"{self.root}/{INDEX}", json.dumps(index, indent=1).encode())
+        return index
+
+
+class TeacherFeatures:
+    """Reads rows of an extraction by sample index: two ranged reads per row, batched."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = uri
+        self.fs, self.root = _open(uri, storage_options)
+        try:
+            index = json.loads(self.fs.cat_file(f"{self.root}/{INDEX}"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"distill.features {uri} has no {INDEX}: not written by mfrctl distill extract, or not finished"
+            ) from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ConfigError(f"distill.features {uri}/{INDEX} is not {FORMAT} (format {index.get('format')!r})")
+        self.index = index
+        self.count, self.embedding_size, self.shard_rows = index["count"], index["embedding_size"], index["shard_rows"]
+        self._row_bytes = {"embeddings": 2 * self.embedding_size, "labels": 4}
+
+    def check(self, data: dict[str, Any], count: int, embedding_size: int) -> None:
+        """Refuse features of other data, another sample count or another teacher size."""
+        stored = self.index.get("data", {})
+        differ = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in data.items() if stored.get(k) != v]
+        if differ or self.count != count:
+            what = "; ".join(differ) if differ else f"{self.count} rows there, {count} samples in the data"
+            raise ConfigError(
+                f"distill.features {self.uri} were extracted from other data ({what}); "
+                "run mfrctl distill extract with this config"
+            )
+        if self.embedding_size != embedding_size:
+            raise ConfigError(
+                f"distill.features {self.uri} hold {self.embedding_size}-d embeddings, distill.teacher.embedding_size "
+                f"is {embedding_size}; set it to {self.embedding_size}"
+            )
+
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fp16 embeddings, int32 labels) of samples ``indices``, in that order."""
+        shard, row = np.divmod(np.asarray(indices, dtype=np.int64), self.shard_rows)
+        paths, starts, ends = [], [], []
+        for kind, size in self._row_bytes.items():
+            for s, r in zip(shard.tolist(), row.tolist()):
+                entry = self.index["shards"][s][kind]
+                start = entry["offset"] + r * size
+                paths.append(f"{self.root}/{entry['name']}")
+                starts.append(start)
+                ends.append(start + size)
+        blobs = self.fs.cat_ranges(paths, starts, ends)
+        n = len(indices)
+        embeddings = np.frombuffer(b"".join(blobs[:n]), dtype=np.float16).reshape(n, self.embedding_size)
+        return embeddings, np.frombuffer(b"".join(blobs[n:]), dtype=np.int32)
+
+
+class OfflineTeacher:
+    """Teacher embeddings read from an extraction, with each row's label checked against the batch."""
+
+    def __init__(self, cfg: TrainConfig, dataset_size: int, device: torch.device):
+        self.features = TeacherFeatures(cfg.distill.features or "", cfg.distill.storage_options)
+        self.features.check(data_identity(cfg.data, cfg.head.num_classes), dataset_size, cfg.distill.teacher.embedding_size)
+        self.device = device
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
+            raise ValueError("offline distillation needs the batch's sample indices (EpochStream with_indices)")
+        embeddings, stored = self.features.rows(indices.numpy())
+        wrong = np.flatnonzero(stored != labels.numpy())
+        if wrong.size:
+            i = wrong[0]
+            raise ConfigError(
+                f"distill.features {self.features.uri}: sample {int(indices[i])} has label {int(stored[i])} there, "
+                f"{int(labels[i])} in the data; the features were extracted from other data"
+            )
+        return torch.from_numpy(embeddings.astype(np.float32)).to(self.device)
+
+
+# -- the loss term in training ------------------------------------------------------
+
+
+class Distillation:
+    """The teacher, the optional student->teacher projection, and the combined loss."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, dataset_size: int):
+        self.alpha, self.weight, self.env = cfg.distill.alpha, cfg.distill.weight, env
+        teacher_cfg = cfg.distill.teacher
+        if cfg.distill.mode == "online":
+            self.teacher: OnlineTeacher | OfflineTeacher = OnlineTeacher(teacher_cfg, cfg.distill.storage_options, env.device)
+        else:
+            self.teacher = OfflineTeacher(cfg, dataset_size, env.device)
+        self.projection: nn.Linear | None = None
+        if teacher_cfg.embedding_size != cfg.model.embedding_size:
+            self.projection = nn.Linear(cfg.model.embedding_size, teacher_cfg.embedding_size, bias=False).to(env.device)
+            for p in self.projection.parameters():  # one projection for all ranks, like DDP's start
+                dist.broadcast(p.detach(), src=0)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [] if self.projection is None else list(self.projection.parameters())
+
+    def targets(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's embeddings of the batch (fp32, on the device, no grad)."""
+        return self.teacher(images, labels, indices)
+
+    def combine(self, margin_loss: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``alpha * margin_loss + (1 - alpha) * weight * distillation_loss``."""
+        student = embeddings if self.projection is None else self.projection(embeddings.float())
+        return self.alpha * margin_loss + (1 - self.alpha) * self.weight * distillation_loss(student, targets)
+
+    def sync_grads(self) -> None:
+        """Average the projection's gradients over the ranks (what DDP does for the backbone)."""
+        for p in self.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+# -- extraction (mfrctl distill extract) ----------------------------------------------
+
+
+def unaugmented_dataset(cfg: TrainConfig):
+    """The training data source in sample-index order with no mask and no mirror."""
+    from torch.utils.data import Dataset
+
+    clean = cfg.data.model_copy(update={"mask_prob": 0.0, "flip": False})
+    dataset: Dataset
+    if clean.source == "synthetic":
+        from .data.synthetic import SyntheticFaces
+
+        dataset = SyntheticFaces(
+            cfg.head.num_classes, clean.images_per_identity, seed=clean.seed, mask_prob=0.0, flip=False
+        )
+    else:
+        from .data import sources
+
+        dataset = sources.build(clean, cfg.head.num_classes)
+    return dataset
+
+
+def extract(
+    cfg: TrainConfig,
+    out: str,
+    batch_size: int,
+    num_workers: int,
+    shard_rows: int,
+    device: torch.device,
+    on_batch: Callable[[int, int], None] = lambda done, total: None,
+) -> dict[str, Any]:
+    """Embed every training sample once with the teacher into ``out``; returns the index."""
+    from torch.utils.data import DataLoader
+
+    teacher_cfg = cfg.distill.teacher
+    teacher = OnlineTeacher(teacher_cfg, cfg.distill.storage_options, device)
+    dataset = unaugmented_dataset(cfg)
+    writer = FeatureWriter(out, cfg.distill.storage_options, teacher_cfg.embedding_size, shard_rows)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    done, total = 0, len(dataset)
+    for images, labels, *_ in loader:
+        writer.add(teacher(images.to(device), labels, None).cpu().numpy(), labels.numpy())
+        done += len(labels)
+        on_batch(done, total)
+    return writer.close(
+        {
+            "data": data_identity(cfg.data, cfg.head.num_classes),
+            "images": "unaugmented (no mask, no mirror)",
+            "teacher": {
+                "checkpoint": teacher.info.url,
+                "step": teacher.info.step,
+                **teacher_cfg.model_dump(include={"backbone", "layers", "width", "embedding_size"}),
+            },
+        }
+    )
