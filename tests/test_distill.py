@@ -221,3 +221,17 @@ def test_extract_writes_teacher_rows_then_offline_training_checks_them(teacher, 
                          (["data.seed=1"], "seed 0 there, 1 here")):
         code, err = _main([a for s in [*offline, *wrong] for a in ("--set", s)], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and named in err, err
+
+
+def test_features_on_s3_read_back_by_index_in_any_order(s3_env):
+    rng = np.random.default_rng(0)
+    embeddings, labels = rng.standard_normal((23, 6)).astype(np.float16), rng.integers(0, 5, 23)
+    writer = FeatureWriter("s3://mfr-test/distill/features", None, embedding_size=6, shard_rows=10)
+    for start in range(0, 23, 7):  # added in blocks that straddle the shard boundaries
+        writer.add(embeddings[start : start + 7], labels[start : start + 7])
+    index = writer.close({"data": {"source": "synthetic"}})
+    assert index["count"] == 23 and [s["rows"] for s in index["shards"]] == [10, 10, 3]
+    store = TeacherFeatures("s3://mfr-test/distill/features")
+    order = rng.permutation(23)
+    rows, stored = store.rows(order)
+    assert np.array_equal(rows, embeddings[order]) and np.array_equal(stored, labels[order])
