@@ -27,7 +27,9 @@ def extract(
     out: Annotated[str, typer.Option(help="Folder or s3:// prefix for the feature shards and index.json.")],
     config: Annotated[
         Optional[Path],
-        typer.Option("--config", "-c", help="TrainConfig of the student run: its data, and distill.teacher's architecture."),
+        typer.Option(
+            "--config", "-c", help="TrainConfig of the student run: its data, and distill.teacher's architecture."
+        ),
     ] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set distill.teacher.backbone=r100.")
@@ -61,7 +63,8 @@ def extract(
             raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
         use = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
         bar = Progress(
-            TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True
+            TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=err, transient=True,
         )
         task = bar.add_task("extract", total=None)
 

@@ -44,7 +44,8 @@ def _save_teacher(root, step: int = 5):
     with torch.no_grad():  # non-trivial BatchNorm statistics
         model(torch.randn(4, 3, 112, 112))
     dcp.save({"backbone": model.state_dict()}, checkpoint_id=str(root / step_dir(step)), no_dist=True)
-    Storage(str(root)).commit(step, {"world_size": 1, "bytes": 0, "config": {"model": {"backbone": "r18", "width": 0.0625, "embedding_size": 24}}})
+    model_cfg = {"backbone": "r18", "width": 0.0625, "embedding_size": 24}
+    Storage(str(root)).commit(step, {"world_size": 1, "bytes": 0, "config": {"model": model_cfg}})
     return model.eval()
 
 
@@ -75,7 +76,7 @@ def test_online_step_trains_student_and_projection_only(teacher, tmp_path, singl
     trainer = Trainer(cfg, DistEnv(0, 0, 1, 1, 0, torch.device("cpu")))
     model = trainer.distillation.teacher.model
     teacher_state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert all(torch.equal(teacher_state[k], v) for k, v in reference.state_dict().items()), "not the checkpoint's weights"
+    assert all(torch.equal(teacher_state[k], v) for k, v in reference.state_dict().items()), "not the saved teacher"
     projection = trainer.distillation.projection
     assert projection is not None and projection.weight.shape == (24, 16)
     student = [p.detach().clone() for p in (*trainer.model.parameters(), projection.weight)]
@@ -152,7 +153,8 @@ def test_offline_rows_follow_the_samples_over_ranks_workers_and_resume(tmp_path)
         cfg = load_config(None, [*SMALL, *data, "data.num_workers=0"])
         dataset = EpochStream(cfg.data, cfg.head.num_classes, 0, 1).dataset
         store = str(tmp_path / f"features-{n}")
-        writer = FeatureWriter(store, None, embedding_size=_signature(torch.zeros(1, 3, 112, 112)).shape[1], shard_rows=5)
+        size = _signature(torch.zeros(1, 3, 112, 112)).shape[1]
+        writer = FeatureWriter(store, None, embedding_size=size, shard_rows=5)
         for i in range(len(dataset)):  # row i from sample i exactly as training sees it
             image, label, *_ = dataset[i]
             writer.add(_signature(image[None]), np.array([label]))
@@ -174,7 +176,8 @@ def _main(argv: list[str], capsys) -> tuple[int, str]:
 def test_trainer_rejects_a_teacher_of_another_architecture(teacher, tmp_path, capsys):
     root, _ = teacher
     sets = [*SMALL, f"run.output_dir={tmp_path}", "run.device=cpu", "distill.mode=online",
-            f"distill.teacher.checkpoint={root}/step-00000005", "distill.teacher.backbone=r34", "distill.teacher.width=0.0625",
+            f"distill.teacher.checkpoint={root}/step-00000005", "distill.teacher.backbone=r34",
+            "distill.teacher.width=0.0625",
             "distill.teacher.embedding_size=24"]
     code, err = _main([a for s in sets for a in ("--set", s)], capsys)
     assert code == 2

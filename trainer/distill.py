@@ -60,7 +60,8 @@ def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) 
     step = re.search(r"/step-(\d+)$", url)
     if step:
         root = url.rpartition("/")[0]
-        found = [c for c in Storage(root, storage_options).checkpoints() if c.step == int(step.group(1)) and c.committed]
+        wanted = int(step.group(1))
+        found = [c for c in Storage(root, storage_options).checkpoints() if c.step == wanted and c.committed]
     else:
         newest = Storage(url, storage_options).latest_committed()
         found = [newest] if newest else []
@@ -76,6 +77,15 @@ def _shape(t: torch.Tensor) -> str:
     return " x ".join(str(n) for n in t.shape) or "scalar"
 
 
+def _first_mismatch(saved: dict[str, str], expected: dict[str, str]) -> str | None:
+    """The first tensor whose shape differs between a checkpoint and an architecture, in words."""
+    for name, shape in expected.items():
+        if saved.get(name) != shape:
+            return f"backbone.{name} is {saved.get(name, 'missing')} there, {shape} in the configured teacher"
+    extra = [name for name in saved if name not in expected]
+    return f"backbone.{extra[0]} ({saved[extra[0]]}) there is not in the configured teacher" if extra else None
+
+
 def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = None) -> tuple[IResNet, CheckpointInfo]:
     """The configured teacher architecture with the checkpoint's backbone weights, frozen, on the CPU.
 
@@ -87,18 +97,11 @@ def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = No
     info = resolve_checkpoint(cfg.checkpoint or "", storage_options)
     model = build_backbone(cfg.backbone, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
     saved = {k.removeprefix("backbone."): v for k, v in tensor_shapes(info.url).items() if k.startswith("backbone.")}
-    expected = {k: _shape(v) for k, v in model.state_dict().items()}
-    problem = next(
-        (
-            f"backbone.{k} is {saved[k] if k in saved else 'missing'} there, {expected[k]} in the configured teacher"
-            for k in expected
-            if saved.get(k) != expected[k]
-        ),
-        next((f"backbone.{k} ({saved[k]}) there is not in the configured teacher" for k in saved if k not in expected), None),
-    )
+    problem = _first_mismatch(saved, {k: _shape(v) for k, v in model.state_dict().items()})
     if problem:
         model_cfg = (info.config or {}).get("model")
-        hint = f" (that run's model: {json.dumps({k: model_cfg.get(k) for k in ('backbone', 'layers', 'width', 'embedding_size')})})" if model_cfg else ""
+        used = {k: model_cfg.get(k) for k in ("backbone", "layers", "width", "embedding_size")} if model_cfg else None
+        hint = f" (that run's model: {json.dumps(used)})" if used else ""
         raise ConfigError(
             f"teacher checkpoint {info.url} does not match distill.teacher "
             f"(backbone {cfg.backbone}, layers {cfg.layers}, width {cfg.width}, embedding_size {cfg.embedding_size}): "
@@ -129,7 +132,10 @@ class OnlineTeacher:
 def data_identity(data: DataConfig, num_classes: int) -> dict[str, Any]:
     """What the sample indices of a data source are indices into: features must match it."""
     if data.source == "synthetic":
-        return {"source": "synthetic", "num_classes": num_classes, "images_per_identity": data.images_per_identity, "seed": data.seed}
+        return {
+            "source": "synthetic", "num_classes": num_classes,
+            "images_per_identity": data.images_per_identity, "seed": data.seed,
+        }
     return {"source": data.source, "uri": data.uri, "num_classes": num_classes}
 
 
@@ -255,7 +261,8 @@ class OfflineTeacher:
 
     def __init__(self, cfg: TrainConfig, dataset_size: int, device: torch.device):
         self.features = TeacherFeatures(cfg.distill.features or "", cfg.distill.storage_options)
-        self.features.check(data_identity(cfg.data, cfg.head.num_classes), dataset_size, cfg.distill.teacher.embedding_size)
+        identity = data_identity(cfg.data, cfg.head.num_classes)
+        self.features.check(identity, dataset_size, cfg.distill.teacher.embedding_size)
         self.device = device
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
@@ -282,7 +289,9 @@ class Distillation:
         self.alpha, self.weight, self.env = cfg.distill.alpha, cfg.distill.weight, env
         teacher_cfg = cfg.distill.teacher
         if cfg.distill.mode == "online":
-            self.teacher: OnlineTeacher | OfflineTeacher = OnlineTeacher(teacher_cfg, cfg.distill.storage_options, env.device)
+            self.teacher: OnlineTeacher | OfflineTeacher = OnlineTeacher(
+                teacher_cfg, cfg.distill.storage_options, env.device
+            )
         else:
             self.teacher = OfflineTeacher(cfg, dataset_size, env.device)
         self.projection: nn.Linear | None = None
@@ -313,23 +322,18 @@ class Distillation:
 # -- extraction (mfrctl distill extract) ----------------------------------------------
 
 
-def unaugmented_dataset(cfg: TrainConfig):
+def unaugmented_dataset(cfg: TrainConfig) -> torch.utils.data.Dataset:
     """The training data source in sample-index order with no mask and no mirror."""
-    from torch.utils.data import Dataset
-
     clean = cfg.data.model_copy(update={"mask_prob": 0.0, "flip": False})
-    dataset: Dataset
     if clean.source == "synthetic":
         from .data.synthetic import SyntheticFaces
 
-        dataset = SyntheticFaces(
+        return SyntheticFaces(
             cfg.head.num_classes, clean.images_per_identity, seed=clean.seed, mask_prob=0.0, flip=False
         )
-    else:
-        from .data import sources
+    from .data import sources
 
-        dataset = sources.build(clean, cfg.head.num_classes)
-    return dataset
+    return sources.build(clean, cfg.head.num_classes)
 
 
 def extract(
