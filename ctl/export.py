@@ -95,9 +95,7 @@ def export(
         summary = export_checkpoint(info, out, fmt.value, with_head=head, open_output=open_file)
     except ConfigError as e:
         raise fail(str(e)) from None
-    except ExportMismatch as e:
-        raise fail(str(e), code=1) from None
-    except StorageError as e:
+    except (ExportMismatch, StorageError) as e:
         raise fail(str(e), code=1) from None
     if output != Output.table:
         print_data(summary, output)
