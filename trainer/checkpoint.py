@@ -3,7 +3,9 @@
 One torch.distributed.checkpoint (DCP) directory per saved step, committed
 by the protocol of ``storage``.  It holds:
 
-- the backbone and its optimizer state (replicated: DCP writes them once);
+- the backbone and its optimizer state (replicated: DCP writes them once;
+  under ZeRO, DTensor shards under the same names, so a checkpoint moves
+  between ``optim.zero`` settings and world sizes like any other);
 - the head's class rows and their optimizer state, each rank its own block
   with the block's global row offset, so that on load DCP hands every rank
   exactly the rows it owns in the *new* world (2 -> 3 ranks, 3 -> 1, ...);
@@ -44,6 +46,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import metrics
 from .config import ConfigError, TrainConfig
+from .parallel import reshard
 from .storage import CheckpointInfo, Storage, StorageError, step_dir
 
 if TYPE_CHECKING:
@@ -55,6 +58,8 @@ warnings.filterwarnings("ignore", message="Please use DTensor instead and we are
 _SAVE_ERRORS = (Exception, CheckpointException)
 # Settings a checkpoint's tensors depend on: resuming with others is refused.
 STRUCTURAL = ("model", "head.num_classes", "optim.name")
+# ...except these: they change how the backbone runs, not its tensors.
+NOT_STRUCTURAL = ("model.activation_checkpointing", "model.checkpoint_every")
 
 
 class Preempted(RuntimeError):
@@ -92,7 +97,8 @@ def _optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> d
 
 def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
     """The DCP state dict of ``trainer``: views of the live tensors (load writes in place)."""
-    model, head, opt = trainer.model.module, trainer.head, trainer.optimizer
+    model, head, opt = trainer.backbone, trainer.head, trainer.optimizer
+    reshard(model)  # ZeRO: parameters as the DTensor shards the optimizer state is keyed by
     names = {p: n for n, p in model.named_parameters()}
     head_slots = {
         k: _rows(v, head.start, head.num_classes, head.group) if v.shape == head.weight.shape else v
@@ -123,7 +129,7 @@ def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
 
 def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     """Finish a load: the tensors are already in place; set the rest."""
-    model, head, opt = trainer.model.module, trainer.head, trainer.optimizer
+    model, head, opt = trainer.backbone, trainer.head, trainer.optimizer
     for name, p in model.named_parameters():
         if state["optim"]["backbone"][name]:
             opt.state[p] = dict(state["optim"]["backbone"][name])
@@ -169,7 +175,11 @@ def config_mismatch(saved: dict[str, Any], current: TrainConfig) -> tuple[list[s
     old, new = _flatten(saved), _flatten(current.model_dump(mode="json"))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     describe = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-    structural = [d for k, d in zip(changed, describe) if any(k == s or k.startswith(s + ".") for s in STRUCTURAL)]
+    structural = [
+        d
+        for k, d in zip(changed, describe)
+        if any(k == s or k.startswith(s + ".") for s in STRUCTURAL) and k not in NOT_STRUCTURAL
+    ]
     return structural, [d for d in describe if d not in structural]
 
 
@@ -388,7 +398,7 @@ class Checkpointer:
 
     def _sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics: what DDP broadcasts before the next forward anyway."""
-        for buffer in self.trainer.model.module.buffers():
+        for buffer in self.trainer.backbone.buffers():
             dist.broadcast(buffer, src=0)
 
     def save_for_preemption(self) -> None:

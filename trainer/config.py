@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-BACKBONES = ("tiny", "r18", "r34", "r50", "r100", "r200", "custom")
+BACKBONES = ("tiny", "r18", "r34", "r50", "r100", "r200", "r240", "r600", "r1200", "custom")
 DEMO_CONFIG = "synthetic-demo.yaml"
 
 

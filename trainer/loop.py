@@ -1,4 +1,4 @@
-"""The training loop: composes backbone (DDP), sharded head, data and optimizer."""
+"""The training loop: composes backbone (DDP or ZeRO), sharded head, data and optimizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import metrics
 from .checkpoint import Checkpointer
@@ -18,6 +17,7 @@ from .evaluate import HeldOutEvaluator
 from .head import PartialFC
 from .models import build_backbone
 from .optim import build_optimizer, clip_global_grad_norm, set_lr
+from .parallel import gradient_sync, parallelize, reshard, unwrap
 from .progress import Progress
 from .verification import ProtocolResult, format_fpr
 
@@ -38,8 +38,10 @@ class Trainer:
             width=cfg.model.width,
             embedding_size=cfg.model.embedding_size,
             dropout=cfg.model.dropout,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+            checkpoint_every=cfg.model.checkpoint_every,
         ).to(env.device)
-        self.model = DistributedDataParallel(backbone, device_ids=[env.device.index] if env.device.index is not None else None)
+        self.model = parallelize(backbone, cfg.optim.zero, env)  # what the step calls: DDP or the sharded backbone
         self.head = PartialFC(
             cfg.model.embedding_size,
             cfg.head.num_classes,
@@ -49,8 +51,10 @@ class Trainer:
             seed=cfg.run.seed,
         ).to(env.device)
         self.optimizer = build_optimizer(cfg.optim, self.model, self.head)
-        self.replicated_params = list(self.model.parameters())  # equal on every rank after DDP
-        self.sharded_params = list(self.head.parameters())  # this rank's share of the head
+        # DDP makes backbone gradients equal on every rank; under ZeRO each rank holds a shard of them
+        backbone_params = list(self.backbone.parameters())
+        self.replicated_params = [] if cfg.optim.zero else backbone_params
+        self.sharded_params = (backbone_params if cfg.optim.zero else []) + list(self.head.parameters())
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.run.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp)
         try:
@@ -73,6 +77,11 @@ class Trainer:
         self.last_grad_norm = float("nan")
         self.metrics_url = metrics.serve(cfg.metrics, env.local_rank) if cfg.metrics.enabled else None
         self.metrics = metrics.TrainMetrics(env.rank, env.world_size, env.restart_count, env.device)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The iResNet itself (its parameters are DTensor shards under ZeRO)."""
+        return unwrap(self.model)
 
     @property
     def global_batch(self) -> int:
@@ -98,7 +107,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(zip(images.chunk(micro), labels.chunk(micro))):
             sync_grads = i == micro - 1
-            with contextlib.nullcontext() if sync_grads else self.model.no_sync():
+            with gradient_sync(self.model, sync_grads):
                 with self._autocast():
                     embeddings = self.model(x)
                 loss = self.head(embeddings, y)
@@ -133,7 +142,8 @@ class Trainer:
 
     def evaluate(self, stage: str) -> dict[str, ProtocolResult]:
         """TPR@FPR of the backbone on held-out identities, reported by rank 0."""
-        report = self.evaluator(self.model.module)
+        report = self.evaluator(self.backbone)
+        reshard(self.backbone)  # evaluation's forward (no backward) leaves ZeRO-2 parameters gathered
         self.metrics.eval_results(report)
         self.progress.event("eval", stage=stage, step=self.step, results=[r.to_dict() for r in report.values()])
         for protocol, result in report.items():

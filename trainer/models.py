@@ -7,17 +7,23 @@ PReLU inside, strides in the block's *second* conv, and ends in
 BN -> dropout -> flatten -> FC -> BatchNorm1d instead of global pooling, so
 the embedding keeps the spatial layout of the 7x7 final map.
 
-Each of the four stages is its own module in ``IResNet.stages`` so that
-activation checkpointing can later wrap them one by one.
+Each of the four stages is its own module in ``IResNet.stages``, so that
+activation checkpointing can recompute them one at a time (``"stage"``), or
+segments of ``checkpoint_every`` consecutive blocks (``"block"``), during
+backward.  Recomputation runs BatchNorm forward a second time; the running
+statistics it would update again are put back (see ``_keep_running_stats``),
+so a checkpointed run's statistics equal those of a plain run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 INPUT_SIZE = 112
@@ -30,7 +36,12 @@ BACKBONE_DEPTHS: dict[str, tuple[int, int, int, int]] = {
     "r50": (3, 4, 14, 3),
     "r100": (3, 13, 30, 3),
     "r200": (6, 26, 60, 6),
+    # The seed's student and teachers ("ResNet240", "ResNet600", "ResNet1.2K").
+    "r240": (3, 25, 88, 3),
+    "r600": (3, 70, 220, 3),
+    "r1200": (3, 80, 512, 3),
 }
+ACTIVATION_CHECKPOINTING = ("none", "stage", "block")
 # "tiny" exists for CPU tests and the synthetic demo: still every part of a
 # real iResNet, but with 4/8/16/32 channels.  Its cost is dominated by the
 # stem and first block at full 112x112 resolution, which no depth setting
@@ -71,11 +82,33 @@ class IBasicBlock(nn.Module):
         return self.residual(x) + self.downsample(x)
 
 
+@contextlib.contextmanager
+def _keep_running_stats(segment: nn.Module) -> Iterator[None]:
+    """Undo the BatchNorm running-statistics updates made inside the block.
+
+    Used around recomputation: the original forward already counted this
+    batch once.  The outputs do not depend on it (training-mode BN normalises
+    with the batch's own statistics).
+    """
+    norms = [m for m in segment.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
 class IResNet(nn.Module):
     """iResNet for 3x112x112 inputs; ``forward`` returns ``(N, embedding_size)``.
 
     ``layers`` holds the number of ``IBasicBlock`` per stage; ``width``
     multiplies the base stage widths (64, 128, 256, 512).
+    ``activation_checkpointing`` is ``"none"``, ``"stage"`` or ``"block"``
+    (segments of ``checkpoint_every`` blocks, counted through the stages).
     """
 
     def __init__(
@@ -84,6 +117,8 @@ class IResNet(nn.Module):
         width: float = 1.0,
         embedding_size: int = 512,
         dropout: float = 0.0,
+        activation_checkpointing: str = "none",
+        checkpoint_every: int = 1,
     ):
         super().__init__()
         layers = tuple(layers)
@@ -97,6 +132,13 @@ class IResNet(nn.Module):
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                f"got {activation_checkpointing!r}"
+            )
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
 
         self.layers = layers
         self.channels = tuple(max(1, round(base * width)) for base in STAGE_WIDTHS)
@@ -114,6 +156,8 @@ class IResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
             in_channels = out_channels
         self.stages = nn.ModuleList(stages)
+        self.activation_checkpointing = activation_checkpointing
+        self.segments = self._segments(checkpoint_every)
         self.head = nn.Sequential(
             nn.BatchNorm2d(in_channels),
             nn.Dropout(dropout),
@@ -135,11 +179,36 @@ class IResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def _segments(self, checkpoint_every: int) -> list[nn.Sequential]:
+        """The units run (and, when checkpointing, recomputed) one after another.
+
+        Plain ``nn.Sequential`` views over the blocks: they own no parameters
+        of their own, so state-dict names stay ``stages.S.B....``.
+        """
+        if self.activation_checkpointing != "block":
+            return list(self.stages)
+        blocks = [block for stage in self.stages for block in stage]
+        return [nn.Sequential(*blocks[i : i + checkpoint_every]) for i in range(0, len(blocks), checkpoint_every)]
+
+    def _run_segment(self, segment: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing == "none" or not torch.is_grad_enabled():
+            return segment(x)
+        return checkpoint(
+            segment,
+            x,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _keep_running_stats(segment)),
+        )
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images)
-        for stage in self.stages:
-            x = stage(x)
+        for segment in self.segments:
+            x = self._run_segment(segment, x)
         return self.head(x)
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The blocks, each gathered on its own under ZeRO-3 (``optim.zero``)."""
+        return [block for stage in self.stages for block in stage]
 
 
 def build_backbone(
@@ -148,6 +217,8 @@ def build_backbone(
     width: float | None = None,
     embedding_size: int = 512,
     dropout: float = 0.0,
+    activation_checkpointing: str = "none",
+    checkpoint_every: int = 1,
 ) -> IResNet:
     """The backbone named in the config: a ``BACKBONE_DEPTHS`` key, or "custom" with ``layers``.
 
@@ -165,7 +236,14 @@ def build_backbone(
         raise ValueError(f"unknown backbone {name!r}; valid names: {valid}")
     if width is None:
         width = DEFAULT_WIDTHS.get(name, 1.0)
-    return IResNet(layers, width=width, embedding_size=embedding_size, dropout=dropout)
+    return IResNet(
+        layers,
+        width=width,
+        embedding_size=embedding_size,
+        dropout=dropout,
+        activation_checkpointing=activation_checkpointing,
+        checkpoint_every=checkpoint_every,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,6 +4,10 @@ One optimizer holds two parameter groups: the data-parallel backbone (whose
 gradients DDP has already made identical on every rank) and this rank's
 head shard (whose gradients are different on every rank).  The global
 gradient norm therefore sums the backbone once and the head over all ranks.
+Under ZeRO (``optim.zero`` 2/3) the backbone's parameters and gradients are
+DTensor shards: they count as sharded, each rank summing its local part.
+Each group holds one kind of tensor (DTensor or plain), so the optimizers'
+foreach kernels never mix them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import OptimConfig
+from .parallel import local
 
 
 def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
@@ -53,7 +58,7 @@ def _sum_of_squares(params: Iterable[nn.Parameter], device: torch.device) -> tor
     total = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
         if p.grad is not None:
-            total += p.grad.detach().float().pow(2).sum()
+            total += local(p.grad.detach()).float().pow(2).sum()
     return total
 
 
@@ -67,7 +72,7 @@ def clip_global_grad_norm(
     """Clip to ``max_norm`` over the whole model; returns the norm before clipping.
 
     ``replicated`` gradients are equal on all ranks, ``sharded`` ones are
-    this rank's share.  The result is the same on every rank, so every rank
+    this rank's share (plain tensors or DTensors).  The result is the same on every rank, so every rank
     takes the same decision about a non-finite step.
     """
     sharded_sq = _sum_of_squares(sharded, device)
@@ -77,5 +82,5 @@ def clip_global_grad_norm(
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in (*replicated, *sharded):
             if p.grad is not None:
-                p.grad.mul_(coef)
+                local(p.grad).mul_(coef)
     return norm
