@@ -53,7 +53,7 @@ def test_folded_model_equals_the_original_in_eval_mode(backbone):
     model = _trained_looking(build_backbone("tiny", embedding_size=16, dropout=0.4), 2)
     for m in (backbone, model):
         folded = fold_batchnorm(m)
-        images = verification_inputs()["synthetic faces"]
+        images = verification_inputs()["synthetic faces"][:4]  # two photos, each masked and not
         with torch.no_grad():
             expected, got = m(images), folded(images)
             scale = expected.abs().max()
