@@ -120,7 +120,9 @@ def test_invalid_model_arguments_are_rejected(kwargs, message):
 
 
 def test_build_backbone_rejects_bad_names_and_layers():
-    with pytest.raises(ValueError, match=r"unknown backbone 'r1000'; valid names: tiny, r18, .*r200, custom"):
+    with pytest.raises(
+        ValueError, match=r"unknown backbone 'r1000'; valid names: tiny, r18, .*r200, r240, r600, r1200, custom"
+    ):
         build_backbone("r1000")
     with pytest.raises(ValueError, match="'custom' needs layers"):
         build_backbone("custom")
