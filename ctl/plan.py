@@ -380,7 +380,7 @@ def plan_memory(spec: PlanSpec) -> Plan:
     if spec.micro_batches > 1:
         in_step.append(Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last"))
         in_step.append(Item("head", "accumulated gradient", centres, "earlier micro-batches"))
-    backbone_grads = Item("backbone", "gradients", full if spec.zero == 0 or spec.micro_batches > 1 else shard,
+    backbone_grads = Item("backbone", "gradients", full if spec.zero == 0 else shard,
                           "fp32" if spec.zero == 0 else f"reduce-scattered to 1/{world} per unit")
     head_grad = Item("head", "gradient", centres, "dense over the shard, also when sampling")
 
@@ -405,8 +405,11 @@ def plan_memory(spec: PlanSpec) -> Plan:
     backbone_backward = [
         Item("backbone", "activations", micro * backbone_peak,
              f"still saved, recomputed and gradients of one block, {micro} samples{checkpointing}"),
-        backbone_grads,
-        head_grad,
+        *([backbone_grads, head_grad] if spec.micro_batches == 1 else [
+            # measured: the last micro-batch's gradients exist beside the accumulated ones before the sum
+            Item("backbone", "new gradients", full, "this micro-batch's, before they are accumulated"),
+            Item("head", "new gradient", centres, "this micro-batch's, before it is accumulated"),
+        ]),
     ]
     step = [
         backbone_grads,
