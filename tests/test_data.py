@@ -14,7 +14,9 @@ from PIL import Image
 from mfr.trainer.config import ConfigError, DataConfig
 from mfr.trainer.data import recordio
 from mfr.trainer.data.loader import BadDataError, EpochStream
+from mfr.trainer.data.permutation import FeistelPermutation
 from mfr.trainer.data.sources import FolderFaces, RecordFaces, decode
+from mfr.trainer.data.spans import Layout, SpanOrder
 from mfr.trainer.metrics import BAD_SAMPLES
 
 
@@ -176,6 +178,70 @@ def test_exactly_once_across_ranks_and_workers_and_resume(tmp_path):
     it = iter(one)
     after = [tag_of(img) for _ in range(4) for img in next(it)[0]]
     assert sorted(before + after) == list(range(48))
+
+
+# -- the epoch orders: a seeded permutation evaluated pointwise, and the span layout of shards
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 48, 1000, 4097, 65539])
+def test_the_permutation_is_a_bijection_with_its_inverse(size):
+    for seed in range(3):
+        order = FeistelPermutation(size, seed, 7)
+        image = order(np.arange(size))
+        assert np.array_equal(np.sort(image), np.arange(size))
+        assert np.array_equal(order.inverse(image), np.arange(size))
+    with pytest.raises(IndexError):
+        order([size])
+
+
+def test_the_permutation_looks_random():
+    n = 100_000
+    x = np.arange(n)
+    image = FeistelPermutation(n, 0, 0)(x)
+    assert np.sum(image == x) < 10  # a random permutation has 1 fixed point on average
+    rho = np.corrcoef(x, image)[0, 1]  # the ranks are the values: this is Spearman's rho, ~N(0, 1/n)
+    assert abs(rho) < 0.02
+    gaps = np.abs(np.diff(image)) / n  # consecutive outputs spread: E|U - V| = 1/3 for independent uniforms
+    assert 0.32 < gaps.mean() < 0.345 and np.mean(gaps < 0.001) < 0.005
+    other_epoch = FeistelPermutation(n, 0, 1)(x)
+    assert np.sum(other_epoch == image) < 10
+    # the image of one point over many keys is uniform (chi-square, 9 degrees of freedom, p ~ 1e-4)
+    counts = np.bincount([int(FeistelPermutation(10, seed, 0)([0])[0]) for seed in range(5000)], minlength=10)
+    assert ((counts - 500) ** 2 / 500).sum() < 33
+    # a tweak gives each element its own permutation: per tweak a bijection, and different ones
+    tweak = np.repeat(np.arange(50), 64)
+    inside = FeistelPermutation(64, 3, 0)(np.tile(np.arange(64), 50), tweak).reshape(50, 64)
+    assert all(np.array_equal(np.sort(row), np.arange(64)) for row in inside)
+    assert len({tuple(row) for row in inside}) == 50
+
+
+@pytest.mark.parametrize(("size", "span", "layout"), [
+    (50, 7, Layout(2, 4, 2)), (50, 50, Layout(1, 8, 2)), (1001, 64, Layout(3, 5, 3)), (1000, 100, Layout(2, 7, 1)),
+])
+def test_the_span_order_is_a_bijection_where_each_reader_streams_its_spans(size, span, layout):
+    order = SpanOrder(size, span, 5, 2, layout)
+    stream = order.stream_index(np.arange(size))
+    assert np.array_equal(np.sort(stream), np.arange(size))
+    samples_ = order.samples(stream)
+    assert np.array_equal(np.sort(samples_), np.arange(size))
+    assert np.array_equal(order.stream_indices(samples_), stream)
+    g, workers = layout.world_size * layout.batch_size, layout.workers
+    steps = size // g
+    for rank in range(layout.world_size):
+        for slot in range(workers):  # the batches one worker gets: consecutive stream indices
+            mine = np.concatenate(
+                [order.stream_index(np.arange(k * g + rank * layout.batch_size, k * g + (rank + 1) * layout.batch_size))
+                 for k in range(slot, steps, workers)]
+            )
+            assert np.all(np.diff(mine) == 1)
+            assert order.part_end(int(mine[0])) == mine[-1] + 1
+    # a span's samples stay in it (read together) but in a shuffled order, and spans are shuffled
+    spans_in_stream = samples_[np.argsort(stream)] // span
+    assert np.all(spans_in_stream[: order.full * span].reshape(-1, span) == spans_in_stream[::span, None][: order.full])
+    if order.full > 2:
+        assert not np.array_equal(spans_in_stream[::span][: order.full], np.arange(order.full))
+        assert not np.array_equal(samples_[np.argsort(stream)][:span] % span, np.arange(span))
+    assert not np.array_equal(SpanOrder(size, span, 5, 3, layout).samples(stream), samples_)  # next epoch
 
 
 # -- bad samples

@@ -17,6 +17,7 @@ from mfr.trainer.data import shards
 from mfr.trainer.data.loader import EpochStream
 from mfr.trainer.data.sources import ShardFaces, decode
 from mfr.trainer.metrics import BAD_SAMPLES
+from tests.distributed import run_distributed
 from tests.test_data import config, samples, tag_of, write_folder, write_recordio
 
 MFRCTL = [sys.executable, "-m", "mfr.ctl.main", "data"]
@@ -87,14 +88,21 @@ def test_shards_exactly_once_across_2_ranks_x_2_workers_and_resume(packed):
         epochs.append(tags)
     assert epochs[0] != epochs[1]  # reshuffled
 
-    # resume after 2 global steps on 1 rank: the rest of that epoch, exactly
-    fresh = [iter(EpochStream(cfg, 5, rank, 2)) for rank in range(2)]
+    # resume after 2 global steps on 1 rank: the rest of that epoch, exactly, then a whole epoch of its own
+    fresh_streams = [EpochStream(cfg, 5, rank, 2) for rank in range(2)]
+    fresh = [iter(s) for s in fresh_streams]
     before = [tag_of(img) for _ in range(2) for it in fresh for img in next(it)[0]]
+    state = fresh_streams[0].state_dict()
+    assert state == {"epoch": 0, "position": 16, "layout_world_size": 2, "layout_batch_size": 4, "layout_workers": 2}
     one = EpochStream(config("shards", str(packed), batch_size=8, num_workers=2, shard_chunk=3, seed=1), 5, 0, 1)
-    one.load_state_dict({"epoch": 0, "position": 16})
+    one.load_state_dict(state)
     it = iter(one)
     after = [tag_of(img) for _ in range(4) for img in next(it)[0]]
     assert sorted(before + after) == sorted(epochs[0])
+    following = [tag_of(img) for _ in range(6) for img in next(it)[0]]
+    assert len(set(following)) == 48
+    assert one.state_dict() | {"position": 0} == {  # epoch 1 was drawn for the resumed job's layout
+        "epoch": 1, "position": 0, "layout_world_size": 1, "layout_batch_size": 8, "layout_workers": 2}
 
 
 def test_bad_shard_samples_are_replaced_and_counted(tmp_path, caplog):
@@ -143,3 +151,45 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = data_cli("pack", str(tmp_path / "empty"), str(tmp_path / "out"))
     assert proc.returncode == 2 and "empty: no images in identity sub-folders" in proc.stderr
+
+
+def _two_epochs_and_a_resume(rank: int, world: int, uris: list[str]) -> list[dict]:
+    """On one real gloo rank, per URI: two epochs, the position after 2 steps (agreed by all ranks), and a
+    stream resumed from it (new workers)."""
+    import torch.distributed as dist
+
+    out = []
+    for uri in uris:
+        cfg = config("shards", uri, batch_size=4, num_workers=2, shard_chunk=8, seed=2)
+        stream = EpochStream(cfg, 5, rank, world)
+        it = iter(stream)
+        before = [tag_of(img) for _ in range(2) for img in next(it)[0]]
+        states = [None] * world
+        dist.all_gather_object(states, stream.state_dict())
+        rest = [tag_of(img) for _ in range(4) for img in next(it)[0]]
+        following = [tag_of(img) for _ in range(6) for img in next(it)[0]]
+        resumed = EpochStream(cfg, 5, rank, world)
+        resumed.load_state_dict(states[0])
+        it = iter(resumed)
+        after = [tag_of(img) for _ in range(4) for img in next(it)[0]]
+        out.append({"epochs": [before + rest, following], "after": after, "states": states})
+    return out
+
+
+def test_exactly_once_on_two_gloo_processes_with_two_workers_each(packed, s3_env):
+    """Real processes (2 gloo ranks x 2 DataLoader workers), reading local shards and the same shards on S3."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_env.endpoint)
+    fs.put(str(packed), "mfr-test/data-2proc/shards", recursive=True)
+    results = run_distributed(_two_epochs_and_a_resume, 2, [str(packed), "s3://mfr-test/data-2proc/shards"])
+    for source in range(2):
+        ranks = [r[source] for r in results]
+        epoch0 = ranks[0]["epochs"][0] + ranks[1]["epochs"][0]  # 6 steps x 2 ranks x 4 = 48 of 50, no repeats
+        assert len(epoch0) == 48 and len(set(epoch0)) == 48 and set(epoch0) <= set(range(50))
+        epoch1 = ranks[0]["epochs"][1] + ranks[1]["epochs"][1]
+        assert len(set(epoch1)) == 48 and epoch1 != epoch0  # reshuffled
+        assert ranks[0]["states"][0] == ranks[0]["states"][1]  # the position is the same on every rank
+        for rank in ranks:  # the resumed stream continues exactly where the position says
+            assert rank["after"] == rank["epochs"][0][8:]
+    assert [r[0]["epochs"] for r in results] == [r[1]["epochs"] for r in results]  # S3 reads the same order

@@ -114,7 +114,8 @@ class DataConfig(_Section):
         0.01, ge=0, le=1, description="abort when a rank skips more than this fraction of an epoch as unreadable"
     )
     shard_chunk: int = Field(
-        16, ge=1, description="shards: consecutive samples read together; each epoch permutes these chunks"
+        1024, ge=1, description="shards: consecutive samples a DataLoader worker reads in one go (a span); each "
+        "epoch permutes the spans and the samples inside each"
     )
     batch_size: int = Field(128, ge=1, description="samples per rank and optimizer step")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")

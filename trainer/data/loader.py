@@ -18,6 +18,8 @@ from ..config import ConfigError, DataConfig
 from .synthetic import SyntheticFaces
 
 log = logging.getLogger("mfr.data")
+BLOCK_POSITIONS = 65536  # positions per rank drawn at a time from the epoch's permutation
+LAYOUT_KEYS = ("layout_world_size", "layout_batch_size", "layout_workers")  # in a shard stream's state
 
 
 class GlobalOrderSampler(Sampler[int]):
@@ -42,8 +44,14 @@ class GlobalOrderSampler(Sampler[int]):
         return self.position + remaining // self.global_batch * self.global_batch
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        yield from order[self.position + self.rank : self._usable() : self.world_size].tolist()
+        import numpy as np
+
+        from .permutation import FeistelPermutation
+
+        order = FeistelPermutation(self.size, self.seed, self.epoch)  # a few words, not a 2 GB randperm at 260M
+        step = self.world_size * BLOCK_POSITIONS
+        for start in range(self.position + self.rank, self._usable(), step):
+            yield from order(np.arange(start, min(start + step, self._usable()), self.world_size)).tolist()
 
     def __len__(self) -> int:
         return (self._usable() - self.position) // self.world_size
@@ -58,27 +66,37 @@ class EpochIndexSampler(GlobalOrderSampler):
         return (base + i for i in super().__iter__())
 
 
-class ChunkOrderSampler(GlobalOrderSampler):
-    """Shards: the epoch order is a seeded permutation of chunks of consecutive samples, and rank ``r``
-    takes the contiguous slice ``[k * world * batch + r * batch, ... + batch)`` of it at global step ``k``:
-    a few ranged reads per batch.  Items are ``epoch * size + sample`` as in ``EpochIndexSampler``."""
+class SpanOrderSampler(GlobalOrderSampler):
+    """Shards: positions mapped through ``spans.SpanOrder``, so that each DataLoader worker reads whole spans.
 
-    def __init__(self, counts, chunk: int, rank: int, world_size: int, batch_size: int, seed: int):
-        super().__init__(int(counts.sum()), rank, world_size, batch_size, seed)
-        self.counts, self.chunk = counts, chunk
+    Each epoch is drawn for this job's layout, except the epoch of a checkpoint drawn for another one
+    (``resumed``), which is finished in its own order.  Items are ``epoch * size + sample`` as in
+    ``EpochIndexSampler``.
+    """
+
+    def __init__(self, size: int, span: int, rank: int, world_size: int, batch_size: int, workers: int, seed: int):
+        from .spans import Layout
+
+        super().__init__(size, rank, world_size, batch_size, seed)
+        self.span = min(span, size)
+        self.layout = Layout(world_size, batch_size, max(1, workers))
+        self.resumed: tuple[int, Layout] | None = None  # (epoch, the layout it was drawn for) from a checkpoint
+
+    def layout_for(self, epoch: int):
+        return self.resumed[1] if self.resumed and self.resumed[0] == epoch else self.layout
 
     def __iter__(self) -> Iterator[int]:
         import numpy as np
 
-        from .shards import chunk_order
+        from .spans import SpanOrder
 
-        first, length = chunk_order(self.counts, self.chunk, self.seed, self.epoch)
-        ends = np.cumsum(length)
+        order = SpanOrder(self.size, self.span, self.seed, self.epoch, self.layout_for(self.epoch))
         base = self.epoch * self.size
-        for step_start in range(self.position, self._usable(), self.global_batch):
-            pos = np.arange(step_start + self.rank * self.batch_size, step_start + (self.rank + 1) * self.batch_size)
-            c = np.searchsorted(ends, pos, side="right")
-            yield from (base + first[c] + pos - (ends[c] - length[c])).tolist()
+        mine = self.rank * self.batch_size + np.arange(self.batch_size)  # this rank's slots of a global batch
+        block = self.global_batch * max(1, BLOCK_POSITIONS // self.batch_size)
+        for start in range(self.position, self._usable(), block):
+            steps = np.arange(start, min(start + block, self._usable()), self.global_batch)
+            yield from (base + order.samples(order.stream_index((steps[:, None] + mine).ravel()))).tolist()
 
 
 class _Issued(Sampler[int]):
@@ -128,8 +146,10 @@ class EpochStream:
 
             self.dataset = sources.build(cfg, num_classes)
             if cfg.source == "shards":
-                counts = self.dataset.set.counts
-                self.sampler = ChunkOrderSampler(counts, cfg.shard_chunk, rank, world_size, cfg.batch_size, cfg.seed)
+                self.sampler = SpanOrderSampler(
+                    len(self.dataset), cfg.shard_chunk, rank, world_size, cfg.batch_size, cfg.num_workers, cfg.seed
+                )
+                self.dataset.layout = self.sampler.layout  # before the workers copy the dataset
             else:
                 self.sampler = EpochIndexSampler(len(self.dataset), rank, world_size, cfg.batch_size, cfg.seed)
         if len(self.dataset) < self.sampler.global_batch:
@@ -184,7 +204,15 @@ class EpochStream:
             )
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        state = {"epoch": self.epoch, "position": self.position}
+        if isinstance(self.sampler, SpanOrderSampler):  # a shard epoch's order depends on the layout it was drawn for
+            state.update(zip(LAYOUT_KEYS, self.sampler.layout_for(self.epoch)))
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if isinstance(self.sampler, SpanOrderSampler) and LAYOUT_KEYS[0] in state:
+            from .spans import Layout
+
+            resumed = (self.epoch, Layout(*(int(state[k]) for k in LAYOUT_KEYS)))
+            self.sampler.resumed = self.dataset.resumed = resumed

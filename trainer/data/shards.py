@@ -8,14 +8,11 @@ A shard set is a folder (local or s3://) holding::
     shard-000000.offsets  count + 1 little-endian uint64: where each sample's first tar header
                           starts, then where the last sample ends
 
-Reading streams contiguous runs of samples with one ranged read per run, never one
-request per image.  The epoch order is a per-epoch permutation (from the seed) of
-chunks of ``data.shard_chunk`` consecutive samples of a shard; a rank's share of a
-global batch is a contiguous slice of that order, i.e. a few runs.  Because the order
-is a fixed function of (seed, epoch), the position in it is global: resume is exact,
-on any world size, like the indexable sources.  Mixing comes from pack's global
-shuffle plus the per-epoch chunk permutation (a run of ``shard_chunk`` samples stays
-together within an epoch, so keep it well below the batch size).
+Reading never asks for one image: the epoch order (``spans.SpanOrder``) hands each
+DataLoader worker whole spans of ``data.shard_chunk`` consecutive samples, each read
+with one ranged GET per shard it touches (``ShardSet.read_range``), the next span in
+the background.  The order is a pure function of (seed, epoch, layout), so the
+position in it is exact and a resume continues after the last sample consumed.
 """
 
 from __future__ import annotations
@@ -192,27 +189,17 @@ class ShardSet:
                 out.append(None)
         return out
 
-
-def chunk_order(counts: np.ndarray, chunk: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The epoch order as permuted chunks: (first global sample id of each chunk, its length), in order."""
-    starts, lengths = [], []
-    base = 0
-    for n in counts.tolist():
-        s = np.arange(0, n, chunk, dtype=np.int64)
-        starts.append(base + s)
-        lengths.append(np.minimum(chunk, n - s))
-        base += n
-    first, length = np.concatenate(starts), np.concatenate(lengths)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(first))
-    return first[perm], length[perm]
-
-
-def runs(sample_ids: list[int], limits: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive ids grouped into ``(first, stop)`` runs that never cross a shard boundary."""
-    out: list[tuple[int, int]] = []
-    for s in sample_ids:
-        if out and out[-1][1] == s and not np.any(limits == s):
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
+    def read_range(self, first: int, stop: int) -> dict[int, tuple[str, dict[str, bytes]]]:
+        """Global samples ``first .. stop-1`` (one ranged read per shard they touch, concurrently), by id;
+        the samples of a torn or missing run are left out."""
+        wanted = []
+        while first < stop:
+            shard, i = self.locate(first)
+            n = min(stop, int(self.starts[shard + 1])) - first
+            wanted.append((first, (shard, i, i + n)))
+            first += n
+        out = {}
+        for (base, (_, i, end)), samples in zip(wanted, self.read_runs([run for _, run in wanted])):
+            if samples is not None and len(samples) == end - i:
+                out.update(zip(range(base, base + end - i), samples))
+        return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -318,15 +319,22 @@ def build(cfg, num_classes: int) -> IndexedFaces:
     if cfg.source == "recordio":
         return RecordFaces(cfg.uri, cfg.storage_options, num_classes, augment)
     if cfg.source == "shards":
-        return ShardFaces(cfg.uri, cfg.storage_options, num_classes, augment)
+        return ShardFaces(cfg.uri, cfg.storage_options, num_classes, augment, cfg.shard_chunk, cfg.seed)
     raise ConfigError(f"unknown data.source {cfg.source}")
 
 
 class ShardFaces(IndexedFaces):
-    """A shard set from ``mfrctl data pack``; batches are fetched as runs of contiguous samples."""
+    """A shard set from ``mfrctl data pack``, read span by span in the order of ``spans.SpanOrder``.
 
-    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
+    ``layout`` (set by the loader) is who reads the epochs; ``resumed`` is ``(epoch, layout)`` when a
+    checkpoint's epoch was drawn for another layout.  They only steer the reads: which samples a batch
+    holds comes from the sampler's items, so a stale layout costs speed, never correctness.
+    """
+
+    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment,
+                 span: int = 1024, seed: int = 0):
         from .shards import ShardSet
+        from .spans import SpanReader
 
         super().__init__(url, options, num_classes, augment)
         self.set = ShardSet(url, options)
@@ -336,6 +344,24 @@ class ShardFaces(IndexedFaces):
             raise ConfigError(
                 f"{self.set.url}/index.json: {self.num_identities} classes but head.num_classes is {num_classes}"
             )
+        self.span, self.seed = min(span, self.num_images), seed
+        self.layout, self.resumed = None, None
+        self.reader = SpanReader(self.set.read_range)
+        self._orders: OrderedDict[int, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_orders": OrderedDict()}
+
+    def order(self, epoch: int):
+        """Epoch ``epoch``'s ``SpanOrder``, as the sampler draws it."""
+        from .spans import SpanOrder
+
+        if epoch not in self._orders:
+            layout = self.resumed[1] if self.resumed and self.resumed[0] == epoch else self.layout
+            self._orders[epoch] = SpanOrder(self.num_images, self.span, self.seed, epoch, layout)
+            while len(self._orders) > 2:
+                self._orders.popitem(last=False)
+        return self._orders[epoch]
 
     def key(self, index: int) -> str:
         return self.set.key(index)
@@ -360,34 +386,41 @@ class ShardFaces(IndexedFaces):
             raise BadSample(f"{self.key(index)}: {err}") from None
         return self._sample(index, parts)
 
-    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, int, int]]:
-        from .shards import runs
+    def _fetch(self, epoch: int, ids: np.ndarray) -> dict[int, tuple[str, dict[str, bytes]]]:
+        """The batch's samples by id, from whole spans.  When the epoch is laid out for the readers as they
+        are now, the reader's next span is requested in the background; in an epoch resumed from another
+        layout a batch uses only part of each span it touches (the spans are read again later)."""
+        fetched: dict[int, tuple[str, dict[str, bytes]]] = {}
+        for sid in np.unique(ids // self.span).tolist():
+            fetched.update(self.reader.get(sid * self.span, min((sid + 1) * self.span, self.num_images)))
+        order = self.order(epoch)
+        if self.layout is not None and order.layout == self.layout:
+            last = int(order.stream_indices(ids).max())
+            after = (last // self.span + 1) * self.span  # the stream index where the next span starts
+            if after < order.part_end(last):
+                nxt = order.span_at(after // self.span)
+                self.reader.prefetch(nxt * self.span, min((nxt + 1) * self.span, self.num_images))
+        return fetched
 
+    def __getitems__(self, items: list[int]) -> list[tuple[torch.Tensor, int, int]]:
         out: list[tuple[torch.Tensor, int, int] | None] = [None] * len(items)
         epoch = int(items[0]) // self.num_images
-        ids = [int(item) % self.num_images for item in items]
-        slot = {sample: n for n, sample in enumerate(ids)}
-        spans = runs(ids, self.set.starts)
-        wanted = []
-        for first, stop in spans:
-            shard, i = self.set.locate(first)
-            wanted.append((shard, i, i + stop - first))
+        ids = np.asarray(items, dtype=np.int64) % self.num_images
         try:
-            fetched = self.set.read_runs(wanted)
+            fetched = self._fetch(epoch, ids)
         except Exception:  # e.g. an offsets file missing: fall back to one read per sample, which names it
-            fetched = [None] * len(spans)
-        for (first, stop), samples in zip(spans, fetched):
-            if samples is None or len(samples) != stop - first:
+            fetched = {}
+        for n, sample in enumerate(ids.tolist()):
+            if sample not in fetched:
                 continue
-            for sample, (_, parts) in zip(range(first, stop), samples):
-                try:
-                    data, label = self._sample(sample, parts)
-                    if not 0 <= label < self.num_classes:
-                        raise BadSample(f"{self.key(sample)}: label {label} outside [0, {self.num_classes})")
-                    image = decode(data, self.key(sample))
-                except BadSample:
-                    continue  # replaced below, and logged there
-                out[slot[sample]] = (self.augment(image, epoch, sample), label, 0)
+            try:
+                data, label = self._sample(sample, fetched[sample][1])
+                if not 0 <= label < self.num_classes:
+                    raise BadSample(f"{self.key(sample)}: label {label} outside [0, {self.num_classes})")
+                image = decode(data, self.key(sample))
+            except BadSample:
+                continue  # replaced below, and logged there
+            out[n] = (self.augment(image, epoch, sample), label, 0)
         for n, item in enumerate(items):
             if out[n] is None:
                 out[n] = self[item]
