@@ -85,8 +85,9 @@ MEASURE = [
 ]
 CONFIGS = {
     "backbone-bound": ["head.num_classes=64", "data.batch_size=8", "model.embedding_size=16"],
-    "wider, deeper": ["model.backbone=custom", "model.layers=[2,1,2,1]", "model.width=0.125",
-                      "head.num_classes=64", "data.batch_size=4", "model.embedding_size=16"],
+    "deeper, block checkpointing": ["model.backbone=custom", "model.layers=[2,1,2,1]", "model.width=0.125",
+                                    "head.num_classes=64", "data.batch_size=4", "model.embedding_size=16",
+                                    "model.activation_checkpointing=block", "model.checkpoint_every=2"],
     "head-bound": ["head.num_classes=20000", "data.batch_size=8", "model.embedding_size=128"],
     "logits-bound, sampled, micro-batches": ["head.num_classes=60000", "data.batch_size=8", "model.embedding_size=16",
                                              "head.sample_rate=0.5", "optim.micro_batches=2"],
@@ -122,9 +123,10 @@ def test_plan_matches_the_measured_peak_on_one_process(name, tmp_path, world_of_
 
 
 def test_plan_matches_the_measured_peak_on_two_ranks(tmp_path):
-    """Head shards (33 and 32 classes... of 20001), global batch rows, DDP buckets at world 2."""
+    """Unequal head shards (10,001 and 10,000 classes), global batch rows, ZeRO-3 and checkpointing at world 2."""
     overrides = [*MEASURE, "head.num_classes=20001", "data.batch_size=8", "model.embedding_size=128",
-                 f"run.output_dir={tmp_path}"]
+                 "model.backbone=custom", "model.layers=[1,1,2,1]", "model.width=0.25",
+                 "optim.zero=3", "model.activation_checkpointing=stage", f"run.output_dir={tmp_path}"]
     measured = run_distributed(_measure, 2, overrides)
     planned = planner.plan_memory(_spec(overrides, world_size=2)).peak  # rank 0: the larger shard
     assert abs(planned / measured[0] - 1) <= TOLERANCE, f"planned {planned}, measured {measured}"
