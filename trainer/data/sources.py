@@ -393,8 +393,8 @@ class ShardFaces(IndexedFaces):
         fetched: dict[int, tuple[str, dict[str, bytes]]] = {}
         for sid in np.unique(ids // self.span).tolist():
             fetched.update(self.reader.get(sid * self.span, min((sid + 1) * self.span, self.num_images)))
-        order = self.order(epoch)
-        if self.layout is not None and order.layout == self.layout:
+        order = None if self.layout is None else self.order(epoch)  # None: read outside training's loader
+        if order is not None and order.layout == self.layout:
             last = int(order.stream_indices(ids).max())
             after = (last // self.span + 1) * self.span  # the stream index where the next span starts
             if after < order.part_end(last):
