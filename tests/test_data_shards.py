@@ -15,7 +15,7 @@ from PIL import Image
 
 from mfr.trainer.data import shards
 from mfr.trainer.data.loader import EpochStream
-from mfr.trainer.data.sources import ShardFaces, decode
+from mfr.trainer.data.sources import Augment, ShardFaces, decode
 from mfr.trainer.metrics import BAD_SAMPLES
 from tests.distributed import run_distributed
 from tests.test_data import config, samples, tag_of, write_folder, write_recordio
@@ -48,8 +48,10 @@ def test_pack_a_folder_then_read_the_same_multiset(tmp_path):
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
     assert index["classes"] == [f"id{i:03d}" for i in range(5)] and index["counts"] == [5, 5, 5, 4, 4]
     assert [s["count"] for s in index["shards"]] == [6, 6, 6, 5]
-    dataset = ShardFaces(str(tmp_path / "shards"), None, 5, None)
+    dataset = ShardFaces(str(tmp_path / "shards"), None, 5, Augment(0.0, False, 0))
     assert multiset(dataset) == source_multiset(items)
+    batch = dataset.__getitems__([22, 3, 9])  # as a DataLoader outside training reads it (no layout)
+    assert [label for _, label, _ in batch] == [dataset.load(i)[1] for i in (22, 3, 9)]
     # pack refuses to overwrite, and names the file
     again = data_cli("pack", str(src), str(tmp_path / "shards"))
     assert again.returncode == 2 and "index.json exists" in again.stderr
