@@ -11,7 +11,8 @@ import importlib.util
 from typing import Annotated, Any, Optional
 
 import typer
-from mfr.trainer.storage import CheckpointInfo, Storage, StorageError
+from mfr.trainer.config import ConfigError
+from mfr.trainer.storage import CheckpointInfo, Storage, StorageError, find_checkpoint
 
 from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
@@ -81,24 +82,14 @@ def ckpt_ls(uri: UriArg, output: OutputOpt = Output.table) -> None:
     print_columns(["NAME", "STEP", "COMMITTED", "TIME (UTC)", "WORLD SIZE", "SIZE"], rows)
 
 
-def resolve_checkpoint(uri: str, step: int | None) -> CheckpointInfo:
-    """A step directory URI, or a root plus --step, or the root's newest committed checkpoint."""
-    root, _, name = uri.rstrip("/").rpartition("/")
-    if step is None and name.startswith("step-") and root:
-        found = [c for c in _list(_storage(root)) if c.name == name]
-        if not found:
-            raise fail(f"no checkpoint {name} under {root}")
-        return found[0]
-    found = _list(_storage(uri))
-    if step is not None:
-        chosen = [c for c in found if c.step == step]
-        if not chosen:
-            raise fail(f"no checkpoint of step {step} under {uri} (mfrctl ckpt ls {uri})")
-        return chosen[0]
-    committed = [c for c in found if c.committed]
-    if not committed:
-        raise fail(f"no committed checkpoint under {uri} (mfrctl ckpt ls {uri})")
-    return committed[-1]
+def resolve_checkpoint(uri: str, step: int | None, committed: bool = True) -> CheckpointInfo:
+    """``storage.find_checkpoint`` with its mistakes as one line (exit 2) and storage failures as exit 1."""
+    try:
+        return find_checkpoint(uri, step, committed=committed)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+    except StorageError as e:
+        raise fail(str(e), code=1) from None
 
 
 StepOpt = Annotated[Optional[int], typer.Option(help="Which step (default: the newest committed one).")]
@@ -107,7 +98,7 @@ StepOpt = Annotated[Optional[int], typer.Option(help="Which step (default: the n
 @ckpt_app.command("inspect")
 def ckpt_inspect(uri: UriArg, step: StepOpt = None, output: OutputOpt = Output.yaml) -> None:
     """Show one checkpoint: its record and the training config it was written with."""
-    info = resolve_checkpoint(uri, step)
+    info = resolve_checkpoint(uri, step, committed=False)
     data = info.to_dict()
     if importlib.util.find_spec("torch") is not None:
         from mfr.trainer.export import tensor_shapes

@@ -85,8 +85,6 @@ def export(
         raise fail("--head needs --format torch: the ONNX model is the backbone alone (the head only trains)")
     _check_writable(out)
     info = resolve_checkpoint(source, step)
-    if not info.committed:
-        raise fail(f"{info.url} is not committed (an interrupted save); export a committed step (mfrctl ckpt ls)")
 
     from mfr.trainer.export import ExportMismatch, export_checkpoint
     from mfr.trainer.storage import StorageError, open_file

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch import nn
 from .config import ConfigError, DataConfig, TeacherConfig, TrainConfig
 from .dist import DistEnv
 from .models import IResNet, build_backbone
-from .storage import CheckpointInfo, Storage, fsspec_options
+from .storage import CheckpointInfo, find_checkpoint, fsspec_options
 
 FORMAT = "mfr-teacher-features/1"
 INDEX = "index.json"
@@ -52,25 +51,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 # -- the teacher checkpoint -------------------------------------------------------
-
-
-def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
-    """A committed ``.../step-<N>`` as given, or the newest committed checkpoint under a root."""
-    url = url.rstrip("/")
-    step = re.search(r"/step-(\d+)$", url)
-    if step:
-        root = url.rpartition("/")[0]
-        wanted = int(step.group(1))
-        found = [c for c in Storage(root, storage_options).checkpoints() if c.step == wanted and c.committed]
-    else:
-        newest = Storage(url, storage_options).latest_committed()
-        found = [newest] if newest else []
-    if not found:
-        raise ConfigError(
-            f"teacher checkpoint {url} is not a committed checkpoint, nor a checkpoint root holding one "
-            f"(see mfrctl ckpt ls)"
-        )
-    return found[0]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -94,7 +74,7 @@ def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = No
     """
     from .export import load_tensors, tensor_shapes
 
-    info = resolve_checkpoint(cfg.checkpoint or "", storage_options)
+    info = find_checkpoint(cfg.checkpoint or "", storage_options=storage_options)
     model = build_backbone(cfg.backbone, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
     saved = {k.removeprefix("backbone."): v for k, v in tensor_shapes(info.url).items() if k.startswith("backbone.")}
     problem = _first_mismatch(saved, {k: _shape(v) for k, v in model.state_dict().items()})

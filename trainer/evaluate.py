@@ -118,7 +118,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
     """
     from .data.sources import open_fs
     from .export import checkpoint_backbone, load_tensors
-    from .storage import Storage
+    from .storage import find_checkpoint
 
     fs, path = open_fs(url)
     if fs.isfile(path):
@@ -133,17 +133,7 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
             raise ConfigError(f"{url}: holds a {type(loaded).__name__}, not a backbone state dict")
         return backbone_from_state(loaded, url), {"url": url, "kind": "exported", "step": None}
 
-    root, _, name = url.rstrip("/").rpartition("/")
-    if re.fullmatch(r"step-\d+", name) and root:
-        info = next((c for c in Storage(root).checkpoints() if c.name == name), None)
-        if info is None:
-            raise ConfigError(f"{url}: no such checkpoint")
-        if not info.committed:
-            raise ConfigError(f"{url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls)")
-    else:
-        info = Storage(url).latest_committed()
-        if info is None:
-            raise ConfigError(f"{url}: no committed checkpoint here, and not a file (mfrctl ckpt ls {url})")
+    info = find_checkpoint(url)
     backbone = checkpoint_backbone(info, load_tensors(info.url, ("backbone",))["backbone"])
     return backbone, {"url": info.url, "kind": "checkpoint", "step": info.step}
 

@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from .config import ConfigError
+
 MARKER = "COMMITTED"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -245,6 +247,32 @@ class Storage:
         for c in doomed:
             self.remove(c.name)
         return [c.name for c in doomed]
+
+
+def find_checkpoint(
+    url: str, step: int | None = None, storage_options: dict[str, Any] | None = None, committed: bool = True
+) -> CheckpointInfo:
+    """The checkpoint a user names: a ``.../step-<N>`` URL, a root plus ``step``, or the root's newest
+    committed one.  An interrupted save is refused unless ``committed=False`` (to inspect it);
+    a name that finds nothing is a ``ConfigError`` pointing at ``mfrctl ckpt ls``."""
+    root, _, name = url.rstrip("/").rpartition("/")
+    match = _STEP_DIR.match(name)
+    if step is None and root and match:
+        step = int(match.group(1))
+    else:
+        root = url.rstrip("/")
+    found = Storage(root, storage_options).checkpoints()
+    if step is None:
+        newest = [c for c in found if c.committed]
+        if not newest:
+            raise ConfigError(f"no committed checkpoint under {root} (mfrctl ckpt ls {root})")
+        return newest[-1]
+    info = next((c for c in found if c.step == step), None)
+    if info is None:
+        raise ConfigError(f"no checkpoint of step {step} under {root} (mfrctl ckpt ls {root})")
+    if committed and not info.committed:
+        raise ConfigError(f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})")
+    return info
 
 
 def _mtime(entry: dict[str, Any]) -> float | None:
