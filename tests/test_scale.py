@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from tests.distributed import run_distributed
 
@@ -162,9 +161,11 @@ def _full_state(trainer) -> dict:
 
 
 def _resume_zero(rank, world, uri, overrides):
+    ddp = _trainer(rank, world, [o for o in overrides if not o.startswith("optim.zero")], uri)
+    assert ddp.checkpointer.resume() is not None
     trainer = _trainer(rank, world, overrides, uri)
     assert trainer.checkpointer.resume() is not None
-    resumed = _full_state(trainer)
+    resumed = {**_full_state(trainer), "ddp": _full_state(ddp)}
     params = dict(trainer.backbone.named_parameters())
     resumed["local"] = {n: p.to_local().clone() for n, p in params.items()}
     resumed["local_slots"] = {
@@ -177,6 +178,7 @@ def _resume_zero(rank, world, uri, overrides):
 
 
 def test_zero_checkpoint_saved_on_two_ranks_resumes_on_three_with_its_rows(tmp_path):
+    """ZeRO-2 on 2 ranks -> ZeRO-3 and DDP on 3; and ``mfrctl ckpt export`` reads it."""
     from mfr.trainer.export import load_tensors
     from mfr.trainer.models import build_backbone
     from mfr.trainer.storage import Storage
@@ -187,12 +189,13 @@ def test_zero_checkpoint_saved_on_two_ranks_resumes_on_three_with_its_rows(tmp_p
 
     for rank, r in enumerate(loaded):
         assert r["step"] == 3 and math.isfinite(r["next_loss"])
-        for name, tensor in saved["backbone"].items():
-            assert torch.equal(r["backbone"][name], tensor), name
-        for name, slots in saved["slots"].items():
-            assert slots.keys() == {"step", "exp_avg", "exp_avg_sq"}
-            for k, v in slots.items():
-                assert torch.equal(r["slots"][name][k], v), (name, k)
+        for layout in (r, r["ddp"]):  # into ZeRO-3 and into DDP (optim.zero=0)
+            for name, tensor in saved["backbone"].items():
+                assert torch.equal(layout["backbone"][name], tensor), name
+            for name, slots in saved["slots"].items():
+                assert slots.keys() == {"step", "exp_avg", "exp_avg_sq"}
+                for k, v in slots.items():
+                    assert torch.equal(layout["slots"][name][k], v), (name, k)
         # rank r holds rows [r*ceil(n/3), ...) of every parameter and of its Adam moments (dim-0 shards)
         for name, local in r["local"].items():
             full = saved["backbone"][name]
@@ -209,24 +212,6 @@ def test_zero_checkpoint_saved_on_two_ranks_resumes_on_three_with_its_rows(tmp_p
     plain.load_state_dict(exported)
     for name, tensor in saved["backbone"].items():
         assert torch.equal(exported[name], tensor), name
-
-
-def test_zero_checkpoint_resumes_under_ddp(tmp_path):
-    uri = str(tmp_path / "ckpt")
-    saved = run_distributed(_save_zero, 2, uri, ["optim.zero=3"], 2)[0]
-    loaded = run_distributed(_trajectories_after_resume, 2, uri, [])
-    for r in loaded:
-        assert r["step"] == 2
-        for name, tensor in saved["backbone"].items():
-            assert torch.equal(r["backbone"][name], tensor), name
-        for name, slots in saved["slots"].items():
-            assert torch.equal(r["slots"][name]["momentum_buffer"], slots["momentum_buffer"]), name
-
-
-def _trajectories_after_resume(rank, world, uri, overrides):
-    trainer = _trainer(rank, world, overrides, uri)
-    assert trainer.checkpointer.resume() is not None
-    return _full_state(trainer)
 
 
 def test_zero_without_a_distributed_run_is_a_config_error(single_process_group, tmp_path):
@@ -264,8 +249,12 @@ def test_recomputation_counts_each_batch_once_in_batchnorm():
 @pytest.mark.parametrize("name", ["r240", "r1200"])
 def test_the_seeds_large_backbones_train_and_checkpoint_at_a_small_width(name, tmp_path):
     """The real depths at 1/32 width (2-16 channels): full width is for GPUs.
-    Full-width parameter counts are checked on the meta device in test_models.
-    r600 differs from these two only in its depths (checked below)."""
+
+    Full-width parameter counts are checked on the meta device in
+    test_models; r600 differs from these two only in its depths (checked
+    below).  The DCP round trip is r240's, the student's (2185 tensors):
+    r1200's ~11k would add 15-20 s on 2 CPU cores.
+    """
     import torch.distributed.checkpoint as dcp
 
     from mfr.trainer.models import BACKBONE_DEPTHS, build_backbone
@@ -277,20 +266,22 @@ def test_the_seeds_large_backbones_train_and_checkpoint_at_a_small_width(name, t
     assert out.shape == (2, 8)
     out.square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    if name != "r240":
+        return
 
     dcp.save(model.state_dict(), checkpoint_id=str(tmp_path), no_dist=True)
     torch.manual_seed(1)
     restored = build_backbone(name, width=1 / 32, embedding_size=8)
     assert not torch.equal(restored.stem[0].weight, model.stem[0].weight)
-    state = restored.state_dict()
-    dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+    loaded = restored.state_dict()
+    dcp.load(loaded, checkpoint_id=str(tmp_path), no_dist=True)
     for key, value in model.state_dict().items():
-        assert torch.equal(restored.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
 
 
 def test_large_backbones_are_the_seeds_depths():
     from mfr.trainer.config import load_config
-    from mfr.trainer.models import BACKBONE_DEPTHS, count_parameters, build_backbone
+    from mfr.trainer.models import BACKBONE_DEPTHS, build_backbone, count_parameters
 
     assert BACKBONE_DEPTHS["r240"] == (3, 25, 88, 3)
     assert BACKBONE_DEPTHS["r600"] == (3, 70, 220, 3)

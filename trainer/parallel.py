@@ -92,7 +92,3 @@ def reshard(model: nn.Module) -> None:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``tensor`` (itself unless it is a DTensor)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def is_sharded(param: nn.Parameter) -> bool:
-    return isinstance(param, DTensor)
