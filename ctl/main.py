@@ -37,10 +37,10 @@ config_app = typer.Typer(help="Validate and show training configs.", no_args_is_
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
-app.add_typer(distill_app, name="distill")
-app.command("export")(export)
-app.command("eval")(evaluate)
 app.command("plan")(plan)
+app.command("export")(export)
+app.add_typer(distill_app, name="distill")
+app.command("eval")(evaluate)
 
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")
