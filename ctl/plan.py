@@ -26,24 +26,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mfr.trainer.config import ConfigError
+from mfr.trainer.config import BACKBONE_DEPTHS, DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, ConfigError
 
 from .console import Output, OutputOpt, fail, print_data
-
-STAGE_WIDTHS = (64, 128, 256, 512)  # trainer/models.py; tests/test_plan.py checks they agree
-INPUT_SIZE = 112
-BACKBONE_DEPTHS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (1, 1, 1, 1),
-    "r18": (2, 2, 2, 2),
-    "r34": (3, 4, 6, 3),
-    "r50": (3, 4, 14, 3),
-    "r100": (3, 13, 30, 3),
-    "r200": (6, 26, 60, 6),
-    "r240": (3, 25, 88, 3),
-    "r600": (3, 70, 220, 3),
-    "r1200": (3, 80, 512, 3),
-}
-DEFAULT_WIDTHS = {"tiny": 0.0625}
 
 FP32 = 4
 AMP_BYTES = {"none": 4, "bf16": 2, "fp16": 2}

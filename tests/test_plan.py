@@ -30,11 +30,6 @@ TOLERANCE = 0.15  # the issue's target for plan vs measurement
 runner = CliRunner()
 
 
-def test_architecture_tables_match_the_models():
-    assert planner.BACKBONE_DEPTHS == models.BACKBONE_DEPTHS
-    assert planner.STAGE_WIDTHS == models.STAGE_WIDTHS and planner.DEFAULT_WIDTHS == models.DEFAULT_WIDTHS
-
-
 @pytest.mark.parametrize(
     "name, layers, width, embedding",
     [("tiny", None, None, 512), ("r50", None, None, 512), ("r240", None, None, 512), ("custom", (2, 1, 3, 1), 0.3, 96)],

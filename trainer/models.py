@@ -25,29 +25,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-STAGE_WIDTHS = (64, 128, 256, 512)
-INPUT_SIZE = 112
-FINAL_MAP_SIZE = INPUT_SIZE // 2 ** len(STAGE_WIDTHS)  # 7: every stage halves the map
+from .config import BACKBONE_DEPTHS, DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS
 
-BACKBONE_DEPTHS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (1, 1, 1, 1),
-    "r18": (2, 2, 2, 2),
-    "r34": (3, 4, 6, 3),
-    "r50": (3, 4, 14, 3),
-    "r100": (3, 13, 30, 3),
-    "r200": (6, 26, 60, 6),
-    # The seed's student and teachers ("ResNet240", "ResNet600", "ResNet1.2K").
-    "r240": (3, 25, 88, 3),
-    "r600": (3, 70, 220, 3),
-    "r1200": (3, 80, 512, 3),
-}
+FINAL_MAP_SIZE = INPUT_SIZE // 2 ** len(STAGE_WIDTHS)  # 7: every stage halves the map
 ACTIVATION_CHECKPOINTING = ("none", "stage", "block")
-# "tiny" exists for CPU tests and the synthetic demo: still every part of a
-# real iResNet, but with 4/8/16/32 channels.  Its cost is dominated by the
-# stem and first block at full 112x112 resolution, which no depth setting
-# removes; halving the width roughly doubles its speed (about 145 samples/s
-# for a batch-64 SGD step on one core, against about 65 at width 0.125).
-DEFAULT_WIDTHS: dict[str, float] = {"tiny": 0.0625}
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
