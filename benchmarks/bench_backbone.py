@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from mfr.trainer.models import BACKBONE_DEPTHS, build_backbone, count_parameters
+from mfr.trainer.config import BACKBONE_DEPTHS
+from mfr.trainer.models import build_backbone, count_parameters
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from mfr.trainer.config import BACKBONE_DEPTHS, DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, ConfigError
+from mfr.trainer.config import BACKBONE_DEPTHS, DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, ConfigError, backbone_layers
 
 from .console import Output, OutputOpt, fail, print_data
 
@@ -122,18 +122,10 @@ class Architecture:
 
     @classmethod
     def named(cls, backbone: str, layers=None, width=None, embedding: int = 512) -> Architecture:
-        if backbone == "custom":
-            if layers is None:
-                raise PlanError("--backbone custom needs --layers, e.g. --layers 3,25,88,3")
-        elif backbone in BACKBONE_DEPTHS:
-            if layers is not None:
-                raise PlanError(f"--layers is only used with --backbone custom (backbone is {backbone})")
-            layers = BACKBONE_DEPTHS[backbone]
-        else:
-            raise PlanError(f"--backbone {backbone!r}: valid names are {', '.join([*BACKBONE_DEPTHS, 'custom'])}")
-        layers = tuple(layers)
-        if len(layers) != 4 or min(layers) < 1:
-            raise PlanError(f"--layers must be 4 positive stage depths, e.g. 3,25,88,3 (got {list(layers)})")
+        try:
+            layers = backbone_layers(backbone, layers)
+        except ValueError as e:
+            raise PlanError(f"--backbone/--layers: {e}") from None
         width = DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width
         if not width > 0:
             raise PlanError(f"--width must be > 0, got {width}")

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from mfr.trainer.models import BACKBONE_DEPTHS, IBasicBlock, IResNet, build_backbone, count_parameters
+from mfr.trainer.config import BACKBONE_DEPTHS
+from mfr.trainer.models import IBasicBlock, IResNet, build_backbone, count_parameters
 
 SEED_RESNET240 = (3, 25, 88, 3)
 

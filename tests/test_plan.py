@@ -177,7 +177,7 @@ def test_config_file_is_the_starting_point(tmp_path):
         (["--classes", "-5"], "--classes must be >= 1"),
         (["--classes", "10", "--gpu-memory", "lots"], "--gpu-memory 'lots'"),
         (["--classes", "10", "--gpu-memory", "80"], "with a unit"),
-        (["--classes", "10", "--backbone", "r7"], "--backbone 'r7'"),
+        (["--classes", "10", "--backbone", "r7"], "unknown backbone 'r7'"),
         (["--classes", "10", "--batch", "6", "--micro-batches", "4"], "divisible by --micro-batches"),
         (["--classes", "10", "--zero", "2"], "more than one GPU"),
     ],

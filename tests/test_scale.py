@@ -257,7 +257,8 @@ def test_the_seeds_large_backbones_train_and_checkpoint_at_a_small_width(name, t
     """
     import torch.distributed.checkpoint as dcp
 
-    from mfr.trainer.models import BACKBONE_DEPTHS, build_backbone
+    from mfr.trainer.config import BACKBONE_DEPTHS
+    from mfr.trainer.models import build_backbone
 
     torch.manual_seed(0)
     model = build_backbone(name, width=1 / 32, embedding_size=8, activation_checkpointing="block", checkpoint_every=8)
@@ -281,7 +282,8 @@ def test_the_seeds_large_backbones_train_and_checkpoint_at_a_small_width(name, t
 
 def test_large_backbones_are_the_seeds_depths():
     from mfr.trainer.config import load_config
-    from mfr.trainer.models import BACKBONE_DEPTHS, build_backbone, count_parameters
+    from mfr.trainer.config import BACKBONE_DEPTHS
+    from mfr.trainer.models import build_backbone, count_parameters
 
     assert BACKBONE_DEPTHS["r240"] == (3, 25, 88, 3)
     assert BACKBONE_DEPTHS["r600"] == (3, 70, 220, 3)

@@ -40,6 +40,21 @@ BACKBONE_DEPTHS: dict[str, tuple[int, int, int, int]] = {
 # for a batch-64 SGD step on one core, against about 65 at width 0.125).
 DEFAULT_WIDTHS: dict[str, float] = {"tiny": 0.0625}
 BACKBONES = (*BACKBONE_DEPTHS, "custom")
+
+
+def backbone_layers(name: str, layers: list[int] | tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Blocks per stage of a named iResNet, or ``layers`` for "custom"; a ValueError names the mistake."""
+    if name == "custom":
+        if layers is None:
+            raise ValueError("backbone 'custom' needs layers, e.g. layers: [3, 25, 88, 3]")
+        if len(layers) != len(STAGE_WIDTHS) or min(layers) < 1:
+            raise ValueError(f"layers must be {len(STAGE_WIDTHS)} stage depths >= 1, e.g. [3, 25, 88, 3], got {list(layers)}")
+        return tuple(layers)
+    if name not in BACKBONE_DEPTHS:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    if layers is not None:
+        raise ValueError(f"layers is only used with backbone 'custom' (backbone is {name!r})")
+    return BACKBONE_DEPTHS[name]
 DEMO_CONFIG = "synthetic-demo.yaml"
 
 
@@ -81,12 +96,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _layers_match_backbone(self) -> ModelConfig:
-        if self.backbone == "custom" and self.layers is None:
-            raise ValueError("backbone 'custom' needs layers, e.g. layers: [3, 25, 88, 3]")
-        if self.backbone != "custom" and self.layers is not None:
-            raise ValueError(f"layers is only used with backbone 'custom' (backbone is {self.backbone!r})")
-        if self.layers is not None and min(self.layers) < 1:
-            raise ValueError(f"every stage depth must be >= 1, got {self.layers}")
+        backbone_layers(self.backbone, self.layers)
         return self
 
 

@@ -95,7 +95,8 @@ def backbone_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Modul
     the keys, the width from the last (widest) stage, the embedding size from
     the head.
     """
-    from .models import STAGE_WIDTHS, build_backbone
+    from .config import STAGE_WIDTHS
+    from .models import build_backbone
 
     try:
         blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}

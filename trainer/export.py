@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from .config import ConfigError
-from .models import INPUT_SIZE, IResNet, build_backbone
+from .config import INPUT_SIZE, ConfigError
+from .models import IResNet, build_backbone
 from .storage import CheckpointInfo, Storage
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "embeddings"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BACKBONE_DEPTHS, DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS
+from .config import DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, backbone_layers
 
 FINAL_MAP_SIZE = INPUT_SIZE // 2 ** len(STAGE_WIDTHS)  # 7: every stage halves the map
 ACTIVATION_CHECKPOINTING = ("none", "stage", "block")
@@ -205,16 +205,7 @@ def build_backbone(
 
     ``width=None`` takes the name's default (1.0 for all but "tiny").
     """
-    if name == "custom":
-        if layers is None:
-            raise ValueError("backbone 'custom' needs layers, e.g. [3, 25, 88, 3]")
-    elif name in BACKBONE_DEPTHS:
-        if layers is not None:
-            raise ValueError(f"layers is only used with backbone 'custom' (backbone is {name!r})")
-        layers = BACKBONE_DEPTHS[name]
-    else:
-        valid = ", ".join([*BACKBONE_DEPTHS, "custom"])
-        raise ValueError(f"unknown backbone {name!r}; valid names: {valid}")
+    layers = backbone_layers(name, layers)
     if width is None:
         width = DEFAULT_WIDTHS.get(name, 1.0)
     return IResNet(
