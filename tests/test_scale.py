@@ -3,7 +3,7 @@
 Each switch must leave training unchanged: same seed, real gloo ranks, the
 real Trainer, the loss trajectory and final weights compared with the plain
 DDP run.  ZeRO checkpoints are DTensor shards under the DDP names, resumable
-on another world size and readable by ``mfrctl ckpt export``.
+on another world size and readable by ``mfrctl export``.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def _resume_zero(rank, world, uri, overrides):
 
 
 def test_zero_checkpoint_saved_on_two_ranks_resumes_on_three_with_its_rows(tmp_path):
-    """ZeRO-2 on 2 ranks -> ZeRO-3 and DDP on 3; and ``mfrctl ckpt export`` reads it."""
+    """ZeRO-2 on 2 ranks -> ZeRO-3 and DDP on 3; and ``mfrctl export`` reads it."""
     from mfr.trainer.export import load_tensors
     from mfr.trainer.models import build_backbone
     from mfr.trainer.storage import Storage
