@@ -21,6 +21,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -32,8 +33,15 @@ from .models import IResNet
 
 
 def _broadcast_buffers(module: nn.Module, args) -> None:
+    """Rank 0's buffers to every rank in one broadcast per dtype (a deep iResNet has thousands)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = _flatten_dense_tensors(buffers)
+        dist.broadcast(flat, src=0)
+        for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+            buffer.copy_(synced)
 
 
 def parallelize(backbone: IResNet, zero: int, env: DistEnv) -> nn.Module:
