@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, read_yaml, validate_config
 
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
 # that what its pods mount already exists.
-KIND_ORDER = ("ServiceAccount", "ConfigMap", "PyTorchJob")
+KIND_ORDER = ("ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "PyTorchJob")
 # The operator names pods and Services <job>-<type>-<index>, which must stay a
 # DNS-1035 label (<= 63 characters): room for "-worker-NNNN" is kept.
 MAX_NAME = 50
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # Docker's reference grammar: [host[:port]/]path[:tag][@digest].
 _IMAGE = re.compile(
     r"^(?P<repository>(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
@@ -118,6 +118,8 @@ def flag_values(
     elastic: str | None = None,
     image: str | None = None,
     config: Path | None = None,
+    checkpoint: str | None = None,
+    workspace_claim: str | None = None,
 ) -> dict[str, Any]:
     """The chart values mfrctl's flags stand for (None = leave the chart's value)."""
     values: dict[str, Any] = {}
@@ -146,6 +148,13 @@ def flag_values(
             values["train"] = load_config(config).model_dump(mode="json")
         except ConfigError as err:
             raise ChartError(f"config: {err}") from None
+    if checkpoint is not None:
+        values.setdefault("train", {}).setdefault("checkpoint", {})["uri"] = checkpoint
+    if workspace_claim is not None:
+        if not _DNS1123_SUBDOMAIN.match(workspace_claim) or len(workspace_claim) > 253:
+            raise ChartError(f"--workspace-claim {workspace_claim!r}: not a PersistentVolumeClaim name "
+                             "(lowercase letters, digits, '-' and '.')")
+        values["workspace"] = {"existingClaim": workspace_claim}
     return values
 
 

@@ -50,6 +50,20 @@ ImageOpt = Annotated[Optional[str], typer.Option(help="Trainer image, e.g. regis
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML for the run; default: the chart's (the demo).")
 ]
+CheckpointOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--checkpoint", metavar="URI",
+        help="Checkpoint storage every pod reaches: s3://bucket/prefix (credentials from --set s3.existingSecret=NAME), "
+             "any remote fsspec URL, or a path on --workspace-claim.  A job of several pods needs it, or the trial "
+             "store that demo runs get (values trialStore).",
+    ),
+]
+ClaimOpt = Annotated[
+    Optional[str],
+    typer.Option("--workspace-claim", metavar="NAME",
+                 help="A ReadWriteMany PersistentVolumeClaim mounted at /workspace in every pod; checkpoints go there."),
+]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Set a chart value (YAML): --set gang.enabled=true, --set train.optim.lr=0.01."),
@@ -89,6 +103,8 @@ def render_cmd(
     elastic: ElasticOpt = None,
     image: ImageOpt = None,
     config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    workspace_claim: ClaimOpt = None,
     set_: SetOpt = None,
     values: ValuesOpt = None,
     output: Annotated[Format, typer.Option("--output", "-o", help="Output format.")] = Format.yaml,
@@ -96,7 +112,8 @@ def render_cmd(
     """Print a run's Kubernetes objects (PyTorchJob, ConfigMap, ...) from the Helm chart; no cluster needed."""
     rendered = render_run(
         name, namespace, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
-        elastic=elastic, image=image, config=config, sets=set_, files=values,
+        elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
+        sets=set_, files=values,
     )
     if output == Format.json:
         print(json.dumps(rendered.to_list(), indent=2))
@@ -137,6 +154,8 @@ def submit_cmd(
     elastic: ElasticOpt = None,
     image: ImageOpt = None,
     config: ConfigOpt = None,
+    checkpoint: CheckpointOpt = None,
+    workspace_claim: ClaimOpt = None,
     set_: SetOpt = None,
     values: ValuesOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -156,7 +175,8 @@ def submit_cmd(
     cluster = _connect(kubeconfig, context, namespace)  # reads the kubeconfig, sends nothing
     rendered = render_run(
         name, cluster.namespace, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
-        elastic=elastic, image=image, config=config, sets=set_, files=values,
+        elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
+        sets=set_, files=values,
     )
     if dry_run == DryRun.client:
         for obj in rendered.objects:

@@ -23,11 +23,26 @@ from mfr.trainer.config import TrainConfig
 
 from .chart import chart_dir
 
+# Every manifest names real checkpoint storage: an S3 URI to replace, and the Secret the pods
+# read the S3 credentials from (made with the command in the manifest's header).
+BUCKET = "my-bucket"
+SECRET = "mfr-s3"
+SECRET_COMMAND = (
+    f"kubectl create secret generic {SECRET} --from-literal=AWS_ACCESS_KEY_ID=<key id> "
+    "--from-literal=AWS_SECRET_ACCESS_KEY=<secret key> [--from-literal=AWS_ENDPOINT_URL=<url of a non-AWS S3>]"
+)
+
+
+def _on_s3(name: str) -> list[str]:
+    return ["--checkpoint", f"s3://{BUCKET}/{name}/checkpoints", "--set", f"s3.existingSecret={SECRET}"]
+
+
 # manifests/<file>: the mfrctl render arguments that produce it.
 MANIFESTS: dict[str, list[str]] = {
-    "static-8x8gpu.yaml": ["--name", "mfr", "--nodes", "8", "--gpus-per-node", "8"],
-    "elastic-4to8x8gpu.yaml": ["--name", "mfr-elastic", "--elastic", "4:8", "--gpus-per-node", "8"],
-    "demo-cpu-2nodes.yaml": ["--name", "mfr-demo", "--nodes", "2"],
+    "static-8x8gpu.yaml": ["--name", "mfr", "--nodes", "8", "--gpus-per-node", "8", *_on_s3("mfr")],
+    "elastic-4to8x8gpu.yaml": ["--name", "mfr-elastic", "--elastic", "4:8", "--gpus-per-node", "8",
+                               *_on_s3("mfr-elastic")],
+    "demo-cpu-2nodes.yaml": ["--name", "mfr-demo", "--nodes", "2", *_on_s3("mfr-demo")],
 }
 
 
@@ -43,13 +58,17 @@ def schema_path() -> Path:
 
 
 def manifest_text(args: list[str]) -> str:
-    """What ``mfrctl render ARGS`` prints, with a header saying how to regenerate it."""
+    """What ``mfrctl render ARGS`` prints, with a header saying how to regenerate it and what to replace."""
     proc = subprocess.run(
         [sys.executable, "-m", "mfr.ctl.main", "render", *args], capture_output=True, text=True, check=True
     )
+    uri = args[args.index("--checkpoint") + 1]
     header = (
         f"# Rendered from charts/mfr-trainer by: mfrctl render {' '.join(args)}\n"
         "# Do not edit: regenerate every manifest with `python -m mfr.ctl.generate`.\n"
+        f"# Checkpoints go to {uri}: replace {BUCKET} with your bucket.  The pods read the S3\n"
+        f"# credentials from Secret {SECRET} (each key a variable); make it in the namespace first:\n"
+        f"#   {SECRET_COMMAND}\n"
     )
     return header + proc.stdout
 

@@ -28,6 +28,9 @@ MONITORING = "monitoring.coreos.com/v1"  # prometheus-operator's API: only there
 KINDS = {
     "ConfigMap": ("v1", "configmaps"),
     "ServiceAccount": ("v1", "serviceaccounts"),
+    "Secret": ("v1", "secrets"),
+    "Service": ("v1", "services"),
+    "Deployment": ("apps/v1", "deployments"),
     "PodMonitor": (MONITORING, "podmonitors"),
     "PrometheusRule": (MONITORING, "prometheusrules"),
     "PyTorchJob": (f"{GROUP}/{VERSION}", JOB_PLURAL),

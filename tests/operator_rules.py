@@ -4,7 +4,18 @@ Written from the operator's own code, independently of ctl/ and the chart:
 * the CRD schema (../shared/crds), made strict so a misspelled field fails;
 * the validating webhook (pkg/webhooks/pytorch/pytorchjob_webhook.go);
 * the environment it gives each replica's container (../shared/design.md,
-  "The operator's environment contract"; pkg/controller.v1/pytorch).
+  "The operator's environment contract"; pkg/controller.v1/pytorch);
+* the pod it creates for a replica (pkg/controller.v1/common/pod.go
+  createNewPod, pytorch/initcontainer.go): the template with that
+  environment, restartPolicy ExitCode turned into the pod's Never, and, in
+  every Worker pod of a job that has a Master, the init container
+  ``init-pytorch`` appended to the template's own (never replacing one).
+  Its spec comes from the file the operator's
+  ``--pytorch-init-container-template-file`` names (default
+  /etc/config/initContainer.yaml) when that file exists, else from a
+  built-in one: image ``--pytorch-init-container-image`` (alpine:3.10),
+  50m/10Mi requests, 100m/20Mi limits, a shell loop of ``nslookup`` of the
+  master's Service, and no securityContext at all.
 """
 
 from __future__ import annotations
@@ -139,6 +150,46 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
         if policy.get("rdzvConf"):
             env["PET_RDZV_CONF"] = ",".join(f"{c['key']}={c['value']}" for c in policy["rdzvConf"])
     return env
+
+
+INIT_IMAGE = "alpine:3.10"  # --pytorch-init-container-image's default
+INIT_MAX_TRIES = 100  # --pytorch-init-container-max-tries's default
+
+
+def init_containers(master_addr: str, template: str | None = None, image: str = INIT_IMAGE,
+                    max_tries: int = INIT_MAX_TRIES) -> list[dict[str, Any]]:
+    """What the operator appends to a Worker pod: its template file filled in (Go template
+    fields .MasterAddr, .InitContainerImage, .MaxTries), or its built-in container."""
+    if template is None:
+        return [{
+            "name": "init-pytorch", "image": image, "imagePullPolicy": "IfNotPresent",
+            "resources": {"limits": {"cpu": "100m", "memory": "20Mi"}, "requests": {"cpu": "50m", "memory": "10Mi"}},
+            "command": ["sh", "-c", f"err=1;for i in $(seq {max_tries}); do if nslookup {master_addr}; then err=0 "
+                                    "&& break; fi;echo waiting for master; sleep 2; done; exit $err"],
+        }]
+    fields = {"MasterAddr": master_addr, "InitContainerImage": image, "MaxTries": str(max_tries)}
+    text = re.sub(r"{{\s*\.(\w+)\s*}}", lambda m: fields[m[1]], template)
+    return yaml.safe_load(text)
+
+
+def operator_pod(job: dict[str, Any], rtype: str, index: int, init_template: str | None = None) -> dict[str, Any]:
+    """The Pod the operator creates for replica ``rtype`` ``index`` (init_template: its template file, if any)."""
+    name, specs = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
+    template = copy.deepcopy(specs[rtype]["template"])
+    spec = template["spec"]
+    env = [{"name": k, "value": v} for k, v in operator_env(job, rtype, index).items()]
+    for container in spec["containers"]:
+        container["env"] = container.get("env", []) + env
+    if specs[rtype].get("restartPolicy") == "ExitCode":
+        spec["restartPolicy"] = "Never"
+    if rtype == "Worker" and "Master" in specs:
+        spec["initContainers"] = spec.get("initContainers", []) + init_containers(f"{name}-master-0", init_template)
+    labels = template.get("metadata", {}).get("labels", {}) | {
+        "training.kubeflow.org/job-name": name, "training.kubeflow.org/replica-type": rtype.lower(),
+        "training.kubeflow.org/replica-index": str(index),
+    }
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{name}-{rtype.lower()}-{index}", "labels": labels}, "spec": spec}
 
 
 def replicas(job: dict[str, Any]) -> list[tuple[str, int]]:

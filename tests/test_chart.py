@@ -58,6 +58,7 @@ MATRIX = {
     "s3-keys-and-env": {
         "s3": {"existingSecret": "mfr-s3", "secretKeys": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"}},
         "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
+        "train": {"checkpoint": {"uri": "s3://bucket/runs/b"}},
     },
     "service-account-pvc": {
         "serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/mfr"}},
@@ -87,7 +88,7 @@ def test_helm_lint_is_clean(case):
 @pytest.mark.parametrize("case", MATRIX)
 def test_core_objects_and_pod_templates_pass_kubernetes_strict_schemas(case):
     objects = _render(MATRIX[case])
-    core = [o for o in objects if o["apiVersion"] == "v1"]
+    core = [o for o in objects if o["apiVersion"] in ("v1", "apps/v1")]
     assert {o["kind"] for o in core} >= {"ConfigMap"}
     for obj in core:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -293,8 +294,13 @@ def test_render_error_from_the_chart_itself_is_one_line():
         _render({"nodes": 9, "elastic": {"enabled": True}})
 
 
-def test_notes_warn_when_checkpoints_would_die_with_the_pods():
-    warning = "Warning: checkpoints go to <run.output_dir>/checkpoints in each pod's own emptyDir"
-    assert warning in render({}, name="mfr", namespace="ml").notes
-    for safe in ({"train": {"checkpoint": {"uri": "s3://bucket/runs"}}}, {"workspace": {"existingClaim": "runs"}}):
-        assert "Warning" not in render(safe, name="mfr", namespace="ml").notes
+def test_notes_say_where_checkpoints_go():
+    notes = render({}, name="mfr", namespace="ml").notes
+    assert "Checkpoints: s3://mfr/ml/mfr/checkpoints on the trial S3 store mfr-s3" in notes
+    assert "not for production data" in notes
+    on_s3 = render({"train": {"checkpoint": {"uri": "s3://bucket/runs"}}}, name="mfr", namespace="ml").notes
+    assert "Checkpoints: s3://bucket/runs (every pod resumes" in on_s3 and "trial" not in on_s3
+    on_claim = render({"workspace": {"existingClaim": "runs"}}, name="mfr", namespace="ml").notes
+    assert "Checkpoints: /workspace/checkpoints/mfr" in on_claim
+    single = render({"nodes": 1, "trialStore": {"enabled": False}}, name="mfr", namespace="ml").notes
+    assert "Warning: checkpoints go to <run.output_dir>/checkpoints in the pod's own emptyDir" in single

@@ -39,7 +39,9 @@ def _train(tmp_path: Path, *args: str) -> tuple[dict, list[dict]]:
     return json.loads(proc.stdout), events
 
 
-def _assert_learned(results: dict, min_gain: float) -> None:
+def _assert_learned(result: dict, min_gain: float) -> None:
+    """``mfrctl train -o json``'s result: the trained model beats the untrained one on held-out identities."""
+    results = result["eval"]
     before = _tpr(results["untrained"], "masked-unmasked", 1e-3)
     after = _tpr(results["trained"], "masked-unmasked", 1e-3)
     assert after >= before + min_gain, f"masked-unmasked TPR@1e-3 {before:.3f} -> {after:.3f}"

@@ -29,6 +29,8 @@ CONFIGMAPS = "/api/v1/namespaces/ml/configmaps"
 PODMONITORS = "/apis/monitoring.coreos.com/v1/namespaces/ml/podmonitors"
 PROMETHEUSRULES = "/apis/monitoring.coreos.com/v1/namespaces/ml/prometheusrules"
 RUN_SELECTOR = "app.kubernetes.io/name=mfr-trainer,app.kubernetes.io/instance=exp1"
+# Checkpoints on the user's own S3 (no trial store): the run is a ConfigMap and a PyTorchJob.
+OWN_S3 = ["--checkpoint", "s3://bucket/runs/exp1", "--set", "s3.existingSecret=mfr-s3"]
 
 
 @pytest.fixture
@@ -82,7 +84,8 @@ def _job(name: str, **spec_extra) -> dict:
 
 
 def test_submit_creates_the_rendered_objects_with_exact_requests(api, kubeconfig):
-    args = ["--name", "exp1", "--nodes", "4", "--gpus-per-node", "8", "--image", "reg.example.com/mfr-trainer:1.2"]
+    args = ["--name", "exp1", "--nodes", "4", "--gpus-per-node", "8", "--image", "reg.example.com/mfr-trainer:1.2",
+            *OWN_S3]
     proc = mfrctl("submit", *args, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["configmap/exp1-config created", "pytorchjob/exp1 created"]
@@ -93,17 +96,52 @@ def test_submit_creates_the_rendered_objects_with_exact_requests(api, kubeconfig
     assert [r.body for r in posts] == rendered(*args)  # exactly what render prints, in install order
     assert all(r.query == {"fieldManager": "mfrctl"} for r in posts)
     assert api.objects[JOBS]["exp1"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "exp1"
+    config = yaml.safe_load(api.objects[CONFIGMAPS]["exp1-config"]["data"]["config.yaml"])
+    assert config["checkpoint"]["uri"] == "s3://bucket/runs/exp1"
+
+
+def test_submit_of_the_demo_brings_its_trial_store_first(api, kubeconfig):
+    proc = mfrctl("submit", "--name", "exp1", "--nodes", "2", kubeconfig=kubeconfig)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "secret/exp1-s3 created", "configmap/exp1-config created", "service/exp1-s3 created",
+        "deployment/exp1-s3 created", "pytorchjob/exp1 created",
+    ]
+    assert [path for method, path in api.sent() if method == "POST"] == [
+        "/api/v1/namespaces/ml/secrets", CONFIGMAPS, "/api/v1/namespaces/ml/services",
+        "/apis/apps/v1/namespaces/ml/deployments", JOBS,
+    ]
+    secret = api.objects["/api/v1/namespaces/ml/secrets"]["exp1-s3"]
+    assert secret["data"]["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr  # never printed
+    assert "trial S3 store exp1-s3" in proc.stderr and "not for production data" in proc.stderr
+    deleted = mfrctl("delete", "exp1", kubeconfig=kubeconfig).stdout.splitlines()
+    assert {"secret/exp1-s3 deleted", "service/exp1-s3 deleted", "deployment/exp1-s3 deleted"} <= set(deleted)
+
+
+def test_submit_of_a_multi_pod_job_without_shared_checkpoints_exits_2_and_sends_nothing(api, kubeconfig):
+    real_data = ["--set", "train.data.source=folder", "--set", "train.data.uri=s3://faces/train"]
+    proc = mfrctl("submit", "--name", "exp1", "--nodes", "8", *real_data, kubeconfig=kubeconfig)
+    one_line_error(proc, 2, "a job of 8 pods has no checkpoint storage that every pod can reach",
+                   "--checkpoint s3://BUCKET/PREFIX", "--workspace-claim NAME")
+    assert api.requests == []
+    claim = mfrctl("submit", "--name", "exp1", "--nodes", "8", *real_data, "--workspace-claim", "runs",
+                   kubeconfig=kubeconfig)
+    assert claim.returncode == 0, claim.stderr
+    config = yaml.safe_load(api.objects[CONFIGMAPS]["exp1-config"]["data"]["config.yaml"])
+    assert config["checkpoint"]["uri"] == "/workspace/checkpoints/exp1"
+    pod = api.objects[JOBS]["exp1"]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "runs"}} in pod["volumes"]
 
 
 MONITORING = ["--set", "monitoring.podMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true"]
 
 
 def test_submit_and_delete_the_monitoring_objects_too(api, kubeconfig):
-    proc = mfrctl("submit", "--name", "exp1", *MONITORING, kubeconfig=kubeconfig)
+    proc = mfrctl("submit", "--name", "exp1", *MONITORING, *OWN_S3, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert "podmonitor/exp1 created" in proc.stdout and "prometheusrule/exp1 created" in proc.stdout
     assert ("POST", PODMONITORS) in api.sent() and ("POST", PROMETHEUSRULES) in api.sent()
-    assert [r.body for r in api.requests if r.method == "POST"] == rendered("--name", "exp1", *MONITORING)
+    assert [r.body for r in api.requests if r.method == "POST"] == rendered("--name", "exp1", *MONITORING, *OWN_S3)
     deleted = mfrctl("delete", "exp1", kubeconfig=kubeconfig).stdout.splitlines()
     assert "podmonitor/exp1 deleted" in deleted and "prometheusrule/exp1 deleted" in deleted
     assert not api.objects[PODMONITORS] and not api.objects[PROMETHEUSRULES]
@@ -119,7 +157,7 @@ def test_monitoring_objects_without_prometheus_operator_are_a_clear_error_and_ro
 
 
 def test_submit_dry_run_server_sends_dry_run_requests_and_stores_nothing(api, kubeconfig):
-    proc = mfrctl("submit", "--name", "exp1", "--dry-run", "server", kubeconfig=kubeconfig)
+    proc = mfrctl("submit", "--name", "exp1", "--dry-run", "server", *OWN_S3, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert "pytorchjob/exp1 created (server dry run)" in proc.stdout
     assert [r.query.get("dryRun") for r in api.requests if r.method == "POST"] == ["All", "All"]
@@ -127,7 +165,7 @@ def test_submit_dry_run_server_sends_dry_run_requests_and_stores_nothing(api, ku
 
 
 def test_submit_dry_run_client_sends_nothing(api, kubeconfig):
-    proc = mfrctl("submit", "--name", "exp1", "--dry-run", "client", kubeconfig=kubeconfig)
+    proc = mfrctl("submit", "--name", "exp1", "--dry-run", "client", *OWN_S3, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["configmap/exp1-config created (dry run)", "pytorchjob/exp1 created (dry run)"]
     assert api.requests == []
@@ -142,7 +180,7 @@ def test_submit_refuses_a_name_that_exists(api, kubeconfig):
 
 def test_submit_names_a_leftover_object_of_the_same_run(api, kubeconfig):
     api.put(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "exp1-config"}})
-    proc = mfrctl("submit", "--name", "exp1", kubeconfig=kubeconfig)
+    proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
     one_line_error(proc, 1, "cannot create ConfigMap exp1-config: it already exists in namespace ml", "mfrctl delete exp1 -n ml")
     assert api.sent() == [("GET", f"{JOBS}/exp1"), ("POST", CONFIGMAPS)]
     assert JOBS not in api.objects
@@ -150,7 +188,7 @@ def test_submit_names_a_leftover_object_of_the_same_run(api, kubeconfig):
 
 def test_submit_rolls_back_when_the_webhook_denies_the_job(api, kubeconfig):
     api.denied["pytorchjobs"] = 'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
-    proc = mfrctl("submit", "--name", "exp1", kubeconfig=kubeconfig)
+    proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
     one_line_error(proc, 1, "cannot create PyTorchJob exp1 (HTTP 403): admission webhook", "removed what was created: configmap/exp1-config")
     assert api.sent() == [
         ("GET", f"{JOBS}/exp1"), ("POST", CONFIGMAPS), ("POST", JOBS), ("DELETE", f"{CONFIGMAPS}/exp1-config"),
@@ -296,7 +334,7 @@ def test_logs_default_to_rank0_and_pick_replicas(api, kubeconfig):
 
 
 def test_delete_removes_the_job_and_every_labelled_object(api, kubeconfig):
-    assert mfrctl("submit", "--name", "exp1", kubeconfig=kubeconfig).returncode == 0
+    assert mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig).returncode == 0
     api.put(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other", "labels": {}}})
     api.requests.clear()
     proc = mfrctl("delete", "exp1", kubeconfig=kubeconfig)
@@ -304,9 +342,10 @@ def test_delete_removes_the_job_and_every_labelled_object(api, kubeconfig):
     assert proc.stdout.splitlines() == ["pytorchjob/exp1 deleted", "configmap/exp1-config deleted"]
     assert api.sent() == [
         ("DELETE", f"{JOBS}/exp1"), ("DELETE", CONFIGMAPS), ("DELETE", "/api/v1/namespaces/ml/serviceaccounts"),
-        ("DELETE", PODMONITORS), ("DELETE", PROMETHEUSRULES),
+        ("DELETE", "/api/v1/namespaces/ml/secrets"), ("DELETE", "/api/v1/namespaces/ml/services"),
+        ("DELETE", "/apis/apps/v1/namespaces/ml/deployments"), ("DELETE", PODMONITORS), ("DELETE", PROMETHEUSRULES),
     ]
-    assert [r.query.get("labelSelector") for r in api.requests[1:]] == [RUN_SELECTOR] * 4
+    assert [r.query.get("labelSelector") for r in api.requests[1:]] == [RUN_SELECTOR] * 7
     assert list(api.objects[CONFIGMAPS]) == ["other"] and not api.objects[JOBS]
     one_line_error(mfrctl("delete", "exp1", kubeconfig=kubeconfig), 1, "no run exp1 in namespace ml")
 

@@ -1,8 +1,17 @@
 """Entry point of every training process: ``torchrun -m mfr.trainer --config F``.
 
-Exit codes follow the operator's retry rules (restartPolicy ExitCode):
-2 for a config error (permanent, never retried), 1 for an aborted run,
-143 after SIGTERM once the state is checkpointed (retried, and resumed).
+Exit codes follow the operator's retry rules (restartPolicy ExitCode, see
+exitcodes): 2 for a config error and 1 for an aborted run (permanent, never
+retried); 129 when a peer, the rendezvous or the checkpoint store went away
+and 143 after SIGTERM once the state is checkpointed (retried, and resumed).
+
+The process ends with ``os._exit`` once its output is flushed, never through
+interpreter finalization: a gloo worker thread may still hold the last
+reference to a Python tensor of the final collective when the main thread
+returns, and dropping it needs the GIL; during finalization CPython ends such
+a thread with ``pthread_exit`` inside a C++ destructor, which aborts the whole
+process ("terminate called without an active exception", SIGABRT) after a
+run that had finished, or turns a lost peer's 129 into 134.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
+from . import exitcodes
 from .config import ConfigError, TrainConfig, load_config
 from .progress import Progress
 
@@ -50,24 +61,54 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        return _fail("config", str(err), 2)
+        return _fail("config", str(err), exitcodes.CONFIG_ERROR)
     from .checkpoint import Preempted  # torch is imported only for a good config
+    from .dist import is_peer_loss
     from .loop import TrainingAborted
     from .storage import StorageError
 
     try:
         train(cfg)
     except ConfigError as err:  # found at start-up, e.g. fp16 on a CPU-only node
-        return _fail("config", str(err), 2)
+        return _fail("config", str(err), exitcodes.CONFIG_ERROR)
     except StorageError as err:  # checkpoint storage unusable at start-up
-        return _fail("config" if err.permanent else "aborted", str(err), 2 if err.permanent else 1)
+        if err.permanent:
+            return _fail("config", str(err), exitcodes.CONFIG_ERROR)
+        return _unavailable(f"checkpoint storage: {err}")
     except TrainingAborted as err:
-        return _fail("aborted", str(err), 1)
+        return _fail("aborted", str(err), exitcodes.ABORTED)
     except Preempted as err:
         print(f"mfr: {err}", file=sys.stderr)
-        return 143
-    return 0
+        return exitcodes.PREEMPTED
+    except Exception as err:
+        if not is_peer_loss(err):
+            raise  # the run's own failure: a traceback, exit 1
+        return _unavailable(f"lost a peer ({str(err).splitlines()[0][:300]})")
+    return exitcodes.DONE
+
+
+def _unavailable(why: str) -> int:
+    """Something outside this process is gone; a restart of the job resumes from the last commit."""
+    print(
+        f"mfr: {why}; exiting {exitcodes.UNAVAILABLE} so the job is restarted from its last checkpoint",
+        file=sys.stderr, flush=True,
+    )
+    return exitcodes.UNAVAILABLE
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``main``, with any other exception printed as a traceback and reported as exit code 1."""
+    try:
+        return main(argv)
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else 2  # argparse's usage errors
+    except BaseException:
+        traceback.print_exc()
+        return exitcodes.ABORTED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

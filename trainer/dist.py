@@ -8,6 +8,7 @@ without torchrun (``python -m mfr.trainer``) the trainer is a world of one.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +60,27 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
         device=device,
     )
+
+
+# What gloo, NCCL and the c10d store say when the other end of a connection went away.
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed|refused)|Broken pipe|Socket Timeout|Timed out waiting|timed out after|"
+    r"NCCL communicator was aborted|ncclRemoteError|remote process exited",
+    re.IGNORECASE,
+)
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """Did a collective or the store fail because another rank, its pod or the store is gone?
+
+    Then restarting the job fixes it (every pod resumes from the last commit); any other
+    error is the run's own.  gloo reports a dead peer as a plain RuntimeError.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (dist.DistNetworkError, dist.DistStoreError)):
+            return True
+        if isinstance(seen, RuntimeError) and _PEER_GONE.search(str(seen)):
+            return True
+        seen = seen.__cause__
+    return False

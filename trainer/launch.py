@@ -1,12 +1,22 @@
-"""The pod command: torchrun running the trainer, with retryable exit codes.
+"""The pod command: torchrun running the trainer, with exit codes the operator can act on.
 
 ``python -m mfr.trainer.launch [--config F] [--set K=V ...]`` is
 ``torchrun -m mfr.trainer ...`` (every torchrun flag still comes from the
-operator's PET_* environment), except for one thing: a bare torchrun that is
-stopped by a signal (a preempted pod gets SIGTERM) exits 1, which a
-``restartPolicy: ExitCode`` job treats as permanent.  Here it exits
-128 + signal (143 for SIGTERM), which the operator retries, after the
-workers have checkpointed.
+operator's PET_* environment), except for its exit code.  A bare torchrun
+exits 1 for any failure, which a ``restartPolicy: ExitCode`` job treats as
+permanent.  Here the pod's code says what happened (see exitcodes):
+
+* stopped by a signal (a preempted pod gets SIGTERM): 128 + signal, after
+  the workers have checkpointed;
+* a worker failed: the earliest permanent code among the workers (2 for a
+  bad config, 1 for an aborted run) if there is one, else the earliest
+  retryable one (129 for a lost peer, 137 for a worker killed by the OOM
+  killer, ...);
+* the rendezvous or its store could not be reached or went away: 129.
+
+Before torchrun starts, it waits for the endpoints named in ``MFR_WAIT_FOR``
+(``host:port,...``; the chart names its trial S3 store there), so pods that
+start before the store is up do not spend the job's restarts.
 
 It also turns off torchrun's sharing of the rendezvous TCPStore with the
 workers: with sharing on (torch 2.13), a node that joins a running elastic
@@ -17,23 +27,76 @@ publishes again (the whole job then dies 60 s later).
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
+
+from . import exitcodes
 
 TRAINER_MODULE = "mfr.trainer"
+WAIT_FOR_ENV = "MFR_WAIT_FOR"
+WAIT_TIMEOUT_S = 600.0
+
+
+def worker_exit_code(failures: list[tuple[float, int]]) -> int:
+    """The pod's exit code from its failed workers' ``(time, exitcode)``; a negative code is a signal.
+
+    A permanent failure anywhere is the pod's, or the job would retry a mistake.
+    """
+    codes = [exitcodes.from_signal(-code) if code < 0 else code for _, code in sorted(failures)]
+    permanent = [code for code in codes if not exitcodes.retryable(code)]
+    return (permanent or codes)[0]
+
+
+def wait_for(endpoints: list[str], timeout: float = WAIT_TIMEOUT_S, pause: float = 1.0) -> bool:
+    """Wait until a TCP connection to every ``host:port`` succeeds; False after ``timeout``."""
+    deadline, said = time.monotonic() + timeout, 0.0
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+                break
+            except OSError as err:
+                if time.monotonic() >= deadline:
+                    return False
+                if time.monotonic() - said >= 30:
+                    print(f"mfr: waiting for {endpoint} ({err})", file=sys.stderr, flush=True)
+                    said = time.monotonic()
+                time.sleep(pause)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
 
     args = sys.argv[1:] if argv is None else argv
+    endpoints = [e.strip() for e in os.environ.get(WAIT_FOR_ENV, "").split(",") if e.strip()]
+    if endpoints and not wait_for(endpoints):
+        print(f"mfr: {', '.join(endpoints)} not reachable after {WAIT_TIMEOUT_S:.0f} s; "
+              f"exiting {exitcodes.UNAVAILABLE} so the pod is retried", file=sys.stderr, flush=True)
+        return exitcodes.UNAVAILABLE
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun(["-m", TRAINER_MODULE, *args])
     except SignalException as err:
         print(f"mfr: stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
-        return 128 + int(err.sigval)
-    return 0
+        return exitcodes.from_signal(int(err.sigval))
+    except ChildFailedError as err:
+        code = worker_exit_code([(f.timestamp, f.exitcode) for f in err.failures.values()])
+        ranks = ", ".join(f"rank {rank} {f.exitcode if f.exitcode >= 0 else f.signal_name()}"
+                          for rank, f in sorted(err.failures.items()))
+        print(f"mfr: worker(s) failed ({ranks}); pod exit code {exitcodes.describe(code)}", file=sys.stderr, flush=True)
+        return code
+    except (RendezvousError, DistError) as err:
+        print(f"mfr: rendezvous failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+              f"exiting {exitcodes.UNAVAILABLE} so the pod is retried", file=sys.stderr, flush=True)
+        return exitcodes.UNAVAILABLE
+    return exitcodes.DONE
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ and turns restartPolicy ExitCode into the pod's Never.
 {{- define "mfr-trainer.podTemplate" -}}
 metadata:
   labels:
-    {{- include "mfr-trainer.selectorLabels" . | nindent 4 }}
+    {{- include "mfr-trainer.trainerLabels" . | nindent 4 }}
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -65,8 +65,27 @@ spec:
         {{- end }}
         {{- end }}
       {{- $secret := .Values.s3.existingSecret }}
-      {{- if or .Values.env (and $secret .Values.s3.secretKeys) }}
+      {{- $trial := include "mfr-trainer.trialStore" . }}
+      {{- if or .Values.env (and $secret .Values.s3.secretKeys) $trial }}
       env:
+        {{- if $trial }}
+        {{- $store := include "mfr-trainer.trialStoreName" . }}
+        # The chart's trial S3 store (trialStore): its endpoint and generated credentials.
+        - name: AWS_ENDPOINT_URL
+          value: http://{{ include "mfr-trainer.trialStoreAddress" . }}
+        - name: AWS_DEFAULT_REGION
+          value: us-east-1
+        {{- range $name := list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" }}
+        - name: {{ $name }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ $store }}
+              key: {{ $name }}
+        {{- end }}
+        # mfr.trainer.launch waits for the store before the rendezvous.
+        - name: MFR_WAIT_FOR
+          value: {{ include "mfr-trainer.trialStoreAddress" . }}
+        {{- end }}
         {{- if $secret }}
         {{- range $name, $key := .Values.s3.secretKeys }}
         - name: {{ $name }}
