@@ -101,10 +101,12 @@ def ckpt_inspect(uri: UriArg, step: StepOpt = None, output: OutputOpt = Output.y
     info = resolve_checkpoint(uri, step, committed=False)
     data = info.to_dict()
     if importlib.util.find_spec("torch") is not None:
-        from mfr.trainer.export import tensor_shapes
+        from mfr.trainer.checkpoint_reader import CheckpointRefused, tensor_shapes
 
         try:
             data["tensors"] = tensor_shapes(info.url)
+        except CheckpointRefused as e:  # code or impossible shapes in the metadata: nothing is shown from it
+            raise fail(str(e)) from None
         except Exception as e:  # a corrupt or half-written directory: show what there is
             data["tensors"] = f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     print_data(data, Output.json if output == Output.json else Output.yaml)

@@ -136,18 +136,22 @@ class Storage:
         raise AssertionError("unreachable")
 
     # -- small files --------------------------------------------------------
-    def read_text(self, *parts: str) -> str | None:
-        """The file's text, or None if it does not exist."""
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
         path = self.path(*parts)
 
-        def read() -> str | None:
+        def read() -> bytes | None:
             try:
-                with self.fs.open(path, "r") as f:
-                    return f.read()
+                return self.fs.cat_file(path)
             except FileNotFoundError:
                 return None
 
         return self.retry(f"reading {'/'.join(parts)}", read)
+
+    def read_text(self, *parts: str) -> str | None:
+        """The file's text, or None if it does not exist."""
+        data = self.read_bytes(*parts)
+        return None if data is None else data.decode(errors="replace")
 
     def write_text(self, text: str, *parts: str) -> None:
         """Write a small file atomically: readers see the old or the new content."""
