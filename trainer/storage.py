@@ -14,7 +14,8 @@ Torch-free, so ``mfrctl ckpt`` can read the same layout.
 S3 settings come from the config's ``storage_options`` and the standard AWS
 environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION).  Transient errors are retried with exponential backoff;
-errors are reported naming the URL and endpoint, never a credential.
+errors are reported naming the URL and endpoint, never a credential (the
+user info of a URL is redacted, see ``credentials``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from .config import ConfigError
+from .credentials import redact
 
 MARKER = "COMMITTED"
 LATEST = "latest"
@@ -42,7 +44,7 @@ class StorageError(RuntimeError):
     """Checkpoint storage cannot be used (unreachable, denied, missing bucket)."""
 
     def __init__(self, message: str, permanent: bool = False):
-        super().__init__(message)
+        super().__init__(redact(message))
         self.permanent = permanent  # a config or credential problem, not worth retrying the job
 
 
@@ -122,7 +124,7 @@ class Storage:
             cause += " -- check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy"
         elif "NoCredentials" in f"{type(err).__name__} {cause}":
             cause = "no credentials found -- set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        return f"{where}: {cause}"
+        return redact(f"{where}: {cause}")
 
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry transient errors with backoff; raise StorageError naming the cause."""
