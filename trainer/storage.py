@@ -173,6 +173,9 @@ class Storage:
         self.retry(f"writing {'/'.join(parts)}", write)
 
     def remove(self, name: str) -> None:
+        """Delete ``name`` and everything below it, leaving no empty directory entry behind (object stores
+        with real folders, such as SeaweedFS, keep one after its objects are gone unless ``name/`` is
+        deleted too; on AWS S3 that delete is a no-op)."""
         path = self.path(name)
 
         def rm() -> None:
@@ -180,9 +183,18 @@ class Storage:
                 self.fs.rm(path, recursive=True)
             except FileNotFoundError:
                 pass
+            if not self.is_local:
+                try:
+                    self.fs.rm_file(path + "/")
+                except FileNotFoundError:
+                    pass
             self.fs.invalidate_cache()
 
         self.retry(f"removing {name}", rm)
+
+    def exists(self) -> bool:
+        """Whether the root is there (a folder; on an object store, a prefix holding objects)."""
+        return self.retry("looking up the checkpoint folder", lambda: self.fs.exists(self.root))
 
     def make_root(self) -> None:
         if self.is_local:
@@ -196,7 +208,8 @@ class Storage:
         self.write_text(name + "\n", LATEST)
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Every ``step-<N>`` directory, oldest first, committed or not."""
+        """Every ``step-<N>`` directory that holds files, oldest first, committed or not (an object store
+        may list an empty prefix as a directory: that is no checkpoint)."""
 
         def listing() -> list[dict[str, Any]]:
             self.fs.invalidate_cache()
@@ -211,17 +224,22 @@ class Storage:
             match = _STEP_DIR.match(name)
             if match is None or entry.get("type") != "directory":
                 continue
-            found.append(self._info(name, int(match.group(1))))
+            info = self._info(name, int(match.group(1)))
+            if info is not None:
+                found.append(info)
         return sorted(found, key=lambda c: c.step)
 
-    def _info(self, name: str, step: int) -> CheckpointInfo:
+    def _info(self, name: str, step: int) -> CheckpointInfo | None:
         url = self.join(name)
         try:
             record = json.loads(self.read_text(name, MARKER) or "null")
         except json.JSONDecodeError:
             record = None  # a torn marker is no marker
         if not isinstance(record, dict) or record.get("step") != step:
-            files = self.retry(f"listing {name}", lambda: self.fs.ls(self.path(name), detail=True))
+            listed = self.retry(f"listing {name}", lambda: self.fs.ls(self.path(name), detail=True))
+            files = [f for f in listed if f["name"].rstrip("/") != self.path(name)]  # not the folder's own marker
+            if not any(f.get("type") == "file" for f in files):
+                return None
             times = [_mtime(f) for f in files]
             times = [t for t in times if t is not None]
             size = sum(int(f.get("size") or 0) for f in files)
