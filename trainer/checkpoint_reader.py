@@ -34,7 +34,8 @@ from pathlib import PosixPath
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import filesystem, metadata as dcp_metadata
+from torch.distributed.checkpoint import filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
@@ -88,15 +89,15 @@ def _check_size(size: Any, what: str) -> None:
 
 
 def _check_entries(md: Metadata) -> None:
-    """Raise ValueError where ``md`` is not what dcp.save writes: shapes, chunks and storage entries."""
+    """Raise TypeError/ValueError where ``md`` is not what dcp.save writes: shapes, chunks, storage entries."""
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise ValueError(f"it holds a {type(md).__name__}, not checkpoint metadata")
+        raise TypeError(f"it holds a {type(md).__name__}, not checkpoint metadata")
     storage = md.storage_data
     if not isinstance(storage, dict):
-        raise ValueError("it has no storage table")
+        raise TypeError("it has no storage table")
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, filesystem._StorageInfo):
-            raise ValueError("its storage table holds foreign entries")
+            raise TypeError("its storage table holds foreign entries")
         path, offset, length = info.relative_path, info.offset, info.length
         if not isinstance(path, str) or not _FILE_NAME.match(path) or ".." in path:
             raise ValueError(f"entry {index.fqn} points at {path!r}, not a file of the checkpoint directory")
@@ -112,20 +113,20 @@ def _check_entries(md: Metadata) -> None:
         raise ValueError("its key table holds foreign entries")
     for fqn, entry in md.state_dict_metadata.items():
         if not isinstance(fqn, str):
-            raise ValueError(f"it has the key {fqn!r}")
+            raise TypeError(f"it has the key {fqn!r}")
         if isinstance(entry, BytesStorageMetadata):
             continue
         if not isinstance(entry, TensorStorageMetadata) or not isinstance(entry.properties, TensorProperties):
-            raise ValueError(f"entry {fqn} is a {type(entry).__name__}")
+            raise TypeError(f"entry {fqn} is a {type(entry).__name__}")
         if not isinstance(entry.properties.dtype, torch.dtype):
-            raise ValueError(f"entry {fqn} has the dtype {entry.properties.dtype!r}")
+            raise TypeError(f"entry {fqn} has the dtype {entry.properties.dtype!r}")
         _check_size(entry.size, f"entry {fqn}")
         if not isinstance(entry.chunks, list):
-            raise ValueError(f"entry {fqn} has no chunk list")
+            raise TypeError(f"entry {fqn} has no chunk list")
         covered = 0
         for i, chunk in enumerate(entry.chunks):
             if not isinstance(chunk, ChunkStorageMetadata):
-                raise ValueError(f"entry {fqn} has a foreign chunk")
+                raise TypeError(f"entry {fqn} has a foreign chunk")
             _check_size(chunk.offsets, f"entry {fqn}")
             _check_size(chunk.sizes, f"entry {fqn}")
             if len(chunk.offsets) != len(entry.size) or len(chunk.sizes) != len(entry.size) or any(
@@ -145,7 +146,7 @@ def parse_metadata(data: bytes, where: str) -> Metadata:
     try:
         md = _MetadataUnpickler(io.BytesIO(data)).load()
         _check_entries(md)
-    except Exception as err:  # pickle raises many types for foreign bytes; our checks raise ValueError
+    except Exception as err:  # pickle raises many types for foreign bytes; our checks Type/ValueError
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointRefused(
             f"{where}: refused, nothing loaded: {reason} (mfr reads only the metadata torch.distributed.checkpoint "
@@ -177,7 +178,8 @@ class SafeReader(FsspecReader):
         self.url = url.rstrip("/")
         super().__init__(self.url, **fsspec_options(self.url, storage_options))
         where = f"{self.url}/{METADATA}"
-        data = Storage(self.url, storage_options).read_bytes(METADATA)
+        self.storage = Storage(self.url, storage_options)
+        data = self.storage.read_bytes(METADATA)
         if data is None:
             raise StorageError(f"{where}: no such file (an incomplete checkpoint)", permanent=True)
         self.metadata = parse_metadata(data, where)
@@ -192,7 +194,9 @@ class SafeReader(FsspecReader):
     def file_sizes(self) -> dict[str, int]:
         """Bytes of each data file the metadata points at."""
         names = {info.relative_path for info in self.metadata.storage_data.values()}
-        return {name: int(self.fs.fs.size(self.fs.concat_path(self.path, name))) for name in names}
+        fs = self.storage.fs
+        return {name: int(self.storage.retry(f"sizing {name}", lambda n=name: fs.size(self.storage.path(n))))
+                for name in names}
 
 
 class _NoBytes:
