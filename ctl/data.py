@@ -62,15 +62,21 @@ def pack(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 10000,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Shards written in parallel.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the global shuffle before sharding.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every skipped sample and why.")] = False,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Convert an image folder or a RecordIO pair into WebDataset tar shards plus index.json."""
+    """Convert an image folder or a RecordIO pair into WebDataset tar shards plus index.json.
+
+    Every image is decoded while it is packed: one that does not decode, is larger than a face crop
+    needs, or (in a folder) resolves outside the folder is skipped and counted (-v lists them).
+    """
     _need_train_extra()
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mfr.trainer.credentials import redact
     from mfr.trainer.data import shards
-    from mfr.trainer.data.sources import BadSample, open_fs
+    from mfr.trainer.data.sources import BadSample, decode, open_fs
 
     kind, dataset = open_dataset(src)
     if kind == "shards":
@@ -95,6 +101,7 @@ def pack(
         for j, i in enumerate(ids):
             try:
                 data, label = dataset.read(i)
+                decode(data, dataset.key(i))  # the check only: shards keep the original bytes
             except BadSample as e:
                 with lock:
                     bad.append(str(e))
@@ -130,7 +137,7 @@ def pack(
     counts = np.bincount(np.array(all_labels, dtype=np.int64), minlength=len(classes)).tolist()
     index = {
         "format": shards.FORMAT,
-        "source": src,
+        "source": redact(src),
         "seed": seed,
         "images": len(all_labels),
         "classes": classes,
@@ -140,8 +147,10 @@ def pack(
     fs.pipe_file(f"{root}/{shards.INDEX}", json.dumps(index).encode())
     summary = {"source": src, "destination": dst, "images": len(all_labels), "classes": len(classes),
                "shards": len(groups), "bad_samples_skipped": len(bad)}
-    for line in bad[:20]:
+    for line in sorted(bad) if verbose else ():
         err.print(f"skipped bad sample {line}", highlight=False, soft_wrap=True)
+    if bad and not verbose:
+        err.print(f"mfr: skipped {len(bad)} bad samples (-v lists them)", highlight=False)
     if output != Output.table:
         print_data(summary, output)
     else:

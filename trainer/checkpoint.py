@@ -13,6 +13,9 @@ by the protocol of ``storage``.  It holds:
   the GradScaler, and per-rank RNG states.  RNG states are restored only on
   the same world size, where the run then continues bit for bit.
 
+Everything is a tensor: DCP pickles anything else, and a checkpoint is read
+back through ``checkpoint_reader``, which never unpickles an entry.
+
 The head blocks are ShardedTensors, not DTensors: DTensor's ``Shard(0)``
 can only describe torch.chunk's ceil-sized split, while the head uses the
 balanced split of ``head.class_shard``; ShardedTensor carries explicit
@@ -39,12 +42,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import metrics
+from .checkpoint_reader import METADATA, CheckpointRefused, SafeLoadPlanner, SafeReader, flat_keys, refuse_pickled
 from .config import ConfigError, TrainConfig
 from .parallel import reshard
 from .storage import CheckpointInfo, Storage, StorageError, step_dir
@@ -95,6 +99,18 @@ def _optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> d
     raise TypeError(f"no checkpoint layout for {type(optimizer).__name__}")
 
 
+def _as_tensors(values: dict[str, int | float]) -> dict[str, torch.Tensor]:
+    """Numbers as 0-dim tensors (int64 or float64, exact): DCP would pickle them as they are."""
+    for key, value in values.items():
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"checkpoint value {key} is a {type(value).__name__}, not a number")
+    return {k: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64) for k, v in values.items()}
+
+
+def _as_numbers(values: dict[str, torch.Tensor]) -> dict[str, int | float]:
+    return {k: v.item() for k, v in values.items()}
+
+
 def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
     """The DCP state dict of ``trainer``: views of the live tensors (load writes in place)."""
     model, head, opt = trainer.backbone, trainer.head, trainer.optimizer
@@ -111,10 +127,12 @@ def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
             "backbone": {names[p]: _optimizer_slots(opt, p) for p in model.parameters()},
             "head": {"weight": head_slots},
         },
-        "progress": {"step": trainer.step, "nonfinite_in_a_row": trainer.nonfinite_in_a_row, **trainer.data.state_dict()},
+        "progress": _as_tensors(
+            {"step": trainer.step, "nonfinite_in_a_row": trainer.nonfinite_in_a_row, **trainer.data.state_dict()}
+        ),
     }
     if trainer.scaler.is_enabled():
-        state["scaler"] = trainer.scaler.state_dict()
+        state["scaler"] = _as_tensors(trainer.scaler.state_dict())
     projection = trainer.distillation.projection if trainer.distillation is not None else None
     if projection is not None:  # distillation's student->teacher projection, trained like the backbone
         state["distill"] = {"projection": projection.state_dict()}
@@ -142,12 +160,12 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     for name, p in trainer.distillation.projection.named_parameters() if "distill" in state else ():
         if state["optim"]["distill"][name]:
             opt.state[p] = dict(state["optim"]["distill"][name])
-    progress = state["progress"]
+    progress = _as_numbers(state["progress"])
     trainer.step = int(progress["step"])
     trainer.nonfinite_in_a_row = int(progress["nonfinite_in_a_row"])
     trainer.data.load_state_dict(progress)
     if "scaler" in state:
-        trainer.scaler.load_state_dict(state["scaler"])
+        trainer.scaler.load_state_dict(_as_numbers(state["scaler"]))
     rng = state.get("rng", {}).get(f"rank{trainer.env.rank}")
     if rng is not None:
         torch.set_rng_state(rng["torch"])
@@ -488,9 +506,12 @@ class Checkpointer:
                 )
             try:
                 self._load(info)
+            except CheckpointRefused:  # not a corrupt checkpoint: one that must not be read (see checkpoint_reader)
+                raise
             except _SAVE_ERRORS as err:  # a corrupt checkpoint: every rank sees DCP's collective error
                 if self.env.is_main:
-                    message = self.storage.describe(_root_cause(err))
+                    cause = err if isinstance(err, StorageError) else _root_cause(err)
+                    message = str(cause) if isinstance(cause, StorageError) else self.storage.describe(cause)
                     self.progress.log(f"WARNING: cannot load {info.url} ({message}); trying an older checkpoint")
                 continue
             self.last_saved_step = info.step
@@ -503,10 +524,25 @@ class Checkpointer:
         return None
 
     def _load(self, info: CheckpointInfo) -> None:
+        """Every rank checks the metadata itself (``checkpoint_reader``), and all agree before DCP's collectives:
+        a refusal anywhere stops every rank; an unreadable file anywhere makes every rank try an older one."""
         same_world = info.world_size == self.env.world_size
         state = training_state(self.trainer, with_rng=same_world)
-        reader = FsspecReader(info.url, **self.storage.options)
-        dcp.load(state, storage_reader=reader, process_group=self.io_group)
+        reader, error = None, None
+        try:
+            reader = SafeReader(info.url, self.cfg.storage_options)
+            refuse_pickled(
+                reader.metadata, flat_keys(state).__contains__, f"{info.url}/{METADATA}",
+                "; a checkpoint of an older mfr cannot be resumed: set checkpoint.resume=never or a new checkpoint.uri",
+            )
+        except (CheckpointRefused, StorageError) as err:
+            error = err
+        refused, unreadable = self._any(isinstance(error, CheckpointRefused), error is not None)
+        if refused:
+            raise error if isinstance(error, CheckpointRefused) else CheckpointRefused(f"{info.url}: refused by another rank")
+        if unreadable:
+            raise error or StorageError(f"{info.url}/{METADATA}: unreadable on another rank")
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.io_group)
         restore(self.trainer, state)
 
     def wait(self) -> None:

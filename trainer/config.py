@@ -12,10 +12,12 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .credentials import check_storage_options, credential_paths, redact
 
 # The iResNet family's shape, torch-free so that mfrctl plan can count it
 # (trainer/models.py builds it).
@@ -59,7 +61,14 @@ DEMO_CONFIG = "synthetic-demo.yaml"
 
 
 class ConfigError(ValueError):
-    """A user mistake in the config: reported as one line, exit code 2."""
+    """A user mistake in the config: reported as one line, exit code 2 (URL user info redacted)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact(str(message)))
+
+
+# fsspec/s3fs options of a URL: never a credential, at any depth (see credentials).
+StorageOptions = Annotated[dict[str, Any], AfterValidator(check_storage_options)]
 
 
 class _Section(BaseModel):
@@ -136,7 +145,7 @@ class DataConfig(_Section):
     uri: str | None = Field(
         None, description="local path or s3:// URL of the folder, the .rec (or its folder), or the shards' folder"
     )
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         {}, description="fsspec/s3fs options for uri; credentials come from the AWS_* environment"
     )
     images_per_identity: int = Field(32, ge=1, description="synthetic images per training identity")
@@ -157,9 +166,6 @@ class DataConfig(_Section):
     def _uri_for_real_data(self) -> DataConfig:
         if self.source != "synthetic" and not self.uri:
             raise ValueError(f"data.source {self.source} needs data.uri (a local path or s3:// URL)")
-        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
-        if found:
-            raise ValueError(f"data.storage_options must not hold credentials ({', '.join(found)}): use AWS_* env")
         return self
 
 
@@ -201,9 +207,6 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/mfr", description="run directory: eval results, and checkpoints by default")
 
 
-_CREDENTIAL_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-
-
 class CheckpointConfig(_Section):
     """Sharded checkpoints (torch.distributed.checkpoint) on any fsspec URL."""
 
@@ -223,7 +226,7 @@ class CheckpointConfig(_Section):
         25.0, gt=0, description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)"
     )
     retries: int = Field(4, ge=0, description="retries, with exponential backoff, of transient storage errors")
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         {},
         description="fsspec/s3fs options, e.g. {endpoint_url: http://minio:9000}; credentials come from the "
         "AWS_* environment (a Kubernetes Secret), never from the config",
@@ -233,16 +236,6 @@ class CheckpointConfig(_Section):
     def _resume_is_known(self) -> CheckpointConfig:
         if self.resume not in ("auto", "never") and not re.search(r"/step-\d+/?$", self.resume):
             raise ValueError(f"resume must be auto, never or a .../step-<N> checkpoint URI, got {self.resume!r}")
-        return self
-
-    @model_validator(mode="after")
-    def _no_credentials(self) -> CheckpointConfig:
-        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
-        if found:
-            raise ValueError(
-                f"storage_options must not hold credentials ({', '.join(found)}): set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY in the environment (from a Secret) instead"
-            )
         return self
 
     def resolved_uri(self, output_dir: str) -> str:
@@ -320,7 +313,7 @@ class DistillConfig(_Section):
     features: str | None = Field(
         None, description="offline mode: local path or s3:// URL written by mfrctl distill extract"
     )
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         {}, description="fsspec/s3fs options for the teacher checkpoint and features; credentials from AWS_* env"
     )
 
@@ -330,9 +323,6 @@ class DistillConfig(_Section):
             raise ValueError("distill.mode online needs distill.teacher.checkpoint (a checkpoint URL)")
         if self.mode == "offline" and not self.features:
             raise ValueError("distill.mode offline needs distill.features (written by mfrctl distill extract)")
-        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
-        if found:
-            raise ValueError(f"distill.storage_options must not hold credentials ({', '.join(found)}): use AWS_* env")
         return self
 
 
@@ -360,6 +350,16 @@ class TrainConfig(_Section):
             )
         if self.run.amp == "fp16" and self.run.device == "cpu":
             raise ValueError("run.amp fp16 needs a GPU (GradScaler); use bf16 on cpu")
+        return self
+
+    @model_validator(mode="after")
+    def _no_url_credentials(self) -> TrainConfig:
+        found = credential_paths(self.model_dump(mode="json"), keys=False)
+        if found:
+            raise ValueError(
+                f"{', '.join(found)} holds a URL with user info (a password): the config is rendered into the "
+                "ConfigMap and every checkpoint record; take credentials from the AWS_* environment (a Secret)"
+            )
         return self
 
 

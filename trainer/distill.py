@@ -72,11 +72,12 @@ def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = No
     The checkpoint's tensors are compared with the architecture first, so a mismatch is
     one line naming the tensor instead of a page of ``load_state_dict`` errors.
     """
-    from .export import load_tensors, tensor_shapes
+    from .checkpoint_reader import load_tensors
 
     info = find_checkpoint(cfg.checkpoint or "", storage_options=storage_options)
     model = build_backbone(cfg.backbone, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
-    saved = {k.removeprefix("backbone."): v for k, v in tensor_shapes(info.url).items() if k.startswith("backbone.")}
+    state = load_tensors(info.url, ("backbone",), storage_options).get("backbone", {})
+    saved = {k: _shape(v) for k, v in state.items()}
     problem = _first_mismatch(saved, {k: _shape(v) for k, v in model.state_dict().items()})
     if problem:
         model_cfg = (info.config or {}).get("model")
@@ -87,7 +88,7 @@ def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = No
             f"(backbone {cfg.backbone}, layers {cfg.layers}, width {cfg.width}, embedding_size {cfg.embedding_size}): "
             f"{problem}; set distill.teacher to the architecture it was trained with{hint}"
         )
-    model.load_state_dict(load_tensors(info.url, ("backbone",))["backbone"])
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False), info
 
 

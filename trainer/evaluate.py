@@ -117,8 +117,9 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
     newest committed step), or an exported torch state dict (``.pt``; with or
     without ``--head``); local or ``s3://``.
     """
+    from .checkpoint_reader import load_tensors
     from .data.sources import open_fs
-    from .export import checkpoint_backbone, load_tensors
+    from .export import checkpoint_backbone
     from .storage import find_checkpoint
 
     fs, path = open_fs(url)

@@ -6,7 +6,9 @@ A shard set is a folder (local or s3://) holding::
                            "images": N, "shards": [{"name": "shard-000000.tar", "count": n}, ...]}
     shard-000000.tar      the samples, in the order pack shuffled them (with its seed)
     shard-000000.offsets  count + 1 little-endian uint64: where each sample's first tar header
-                          starts, then where the last sample ends
+                          starts, then where the last sample ends; checked when opened (increasing
+                          by at least a sample's two tar headers, within the tar file), so a bad
+                          table makes its samples bad samples, not a read of 2**63 bytes
 
 Reading never asks for one image: the epoch order (``spans.SpanOrder``) hands each
 DataLoader worker whole spans of ``data.shard_chunk`` consecutive samples, each read
@@ -32,6 +34,7 @@ from ..config import ConfigError
 FORMAT = "mfr-shards/1"
 INDEX = "index.json"
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+MIN_SAMPLE_BYTES = 2 * 512  # two tar headers: the image's and the label's
 
 
 def shard_name(i: int) -> str:
@@ -148,12 +151,17 @@ class ShardSet:
         return f"{self.url}/{self.names[shard]}#{i}"
 
     def offsets(self, shard: int) -> np.ndarray:
+        """The shard's offset table, checked against its tar file; ValueError naming the problem."""
         if shard not in self._offsets:
-            raw = self.fs.cat_file(f"{self.root}/{offsets_name(self.names[shard])}")
-            table = np.frombuffer(raw, dtype="<u8")
-            if len(table) != self.counts[shard] + 1:
-                raise ValueError(f"{offsets_name(self.names[shard])} holds {len(table) - 1} samples, index says "
-                                 f"{self.counts[shard]}")
+            name = offsets_name(self.names[shard])
+            raw = self.fs.cat_file(f"{self.root}/{name}")
+            table = np.frombuffer(raw[: len(raw) // 8 * 8], dtype="<u8")
+            if len(raw) % 8 or len(table) != self.counts[shard] + 1:
+                raise ValueError(f"{name} holds {len(raw) / 8 - 1:g} samples, index says {self.counts[shard]}")
+            size = self.fs.size(f"{self.root}/{self.names[shard]}")
+            if table.max() > size or np.any(np.diff(table.astype(np.int64)) < MIN_SAMPLE_BYTES):
+                raise ValueError(f"{name}: offsets not increasing by whole samples within the {size}-byte "
+                                 f"{self.names[shard]}")
             self._offsets[shard] = table
             while len(self._offsets) > 64:
                 self._offsets.popitem(last=False)

@@ -6,9 +6,10 @@ decoded, resized to 112x112 if needed, masked with probability ``mask_prob``,
 mirrored half the time and normalised to [-1, 1].  Augmentation randomness comes
 from ``(seed, epoch, index)`` only: nothing depends on the worker or the rank.
 
-A sample that cannot be used (corrupt or truncated JPEG, truncated record, label
-missing or outside ``[0, num_classes)``) is logged with its key and replaced by the
-next good sample in index order, so every rank still yields full batches and the
+A sample that cannot be used (corrupt or truncated JPEG, an image of more pixels
+than a face crop needs, truncated record, label missing or outside
+``[0, num_classes)``, a folder's file that resolves outside the folder) is logged
+with its key and replaced by the next good sample in index order, so every rank still yields full batches and the
 collectives of a step pair up.  The loader counts the replacements
 (``mfr_bad_samples_total``) and aborts past ``data.max_bad_fraction``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -35,6 +37,9 @@ log = logging.getLogger("mfr.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_REPLACEMENTS = 64  # consecutive bad samples before giving up on a batch slot
+# An aligned crop is 112x112; even a loose, high-resolution face crop stays far below this.  Larger images
+# (a 164 KB PNG can announce 169 megapixels) are bad samples, refused before any pixel is decoded.
+MAX_PIXELS = 2048 * 2048
 
 
 class BadSample(ValueError):
@@ -52,14 +57,22 @@ def open_fs(url: str, options: dict[str, Any] | None = None):
 
 
 def decode(data: bytes, key: str) -> np.ndarray:
-    """uint8 112x112x3 RGB from encoded image bytes; BadSample if it does not decode."""
+    """uint8 112x112x3 RGB from encoded image bytes; BadSample if it does not decode or is larger than
+    ``MAX_PIXELS`` (checked from the header, before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (SIZE, SIZE))  # JPEG: decode at reduced scale when the image is larger
-            img = img.convert("RGB")
-            if img.size != (SIZE, SIZE):
-                img = img.resize((SIZE, SIZE), Image.BILINEAR)
-            return np.asarray(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadSample(f"{key}: {img.width} x {img.height} pixels, more than a face crop needs "
+                                    f"(at most {MAX_PIXELS:,}); not decoded")
+                img.draft("RGB", (SIZE, SIZE))  # JPEG: decode at reduced scale when the image is larger
+                img = img.convert("RGB")
+                if img.size != (SIZE, SIZE):
+                    img = img.resize((SIZE, SIZE), Image.BILINEAR)
+                return np.asarray(img)
+    except BadSample:
+        raise
     except Exception as err:  # PIL raises many types for broken files
         raise BadSample(f"{key}: cannot decode image ({type(err).__name__}: {err})") from None
 
@@ -183,7 +196,11 @@ class IndexedFaces(Dataset):
 
 
 class FolderFaces(IndexedFaces):
-    """One sub-folder per identity (sorted names are labels 0, 1, ...), images inside at any depth."""
+    """One sub-folder per identity (sorted names are labels 0, 1, ...), images inside at any depth.
+
+    A local file that resolves outside the folder (a link to ``~/.aws/credentials`` named ``x.jpg``) is a
+    bad sample: its bytes are never read.
+    """
 
     def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
         super().__init__(url, options, num_classes, augment)
@@ -198,6 +215,7 @@ class FolderFaces(IndexedFaces):
         except Exception as err:
             raise ConfigError(f"data.uri {url}: cannot list ({type(err).__name__}: {err})") from None
         self.root = root
+        self.real_root = os.path.realpath(root) if "file" in _protocols(fs) else None  # links exist locally
         self.paths = [p[len(root) + 1 :] for p in files if "/" in p[len(root) + 1 :]]
         if not self.paths:
             raise ConfigError(f"data.uri {url}: no images in identity sub-folders ({', '.join(IMAGE_EXTENSIONS)})")
@@ -214,8 +232,13 @@ class FolderFaces(IndexedFaces):
         return f"{self.url.rstrip('/')}/{self.paths[index]}"
 
     def read(self, index: int) -> tuple[bytes, int]:
+        path = f"{self.root}/{self.paths[index]}"
+        if self.real_root is not None:
+            path = os.path.realpath(path)  # and read what was checked, not the link
+            if os.path.commonpath([path, self.real_root]) != self.real_root:
+                raise BadSample(f"{self.key(index)}: a link to {path}, outside {self.real_root}; not read")
         try:
-            data = self.fs.cat_file(f"{self.root}/{self.paths[index]}")
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise BadSample(f"{self.key(index)}: file vanished") from None
         return data, int(self.labels[index])
@@ -276,10 +299,12 @@ class RecordFaces(IndexedFaces):
             raise ConfigError(f"{idx_url} does not match {rec_url}: {err}") from None
         if sorted_keys[0] == 0 and header0.flag > 0:  # insightface: images 1..first-1, identities first..end-1
             first, end = int(header0.label[0]), int(header0.label[1])
+            # checked before anything is sized by them: a 76-byte pair could otherwise ask for gigabytes
+            if not 1 < first <= len(sorted_keys) or np.any(lookup(np.array([1, first - 1]))[0] < 0):
+                raise ConfigError(f"{idx_url} does not match {rec_url}: header record names images 1..{first - 1}, "
+                                  f"the index holds {len(sorted_keys)} records")
             self.keys = np.arange(1, first, dtype=np.int64)
             self.num_identities = end - first
-            if first <= 1 or np.any(lookup(np.array([1, first - 1]))[0] < 0):
-                raise ConfigError(f"{idx_url} does not match {rec_url}: header record names images 1..{first - 1}")
             if self.num_identities > num_classes:
                 raise ConfigError(
                     f"{rec_url}: {self.num_identities} identities in the header record but head.num_classes is "
@@ -307,6 +332,10 @@ class RecordFaces(IndexedFaces):
         if not np.isfinite(label) or label != int(label):
             raise BadSample(f"{self.key(index)}: malformed label {label}")
         return payload, int(label)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 def build(cfg, num_classes: int) -> IndexedFaces:
