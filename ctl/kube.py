@@ -31,6 +31,7 @@ KINDS = {
     "Secret": ("v1", "secrets"),
     "Service": ("v1", "services"),
     "Deployment": ("apps/v1", "deployments"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "PodMonitor": (MONITORING, "podmonitors"),
     "PrometheusRule": (MONITORING, "prometheusrules"),
     "PyTorchJob": (f"{GROUP}/{VERSION}", JOB_PLURAL),

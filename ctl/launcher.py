@@ -32,6 +32,7 @@ from pathlib import Path
 from mfr.trainer import exitcodes
 from mfr.trainer.progress import EVENTS_ENV
 
+LOOPBACK = "127.0.0.1"
 # torchrun with retryable exit codes on SIGTERM (see mfr.trainer.launch); the pod command too.
 LAUNCH = [sys.executable, "-m", "mfr.trainer.launch"]
 # Fast failure detection, so a lost node is noticed in seconds, not ~45 s.
@@ -82,9 +83,9 @@ class LocalJob:
             env[METRICS_PORT_ENV] = str(self.node_metrics_port(node_rank))
         if self.elastic is None:
             env |= {
-                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_ADDR": LOOPBACK,
                 "MASTER_PORT": str(self.master_port),
-                "PET_MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_ADDR": LOOPBACK,
                 "PET_MASTER_PORT": str(self.master_port),
                 "WORLD_SIZE": str(self.world_size),
                 "RANK": str(node_rank),
@@ -94,7 +95,7 @@ class LocalJob:
         else:
             low, high = self.elastic
             env |= {
-                "PET_RDZV_ENDPOINT": f"127.0.0.1:{self.master_port}",
+                "PET_RDZV_ENDPOINT": f"{LOOPBACK}:{self.master_port}",
                 "PET_RDZV_BACKEND": "c10d",
                 "PET_NNODES": f"{low}:{high}",
                 "PET_MAX_RESTARTS": str(self.max_restarts),
@@ -113,7 +114,7 @@ class LocalJob:
         """(node, local rank, URL) of every training process's /metrics."""
         if self.metrics_port is None:
             return []
-        host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+        host = LOOPBACK if address in ("0.0.0.0", "::", "") else address
         host = f"[{host}]" if ":" in host else host
         return [
             (node, local, f"http://{host}:{self.node_metrics_port(node) + local}/metrics")
@@ -128,14 +129,14 @@ class LocalJob:
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
 def check_port_free(port: int) -> None:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((LOOPBACK, port))
         except OSError:
             raise LaunchError(
                 f"rendezvous port {port} on 127.0.0.1 is already in use; "
@@ -213,7 +214,9 @@ class RunningJob:
     def _start_agent(self, node: int) -> subprocess.Popen:
         job = self.job
         threads = max(1, (os.cpu_count() or 1) // job.world_size)
-        env = os.environ | job.node_env(node) | {"OMP_NUM_THREADS": str(threads), EVENTS_ENV: str(job.events_path)}
+        # gloo's connections between ranks listen on loopback only (torch's TCPStores bind every address)
+        env = os.environ | job.node_env(node) | {"OMP_NUM_THREADS": str(threads), EVENTS_ENV: str(job.events_path),
+                                                 "GLOO_SOCKET_IFNAME": "lo"}
         with open(self.logs[node], "ab") as out:
             return subprocess.Popen(
                 job.command(), env=env, stdout=out, stderr=subprocess.STDOUT,

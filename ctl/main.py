@@ -22,7 +22,7 @@ from .deploy import add_commands as add_kubernetes_commands
 from .distill import distill_app
 from .evaluate import evaluate
 from .export import export
-from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
+from .launcher import LOOPBACK, LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .plan import plan
 from .progress import EventTail, TrainProgress, results_table
 
@@ -116,6 +116,8 @@ def train(
     if output_dir is not None:
         overrides.append(f"run.output_dir={json.dumps(str(output_dir))}")  # a JSON string is YAML too
     cfg = _load(config, overrides)
+    if "address" not in cfg.metrics.model_fields_set:  # emulated pods share this machine: keep them off the network
+        cfg = _load(config, [*overrides, f"metrics.address={LOOPBACK}"])
     if importlib.util.find_spec("torch") is None:
         raise fail("mfrctl train runs the trainer, which needs torch: pip install 'mfr[train]'")
     try:

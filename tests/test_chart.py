@@ -88,7 +88,7 @@ def test_helm_lint_is_clean(case):
 @pytest.mark.parametrize("case", MATRIX)
 def test_core_objects_and_pod_templates_pass_kubernetes_strict_schemas(case):
     objects = _render(MATRIX[case])
-    core = [o for o in objects if o["apiVersion"] in ("v1", "apps/v1")]
+    core = [o for o in objects if o["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1")]
     assert {o["kind"] for o in core} >= {"ConfigMap"}
     for obj in core:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)

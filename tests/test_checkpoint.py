@@ -171,6 +171,7 @@ def _save_steps(rank, world, uri, overrides, steps):
     while trainer.step < steps:
         trainer.train_step(*next(batches))
         trainer.checkpointer.after_step()
+    trainer.checkpointer.finish()  # the last step is saved even when its due save was skipped (one in flight)
     trainer.checkpointer.close()
     return trainer.step
 
@@ -327,7 +328,7 @@ def test_an_unreachable_endpoint_is_retried_then_named(s3_server, tmp_path):
     env = s3_server.env() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
     proc = _trainer_cli(tmp_path, env, "checkpoint.uri=s3://mfr-test/nowhere", "checkpoint.retries=2")
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 129, proc.stderr[-2000:]  # the store may come back: the operator retries the pod
     line = proc.stderr.strip().splitlines()[-1]
     assert f"127.0.0.1:{port}" in line and "s3://mfr-test/nowhere" in line and "Traceback" not in proc.stderr
     assert time.monotonic() - started > 0.5 + 1.0  # two backoffs happened

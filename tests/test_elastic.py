@@ -267,9 +267,42 @@ def _trainer_of(agent: int) -> int:
     raise AssertionError(f"no trainer process below agent {agent}")
 
 
+def _listeners(text: str) -> list[tuple[str, int, str]]:
+    """(address, port, command line) of every listening TCP socket of a process whose command names ``text``."""
+    addresses = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
+                addresses[fields[9]] = (address, int(port, 16))
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            argv = (fd_dir.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if text not in argv:
+                continue
+            for fd in fd_dir.iterdir():
+                inode = os.readlink(fd).removeprefix("socket:[").removesuffix("]")
+                if inode in addresses:
+                    found.append((*addresses[inode], " ".join(argv)))
+        except OSError:
+            continue
+    return found
+
+
+LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
+
+
 def test_a_killed_trainer_restarts_its_pod_and_the_static_job_resumes_to_its_last_step(tmp_path):
     proc = _static_train(tmp_path, 60)
     try:
+        _wait("a step", lambda: [e for e in _events(tmp_path) if e["event"] == "step"], alive=proc)
+        # what mfrctl train controls listens on loopback only: metrics and gloo's connections; torch's TCPStore
+        # (the agents' rendezvous) binds every address of its own accord
+        listening = _listeners(str(tmp_path / "config.yaml"))
+        workers = [(a, p) for a, p, argv in listening if "mfr.trainer.launch" not in argv]
+        assert len(workers) >= 4 and all(address == LOOPBACK_HEX for address, _ in workers), listening
         _kill_node_1_trainer(tmp_path, proc, 10)
         out, err = proc.communicate(timeout=600)
     finally:

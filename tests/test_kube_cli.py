@@ -26,10 +26,11 @@ from tests.apiserver import TOKEN, ApiServer
 MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
 JOBS = "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs"
 CONFIGMAPS = "/api/v1/namespaces/ml/configmaps"
+NETPOLS = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies"
 PODMONITORS = "/apis/monitoring.coreos.com/v1/namespaces/ml/podmonitors"
 PROMETHEUSRULES = "/apis/monitoring.coreos.com/v1/namespaces/ml/prometheusrules"
 RUN_SELECTOR = "app.kubernetes.io/name=mfr-trainer,app.kubernetes.io/instance=exp1"
-# Checkpoints on the user's own S3 (no trial store): the run is a ConfigMap and a PyTorchJob.
+# Checkpoints on the user's own S3 (no trial store): the run is a NetworkPolicy, a ConfigMap and a PyTorchJob.
 OWN_S3 = ["--checkpoint", "s3://bucket/runs/exp1", "--set", "s3.existingSecret=mfr-s3"]
 
 
@@ -88,9 +89,11 @@ def test_submit_creates_the_rendered_objects_with_exact_requests(api, kubeconfig
             *OWN_S3]
     proc = mfrctl("submit", *args, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["configmap/exp1-config created", "pytorchjob/exp1 created"]
+    assert proc.stdout.splitlines() == [
+        "networkpolicy/exp1 created", "configmap/exp1-config created", "pytorchjob/exp1 created",
+    ]
     assert "mfrctl logs exp1 -n ml -f" in proc.stderr  # the chart's NOTES say how to follow the run
-    assert api.sent() == [("GET", f"{JOBS}/exp1"), ("POST", CONFIGMAPS), ("POST", JOBS)]
+    assert api.sent() == [("GET", f"{JOBS}/exp1"), ("POST", NETPOLS), ("POST", CONFIGMAPS), ("POST", JOBS)]
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in api.requests)
     posts = [r for r in api.requests if r.method == "POST"]
     assert [r.body for r in posts] == rendered(*args)  # exactly what render prints, in install order
@@ -104,11 +107,12 @@ def test_submit_of_the_demo_brings_its_trial_store_first(api, kubeconfig):
     proc = mfrctl("submit", "--name", "exp1", "--nodes", "2", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "secret/exp1-s3 created", "configmap/exp1-config created", "service/exp1-s3 created",
-        "deployment/exp1-s3 created", "pytorchjob/exp1 created",
+        "networkpolicy/exp1 created", "networkpolicy/exp1-s3 created", "secret/exp1-s3 created",
+        "configmap/exp1-config created", "service/exp1-s3 created", "deployment/exp1-s3 created",
+        "pytorchjob/exp1 created",
     ]
     assert [path for method, path in api.sent() if method == "POST"] == [
-        "/api/v1/namespaces/ml/secrets", CONFIGMAPS, "/api/v1/namespaces/ml/services",
+        NETPOLS, NETPOLS, "/api/v1/namespaces/ml/secrets", CONFIGMAPS, "/api/v1/namespaces/ml/services",
         "/apis/apps/v1/namespaces/ml/deployments", JOBS,
     ]
     secret = api.objects["/api/v1/namespaces/ml/secrets"]["exp1-s3"]
@@ -160,14 +164,17 @@ def test_submit_dry_run_server_sends_dry_run_requests_and_stores_nothing(api, ku
     proc = mfrctl("submit", "--name", "exp1", "--dry-run", "server", *OWN_S3, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert "pytorchjob/exp1 created (server dry run)" in proc.stdout
-    assert [r.query.get("dryRun") for r in api.requests if r.method == "POST"] == ["All", "All"]
+    assert [r.query.get("dryRun") for r in api.requests if r.method == "POST"] == ["All", "All", "All"]
     assert not api.objects
 
 
 def test_submit_dry_run_client_sends_nothing(api, kubeconfig):
     proc = mfrctl("submit", "--name", "exp1", "--dry-run", "client", *OWN_S3, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["configmap/exp1-config created (dry run)", "pytorchjob/exp1 created (dry run)"]
+    assert proc.stdout.splitlines() == [
+        "networkpolicy/exp1 created (dry run)", "configmap/exp1-config created (dry run)",
+        "pytorchjob/exp1 created (dry run)",
+    ]
     assert api.requests == []
 
 
@@ -182,16 +189,18 @@ def test_submit_names_a_leftover_object_of_the_same_run(api, kubeconfig):
     api.put(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "exp1-config"}})
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
     one_line_error(proc, 1, "cannot create ConfigMap exp1-config: it already exists in namespace ml", "mfrctl delete exp1 -n ml")
-    assert api.sent() == [("GET", f"{JOBS}/exp1"), ("POST", CONFIGMAPS)]
+    assert api.sent() == [("GET", f"{JOBS}/exp1"), ("POST", NETPOLS), ("POST", CONFIGMAPS), ("DELETE", f"{NETPOLS}/exp1")]
     assert JOBS not in api.objects
 
 
 def test_submit_rolls_back_when_the_webhook_denies_the_job(api, kubeconfig):
     api.denied["pytorchjobs"] = 'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
-    one_line_error(proc, 1, "cannot create PyTorchJob exp1 (HTTP 403): admission webhook", "removed what was created: configmap/exp1-config")
+    one_line_error(proc, 1, "cannot create PyTorchJob exp1 (HTTP 403): admission webhook",
+                   "removed what was created: networkpolicy/exp1, configmap/exp1-config")
     assert api.sent() == [
-        ("GET", f"{JOBS}/exp1"), ("POST", CONFIGMAPS), ("POST", JOBS), ("DELETE", f"{CONFIGMAPS}/exp1-config"),
+        ("GET", f"{JOBS}/exp1"), ("POST", NETPOLS), ("POST", CONFIGMAPS), ("POST", JOBS),
+        ("DELETE", f"{CONFIGMAPS}/exp1-config"), ("DELETE", f"{NETPOLS}/exp1"),
     ]
     assert not api.objects[CONFIGMAPS]
 
@@ -339,13 +348,16 @@ def test_delete_removes_the_job_and_every_labelled_object(api, kubeconfig):
     api.requests.clear()
     proc = mfrctl("delete", "exp1", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["pytorchjob/exp1 deleted", "configmap/exp1-config deleted"]
+    assert proc.stdout.splitlines() == [
+        "pytorchjob/exp1 deleted", "configmap/exp1-config deleted", "networkpolicy/exp1 deleted",
+    ]
     assert api.sent() == [
         ("DELETE", f"{JOBS}/exp1"), ("DELETE", CONFIGMAPS), ("DELETE", "/api/v1/namespaces/ml/serviceaccounts"),
         ("DELETE", "/api/v1/namespaces/ml/secrets"), ("DELETE", "/api/v1/namespaces/ml/services"),
-        ("DELETE", "/apis/apps/v1/namespaces/ml/deployments"), ("DELETE", PODMONITORS), ("DELETE", PROMETHEUSRULES),
+        ("DELETE", "/apis/apps/v1/namespaces/ml/deployments"), ("DELETE", NETPOLS),
+        ("DELETE", PODMONITORS), ("DELETE", PROMETHEUSRULES),
     ]
-    assert [r.query.get("labelSelector") for r in api.requests[1:]] == [RUN_SELECTOR] * 7
+    assert [r.query.get("labelSelector") for r in api.requests[1:]] == [RUN_SELECTOR] * 8
     assert list(api.objects[CONFIGMAPS]) == ["other"] and not api.objects[JOBS]
     one_line_error(mfrctl("delete", "exp1", kubeconfig=kubeconfig), 1, "no run exp1 in namespace ml")
 

@@ -110,7 +110,8 @@ def kubelet(tmp_path):
 
 def test_helm_install_of_the_chart_defaults_trains_on_its_trial_store(kubelet):
     objects = render({}, name="demo", namespace="ml").objects
-    assert {o["kind"] for o in objects} == {"Secret", "ConfigMap", "Service", "Deployment", "PyTorchJob"}
+    assert {o["kind"] for o in objects} == {"NetworkPolicy", "Secret", "ConfigMap", "Service", "Deployment",
+                                            "PyTorchJob"}
     job, logs, config = _train(kubelet, objects)
     assert config["checkpoint"]["uri"] == "s3://mfr/ml/demo/checkpoints" and len(logs) == 2
     keys = kubelet.secrets["demo-s3"]

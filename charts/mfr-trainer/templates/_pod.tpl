@@ -66,8 +66,10 @@ spec:
         {{- end }}
       {{- $secret := .Values.s3.existingSecret }}
       {{- $trial := include "mfr-trainer.trialStore" . }}
-      {{- if or .Values.env (and $secret .Values.s3.secretKeys) $trial }}
       env:
+        # The root filesystem is read-only: caches and config go to the /tmp volume.
+        - name: HOME
+          value: /tmp
         {{- if $trial }}
         {{- $store := include "mfr-trainer.trialStoreName" . }}
         # The chart's trial S3 store (trialStore): its endpoint and generated credentials.
@@ -98,7 +100,6 @@ spec:
         {{- with .Values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- end }}
       {{- if and $secret (not .Values.s3.secretKeys) }}
       envFrom:
         - secretRef:
@@ -124,6 +125,8 @@ spec:
           mountPath: /dev/shm
         - name: workspace
           mountPath: /workspace
+        - name: tmp
+          mountPath: /tmp
   volumes:
     - name: config
       configMap:
@@ -134,6 +137,8 @@ spec:
         {{- with .Values.shm.sizeLimit }}
         sizeLimit: {{ . }}
         {{- end }}
+    - name: tmp
+      emptyDir: {}
     - name: workspace
       {{- if .Values.workspace.existingClaim }}
       persistentVolumeClaim:
