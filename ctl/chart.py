@@ -120,6 +120,7 @@ def flag_values(
     config: Path | None = None,
     checkpoint: str | None = None,
     workspace_claim: str | None = None,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     """The chart values mfrctl's flags stand for (None = leave the chart's value)."""
     values: dict[str, Any] = {}
@@ -155,6 +156,10 @@ def flag_values(
             raise ChartError(f"--workspace-claim {workspace_claim!r}: not a PersistentVolumeClaim name "
                              "(lowercase letters, digits, '-' and '.')")
         values["workspace"] = {"existingClaim": workspace_claim}
+    if queue is not None:
+        if len(queue) > 63 or not _DNS1123.match(queue):
+            raise ChartError(f"--queue {queue!r}: not a Kueue LocalQueue name (a DNS-1123 label)")
+        values["queue"] = queue
     return values
 
 
@@ -195,18 +200,39 @@ def render(values: dict[str, Any], *, name: str, namespace: str) -> Rendered:
     check_name(name)
     check_namespace(namespace)
     with helm_python.Chart.load(chart_dir()) as chart:
+        manifests = _render_chart(chart, values, name, namespace)
+        merged = chart.merge_values(values)
         try:
-            manifests = chart.render(values, name=name, namespace=namespace, is_install=True)
-        except helm_python.HelmValuesError as err:
-            raise ChartError(_schema_message(str(err), values)) from None
-        except helm_python.HelmRenderError as err:
-            raise ChartError(_render_message(str(err))) from None
-        train = chart.merge_values(values)["train"]
-    try:
-        validate_config(train)
-    except ConfigError as err:
-        raise ChartError(f"config: {err}") from None
+            train = validate_config(merged["train"])
+        except ConfigError as err:
+            raise ChartError(f"config: {err}") from None
+        # The chart's requests are the demo's: size them for this run; the ones the user set win.
+        wanted = requests_for(train, merged) | ((values.get("resources") or {}).get("requests") or {})
+        if wanted != merged["resources"].get("requests"):
+            values = merge(values, {"resources": {"requests": wanted}})
+            manifests = _render_chart(chart, values, name, namespace)
     return _collect(manifests)
+
+
+def requests_for(train: TrainConfig, values: dict[str, Any]) -> dict[str, str]:
+    """The pods' CPU and memory requests for a run of ``train`` with chart ``values`` (ctl/resources.py)."""
+    from .resources import pod_requests
+
+    gpus = int(values["gpusPerNode"])
+    nproc = int(values["nprocPerNode"]) or max(gpus, 1)
+    nodes = int(values["elastic"]["maxNodes"] if values["elastic"]["enabled"] else values["nodes"])
+    return pod_requests(train, nodes=nodes, nproc=nproc, gpus=gpus, shm=str(values["shm"].get("sizeLimit") or ""))
+
+
+def _render_chart(chart, values: dict[str, Any], name: str, namespace: str) -> dict[str, str]:
+    import helm_python
+
+    try:
+        return chart.render(values, name=name, namespace=namespace, is_install=True)
+    except helm_python.HelmValuesError as err:
+        raise ChartError(_schema_message(str(err), values)) from None
+    except helm_python.HelmRenderError as err:
+        raise ChartError(_render_message(str(err))) from None
 
 
 def _collect(manifests: dict[str, str]) -> Rendered:

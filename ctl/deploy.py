@@ -59,6 +59,11 @@ CheckpointOpt = Annotated[
              "store that demo runs get (values trialStore).",
     ),
 ]
+QueueOpt = Annotated[
+    Optional[str],
+    typer.Option("--queue", metavar="NAME",
+                 help="Kueue LocalQueue: the job waits, suspended, until Kueue admits it against the queue's quota."),
+]
 ClaimOpt = Annotated[
     Optional[str],
     typer.Option("--workspace-claim", metavar="NAME",
@@ -105,6 +110,7 @@ def render_cmd(
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
     workspace_claim: ClaimOpt = None,
+    queue: QueueOpt = None,
     set_: SetOpt = None,
     values: ValuesOpt = None,
     output: Annotated[Format, typer.Option("--output", "-o", help="Output format.")] = Format.yaml,
@@ -113,7 +119,7 @@ def render_cmd(
     rendered = render_run(
         name, namespace, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
         elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
-        sets=set_, files=values,
+        queue=queue, sets=set_, files=values,
     )
     if output == Format.json:
         print(json.dumps(rendered.to_list(), indent=2))
@@ -156,6 +162,7 @@ def submit_cmd(
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
     workspace_claim: ClaimOpt = None,
+    queue: QueueOpt = None,
     set_: SetOpt = None,
     values: ValuesOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -176,7 +183,7 @@ def submit_cmd(
     rendered = render_run(
         name, cluster.namespace, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
         elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
-        sets=set_, files=values,
+        queue=queue, sets=set_, files=values,
     )
     if dry_run == DryRun.client:
         for obj in rendered.objects:

@@ -14,6 +14,7 @@ Tests fail when either is stale.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +47,62 @@ MANIFESTS: dict[str, list[str]] = {
 }
 
 
+# Chart values that hold Kubernetes objects, and the type each holds (a list of them when True).  Helm (and so
+# mfrctl) checks them against Kubernetes' own OpenAPI schema, the strict copy kubernetes-validate ships: a
+# misspelled field (resources.limit, tolerations[].efect, env[].valu) fails the render instead of being pruned.
+K8S_VERSION = "1.29.0"
+K8S_VALUES: dict[str, tuple[str, bool]] = {
+    "env": ("io.k8s.api.core.v1.EnvVar", True),
+    "resources": ("io.k8s.api.core.v1.ResourceRequirements", False),
+    "tolerations": ("io.k8s.api.core.v1.Toleration", True),
+    "affinity": ("io.k8s.api.core.v1.Affinity", False),
+    "topologySpreadConstraints": ("io.k8s.api.core.v1.TopologySpreadConstraint", True),
+    "podSecurityContext": ("io.k8s.api.core.v1.PodSecurityContext", False),
+    "securityContext": ("io.k8s.api.core.v1.SecurityContext", False),
+    "extraVolumes": ("io.k8s.api.core.v1.Volume", True),
+    "extraVolumeMounts": ("io.k8s.api.core.v1.VolumeMount", True),
+    "trialStore.resources": ("io.k8s.api.core.v1.ResourceRequirements", False),
+    "networkPolicy.metricsPodSelector": ("io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector", False),
+    "networkPolicy.extraIngress": ("io.k8s.api.networking.v1.NetworkPolicyIngressRule", True),
+}
+
+
+def kubernetes_definitions(roots: list[str]) -> dict[str, Any]:
+    """The Kubernetes schema definitions ``roots`` need, transitively, without their descriptions."""
+    from importlib import resources
+
+    path = resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    every = json.loads((path / "_definitions.json").read_text())["$defs"]
+
+    def bare(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: bare(v) for k, v in node.items() if k != "description"}
+        return [bare(v) for v in node] if isinstance(node, list) else node
+
+    found: dict[str, Any] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found[name] = bare(every[name])
+            todo += re.findall(r'"\$ref": "#/\$defs/([^"]+)"', json.dumps(found[name]))
+    return dict(sorted(found.items()))
+
+
 def values_schema(current: dict[str, Any]) -> dict[str, Any]:
-    """The chart's values schema with ``$defs`` regenerated from TrainConfig."""
+    """The chart's values schema with ``$defs`` regenerated: TrainConfig, and the Kubernetes types of K8S_VALUES."""
     train = TrainConfig.model_json_schema()
     defs = train.pop("$defs")
-    return {**current, "$defs": {**defs, "TrainConfig": train}}
+    schema = json.loads(json.dumps(current))
+    for dotted, (kind, many) in K8S_VALUES.items():
+        *parents, leaf = dotted.split(".")
+        node = schema
+        for part in parents:
+            node = node["properties"][part]
+        ref = {"$ref": f"#/$defs/{kind}"}
+        node["properties"][leaf] = {"type": "array", "items": ref} if many else ref
+    kinds = kubernetes_definitions(sorted({kind for kind, _ in K8S_VALUES.values()}))
+    return {**schema, "$defs": {**defs, "TrainConfig": train, **kinds}}
 
 
 def schema_path() -> Path:

@@ -214,3 +214,31 @@ The TrainConfig the pods read: train, with the checkpoint URI the chart chose.
 {{- end }}
 {{- toYaml $train }}
 {{- end }}
+
+{{/*
+The PyTorchJob's labels: the run's, jobLabels, and Kueue's queue label.  The run's
+labels win: mfrctl finds and deletes a run's objects by them.
+*/}}
+{{- define "mfr-trainer.jobLabels" -}}
+{{- $labels := merge (fromYaml (include "mfr-trainer.labels" .)) (deepCopy .Values.jobLabels) }}
+{{- with .Values.queue }}
+{{- $_ := set $labels "kueue.x-k8s.io/queue-name" . }}
+{{- end }}
+{{- toYaml $labels }}
+{{- end }}
+
+{{/*
+Refuse env entries that the operator sets (the job would silently train with the
+wrong rank or world) and secrets written as literal values (they would be stored in
+the job and printed by kubectl get -o yaml).
+*/}}
+{{- define "mfr-trainer.checkEnv" -}}
+{{- range .Values.env }}
+{{- if or (has .name (list "MASTER_ADDR" "MASTER_PORT" "WORLD_SIZE" "RANK" "LOCAL_RANK")) (hasPrefix "PET_" .name) }}
+{{- fail (printf "env %s is set by the training operator (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, PET_*): remove it" .name) }}
+{{- end }}
+{{- if and (hasKey . "value") (regexMatch "(?i)(SECRET|PASSW|TOKEN|CREDENTIAL|_KEY$|_KEY_|APIKEY)" .name) }}
+{{- fail (printf "env %s holds a literal value, which would be stored in the job: pass it with valueFrom.secretKeyRef (or s3.existingSecret for S3 keys)" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -31,6 +31,17 @@ spec:
   {{- with .Values.schedulerName }}
   schedulerName: {{ . }}
   {{- end }}
+  {{- with .Values.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- if .Values.nccl.hostNetwork }}
+  hostNetwork: true
+  dnsPolicy: ClusterFirstWithHostNet
+  {{- end }}
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -97,6 +108,10 @@ spec:
               key: {{ $key }}
         {{- end }}
         {{- end }}
+        {{- range $name, $value := .Values.nccl.env }}
+        - name: {{ $name }}
+          value: {{ $value | toString | quote }}
+        {{- end }}
         {{- with .Values.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -115,8 +130,14 @@ spec:
       resources:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- $securityContext := deepCopy .Values.securityContext }}
+      {{- if .Values.nccl.ipcLock }}
+      {{- $caps := get $securityContext "capabilities" | default dict }}
+      {{- $_ := set $caps "add" (append (get $caps "add" | default list) "IPC_LOCK" | uniq) }}
+      {{- $_ := set $securityContext "capabilities" $caps }}
+      {{- end }}
       securityContext:
-        {{- toYaml .Values.securityContext | nindent 8 }}
+        {{- toYaml $securityContext | nindent 8 }}
       volumeMounts:
         - name: config
           mountPath: {{ .Values.configMountPath }}
@@ -127,6 +148,9 @@ spec:
           mountPath: /workspace
         - name: tmp
           mountPath: /tmp
+        {{- with .Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -150,4 +174,7 @@ spec:
         {{- else }} {}
         {{- end }}
       {{- end }}
+{{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
