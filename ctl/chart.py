@@ -121,6 +121,7 @@ def flag_values(
     checkpoint: str | None = None,
     workspace_claim: str | None = None,
     queue: str | None = None,
+    monitoring: bool | None = None,
 ) -> dict[str, Any]:
     """The chart values mfrctl's flags stand for (None = leave the chart's value)."""
     values: dict[str, Any] = {}
@@ -160,6 +161,8 @@ def flag_values(
         if len(queue) > 63 or not _DNS1123.match(queue):
             raise ChartError(f"--queue {queue!r}: not a Kueue LocalQueue name (a DNS-1123 label)")
         values["queue"] = queue
+    if monitoring is not None:
+        values["monitoring"] = {"podMonitor": {"enabled": monitoring}, "prometheusRule": {"enabled": monitoring}}
     return values
 
 

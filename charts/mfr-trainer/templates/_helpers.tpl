@@ -242,3 +242,10 @@ the job and printed by kubectl get -o yaml).
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The shared Grafana dashboard's ConfigMap: one name for every run.
+*/}}
+{{- define "mfr-trainer.dashboardName" -}}
+mfr-training-dashboard
+{{- end }}
