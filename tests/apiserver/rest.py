@@ -205,7 +205,7 @@ class RestApi:
     @staticmethod
     def _verb(req: Request, name: str) -> str:
         if req.method == "GET":
-            return "get" if name else "watch" if req.query.get("watch") in ("true", "1") else "list"
+            return "get" if name else "watch" if _flag(req.query, "watch") else "list"
         verbs = {"POST": "create", "PUT": "update", "PATCH": "patch",
                  "DELETE": "delete" if name else "deletecollection"}
         if req.method not in verbs or (req.method == "POST" and name) or (req.method in ("PUT", "PATCH") and not name):
@@ -522,7 +522,7 @@ class RestApi:
             raise errors.bad_request("metadata.managedFields must be nil")
         config["metadata"].setdefault("name", name)
         try:
-            obj = apply(current or {}, config, manager, req.query.get("force") == "true", resource.schema)
+            obj = apply(current or {}, config, manager, _flag(req.query, "force"), resource.schema)
         except ApplyConflict as err:
             causes = [{"reason": "FieldManagerConflict", "message": f"conflict with {m}", "field": p}
                       for m, p in err.conflicts]
@@ -624,7 +624,7 @@ class RestApi:
             return Reply(200, "")  # not scheduled: kube-apiserver has no kubelet to ask, and answers nothing
         status = _container_status(pod, container)
         key = (namespace, name, container)
-        previous = query.get("previous") in ("true", "1")
+        previous = _flag(query, "previous")
         if previous and key not in self.previous_logs:
             raise errors.bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
         waiting = (status.get("state") or {"waiting": {"reason": "ContainerCreating"}}).get("waiting")
@@ -632,8 +632,8 @@ class RestApi:
             raise errors.bad_request(f'container "{container}" in pod "{name}" is waiting to start: '
                                      f'{waiting.get("reason", "ContainerCreating")}')
         lines = _log_lines(self.previous_logs.get(key, []) if previous else self.logs.get(key, []), query)
-        timestamps = query.get("timestamps") in ("true", "1")
-        if previous or query.get("follow") not in ("true", "1") or "terminated" in (status.get("state") or {}):
+        timestamps = _flag(query, "timestamps")
+        if previous or not _flag(query, "follow") or "terminated" in (status.get("state") or {}):
             return Reply(200, b"".join(_log_line(t, line, timestamps) for t, line in lines).decode())
         return Reply(200, None, stream=self._follow(pod, key, lines, timestamps))
 
@@ -660,10 +660,15 @@ class RestApi:
                 return
 
 
+def _flag(query: dict[str, Any], key: str) -> bool:
+    """A boolean parameter as Go's strconv.ParseBool reads it (the Python client sends True as "True")."""
+    return str(query.get(key, "")).lower() in ("1", "t", "true")
+
+
 def _policy(options: dict[str, Any]) -> str:
     if options.get("propagationPolicy"):
         return options["propagationPolicy"]
-    return "Orphan" if str(options.get("orphanDependents")).lower() == "true" else "Background"
+    return "Orphan" if _flag(options, "orphanDependents") else "Background"
 
 
 def _spec(obj: dict[str, Any]) -> dict[str, Any]:

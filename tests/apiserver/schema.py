@@ -225,15 +225,17 @@ def _constraints(value: Any, node: dict[str, Any], path: str) -> list[FieldError
         errors.append(FieldError("FieldValueNotSupported", path,
                                  f"Unsupported value: {go_value(value)}: supported values: {supported}"))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in node and (value <= node["minimum"] if node.get("exclusiveMinimum") else value < node["minimum"]):
+        low, high = node.get("minimum"), node.get("maximum")
+        if low is not None and (value <= low if node.get("exclusiveMinimum") else value < low):
             word = "greater than" if node.get("exclusiveMinimum") else "greater than or equal to"
-            errors.append(invalid(path, value, f"{where} should be {word} {node['minimum']}"))
-        if "maximum" in node and (value >= node["maximum"] if node.get("exclusiveMaximum") else value > node["maximum"]):
+            errors.append(invalid(path, value, f"{where} should be {word} {low}"))
+        if high is not None and (value >= high if node.get("exclusiveMaximum") else value > high):
             word = "less than" if node.get("exclusiveMaximum") else "less than or equal to"
-            errors.append(invalid(path, value, f"{where} should be {word} {node['maximum']}"))
+            errors.append(invalid(path, value, f"{where} should be {word} {high}"))
     if isinstance(value, str):
         if "maxLength" in node and len(value) > node["maxLength"]:
-            errors.append(FieldError("FieldValueTooLong", path, f"Too long: may not be longer than {node['maxLength']}"))
+            errors.append(FieldError("FieldValueTooLong", path,
+                                     f"Too long: may not be longer than {node['maxLength']}"))
         if "minLength" in node and len(value) < node["minLength"]:
             errors.append(invalid(path, value, f"{where} should be at least {node['minLength']} chars long"))
         if "pattern" in node and not re.search(node["pattern"], value):

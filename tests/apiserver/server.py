@@ -157,7 +157,8 @@ class ApiServer(RestApi):
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": workloads.operator_labels(job, rtype, index),
                          **({"ownerReferences": [workloads.owner_reference(owner)]} if owner else {})},
-            "spec": {"nodeName": f"gpu-node-{index}", "containers": [{"name": "pytorch", "image": "mfr-trainer:0.1.0"}]},
+            "spec": {"nodeName": f"gpu-node-{index}",
+                     "containers": [{"name": "pytorch", "image": "mfr-trainer:0.1.0"}]},
         })
         if log:
             self.write_log(namespace, name, log)
@@ -190,6 +191,7 @@ class ApiServer(RestApi):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms wait for a delayed ACK
     api: ApiServer
 
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
