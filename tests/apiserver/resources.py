@@ -114,7 +114,7 @@ def crd_resource(crd: dict[str, Any]) -> Resource:
                     generation=True, crd=crd)
 
 
-def load_crd(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.load(path.read_text(), Loader=yaml.CSafeLoader)  # libyaml: the Trainer's CRDs are 7,000 lines
 
 

@@ -28,7 +28,7 @@ from tests.apiserver.resources import (
     TRAINER_V2_CRDS,
     Resource,
     crd_resource,
-    load_crd,
+    load_yaml,
 )
 from tests.apiserver.rest import NAMESPACES, TOKEN, Reply, Request, RestApi, decode_body
 from tests.apiserver.store import Store, now
@@ -42,7 +42,7 @@ KUEUE = [crd_resource(crd) for crd in KUEUE_CRDS]
 def _vendored(path: Path) -> Resource:
     if not path.exists():
         pytest.skip(f"{path} is missing: the CRDs are vendored in ../shared/crds (see its README.md)")
-    return crd_resource(load_crd(path))
+    return crd_resource(load_yaml(path))
 
 
 @dataclass
@@ -55,14 +55,14 @@ class ApiServer(RestApi):
     kueue: bool = False  # Kueue's LocalQueue, Workload, ClusterQueue, ResourceFlavor (kueue.x-k8s.io/v1beta1)
     operator: bool = False  # play the training operator: each created PyTorchJob gets its pods and Services
     namespaces: tuple[str, ...] = ("default", "ml")  # the namespaces that exist at start
-    requests: list[Request] = field(default_factory=list)  # every request received, in order
+    requests: list[Request] = field(default_factory=list, repr=False)  # every request received, in order
     denied: dict[str, str] = field(default_factory=dict)  # plural -> an admission webhook's denial of creates
     rbac_denied: set[tuple[str, str, str | None]] = field(default_factory=set)  # see forbid()
     on_create: Callable[[dict[str, Any]], None] | None = None  # called with each object created through the API
-    store: Store = field(default_factory=Store)
-    logs: dict[tuple[str, str, str], list[tuple[float, str]]] = field(default_factory=dict)
-    previous_logs: dict[tuple[str, str, str], list[tuple[float, str]]] = field(default_factory=dict)
-    stopping: threading.Event = field(default_factory=threading.Event)
+    store: Store = field(default_factory=Store, repr=False)
+    logs: dict[tuple[str, str, str], list[tuple[float, str]]] = field(default_factory=dict, repr=False)
+    previous_logs: dict[tuple[str, str, str], list[tuple[float, str]]] = field(default_factory=dict, repr=False)
+    stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     installed_crds: list[Resource] = field(default_factory=list)  # see install_crd()
 
     def resources(self) -> list[Resource]:
@@ -85,7 +85,7 @@ class ApiServer(RestApi):
             self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace},
                                   "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
         if self.trainer_v2:
-            self.put("/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes", load_crd(TORCH_RUNTIME))
+            self.put("/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes", load_yaml(TORCH_RUNTIME))
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"api": self}))
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
