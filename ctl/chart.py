@@ -21,7 +21,10 @@ from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_over
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
 # that what its pods mount already exists.
-KIND_ORDER = ("NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "PyTorchJob")
+KIND_ORDER = (
+    "NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "PodMonitor", "PrometheusRule",
+    "PyTorchJob",
+)
 # The operator names pods and Services <job>-<type>-<index>, which must stay a
 # DNS-1035 label (<= 63 characters): room for "-worker-NNNN" is kept.
 MAX_NAME = 50

@@ -18,7 +18,7 @@ import typer
 
 from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, merge, render, set_values
 from .doctor import api_checks, gpu_check, namespace_check, pod_security_check, preflight, report, storage_check
-from .kube import FINAL_STATES, MONITORING_API
+from .kube import FINAL_STATES, MONITORING_API, first_pod
 from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
 
@@ -236,7 +236,8 @@ def submit_cmd(
     job = rendered.job["metadata"]["name"]
     if follow:
         _cluster_call(cluster.wait_for_start, job, deadline=deadline)
-        _cluster_call(cluster.logs, job, replica=None, index=None, follow=True)
+        for pod in _cluster_call(cluster.pods, job, *first_pod(rendered.job)):
+            _cluster_call(cluster.follow_log, pod["metadata"]["name"], lambda line: print(line, flush=True))
     state = _cluster_call(cluster.wait, job, lambda state, message: _say(f"{job} {state}", message), deadline=deadline)
     if state not in FINAL_STATES:
         raise fail(f"timed out after {timeout}: {job} is {state} (mfrctl status {job} -n {cluster.namespace})", code=1)
@@ -358,7 +359,7 @@ def logs_cmd(
     """Print the trainer's log of a run's pods (container pytorch); with several pods each line says its pod."""
     import threading
 
-    from .kube import first_pod, replica_of
+    from .kube import replica_of
 
     if index is not None and replica is None:
         raise fail("--index needs --replica master|worker")

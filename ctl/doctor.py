@@ -45,7 +45,7 @@ def preflight(cluster: Cluster, *, queue: bool) -> list[Check]:
     """What submit checks before it creates anything: the namespace, the operator, Kueue when asked for."""
     checks = [namespace_check(cluster)]
     if checks[0].status != FAIL:
-        checks += [c for c in api_checks(cluster) if c.name == "PyTorchJob API" or (queue and c.name == "Kueue")]
+        checks += api_checks(cluster, ["PyTorchJob API", *(["Kueue"] if queue else [])])
     return checks
 
 
@@ -61,9 +61,12 @@ def namespace_check(cluster: Cluster) -> Check:
     return Check("namespace", OK, cluster.namespace)
 
 
-def api_checks(cluster: Cluster) -> list[Check]:
+def api_checks(cluster: Cluster, names: list[str] | None = None) -> list[Check]:
+    """Which of APIS the cluster serves (``names``: only these)."""
     checks = []
     for name, api, purpose in APIS:
+        if names is not None and name not in names:
+            continue
         served = cluster.serves(api)
         required = name == "PyTorchJob API"
         status = OK if served else (FAIL if required else WARN)

@@ -168,9 +168,10 @@ class Cluster:
                 if not is_shared(obj):
                     created.append(stored or obj)
             if not dry_run:
-                owner = created[-1]
-                for obj in created[:-1]:
-                    self._own(obj, owner)
+                owner = next(o for o in created if o["kind"] == "PyTorchJob")
+                for obj in created:
+                    if obj is not owner:
+                        self._own(obj, owner)
         except ClusterError as err:
             if created and not dry_run:
                 self._rollback(created)
@@ -255,7 +256,20 @@ class Cluster:
         """
         from kubernetes.client.rest import ApiException
 
-        deleted, skipped = [], []
+        found, skipped = [], []
+        for kind, (api_version, plural) in KINDS.items():  # first what the run has, the GC may be quicker than us
+            if kind == "PyTorchJob":
+                continue
+            try:
+                with self._errors(f"list the {plural} of {name}", passthrough_404=True, passthrough_403=True):
+                    items = self._request("GET", collection_path(api_version, kind, self.namespace),
+                                          query=[("labelSelector", run_selector(name))])["items"]
+            except ApiException as err:
+                if err.status == 403:
+                    skipped.append(plural)
+                continue
+            found += [(api_version, kind, item["metadata"]["name"]) for item in items]
+        deleted = []
         try:
             with self._errors(f"delete PyTorchJob {name}", passthrough_404=True):
                 self._request("DELETE", self._object_path(f"{GROUP}/{VERSION}", "PyTorchJob", name),
@@ -264,28 +278,17 @@ class Cluster:
         except ApiException as err:
             if not _is_status(err, "NotFound", kind=JOB_PLURAL):
                 raise self._no_operator() from None
-        for kind, (api_version, plural) in KINDS.items():
-            if kind == "PyTorchJob":
-                continue
+        for api_version, kind, item in found:
             try:
-                with self._errors(f"list the {plural} of {name}", passthrough_404=True, passthrough_403=True):
-                    found = self._request("GET", collection_path(api_version, kind, self.namespace),
-                                          query=[("labelSelector", run_selector(name))])["items"]
-            except ApiException as err:
-                if err.status == 403:
-                    skipped.append(plural)
-                continue
-            for item in found:
-                try:
-                    with self._errors(f"delete {kind} {item['metadata']['name']}", passthrough_404=True):
-                        self._request("DELETE", self._object_path(api_version, kind, item["metadata"]["name"]))
-                except ApiException:  # gone meanwhile (the garbage collector was faster)
-                    pass
-                deleted.append(f"{kind.lower()}/{item['metadata']['name']}")
-        if skipped:
-            self.warn(f"not allowed to list {', '.join(skipped)} in namespace {self.namespace}: skipped")
+                with self._errors(f"delete {kind} {item}", passthrough_404=True):
+                    self._request("DELETE", self._object_path(api_version, kind, item))
+            except ApiException:  # already gone: the garbage collector removed it with the job
+                pass
+            deleted.append(f"{kind.lower()}/{item}")
         if not deleted:
             raise ClusterError(f"no run {name} in namespace {self.namespace} (mfrctl list -n {self.namespace} shows the runs)")
+        if skipped:
+            self.warn(f"not allowed to list {', '.join(skipped)} in namespace {self.namespace}: skipped")
         return deleted
 
     def wait(self, name: str, on_change: Callable[[str, str], None], poll: float = POLL_SECONDS,
