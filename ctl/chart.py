@@ -23,8 +23,9 @@ CHART = "mfr-trainer"
 # that what its pods mount already exists.
 KIND_ORDER = (
     "NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "PodMonitor", "PrometheusRule",
-    "PyTorchJob",
+    "TrainingRuntime", "ClusterTrainingRuntime", "PyTorchJob", "TrainJob",
 )
+JOB_KINDS = ("PyTorchJob", "TrainJob")
 # The operator names pods and Services <job>-<type>-<index>, which must stay a
 # DNS-1035 label (<= 63 characters): room for "-worker-NNNN" is kept.
 MAX_NAME = 50
@@ -68,7 +69,8 @@ class Rendered:
 
     @property
     def job(self) -> dict[str, Any]:
-        return next(o for o in self.objects if o["kind"] == "PyTorchJob")
+        """The PyTorchJob or TrainJob."""
+        return next(o for o in self.objects if o["kind"] in JOB_KINDS)
 
     def to_yaml(self) -> str:
         docs = [
@@ -125,6 +127,7 @@ def flag_values(
     workspace_claim: str | None = None,
     queue: str | None = None,
     monitoring: bool | None = None,
+    api: str | None = None,
 ) -> dict[str, Any]:
     """The chart values mfrctl's flags stand for (None = leave the chart's value)."""
     values: dict[str, Any] = {}
@@ -166,6 +169,8 @@ def flag_values(
         values["queue"] = queue
     if monitoring is not None:
         values["monitoring"] = {"podMonitor": {"enabled": monitoring}, "prometheusRule": {"enabled": monitoring}}
+    if api is not None:
+        values["api"] = api
     return values
 
 

@@ -18,7 +18,7 @@ import typer
 
 from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, merge, render, set_values
 from .doctor import api_checks, gpu_check, namespace_check, pod_security_check, preflight, report, storage_check
-from .kube import FINAL_STATES, MONITORING_API, first_pod
+from .kube import FINAL_STATES, MONITORING_API, SUCCEEDED, TRAINER_API, first_pod
 from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
 
@@ -36,9 +36,16 @@ class DryRun(str, Enum):
 class Replica(str, Enum):
     master = "master"
     worker = "worker"
+    node = "node"  # a TrainJob's
 
 
-NameOpt = Annotated[str, typer.Option("--name", help="The run: its PyTorchJob's name (pods are <name>-worker-<i>).")]
+class Api(str, Enum):
+    auto = "auto"
+    pytorchjob = "pytorchjob"
+    trainjob = "trainjob"
+
+
+NameOpt = Annotated[str, typer.Option("--name", help="The run: its job's name (pods are <name>-worker-<i>, <name>-node-0-<i>).")]
 NamespaceOpt = Annotated[
     Optional[str], typer.Option("--namespace", "-n", help="Namespace; default: the kubeconfig context's, else default.")
 ]
@@ -84,7 +91,7 @@ KubeconfigOpt = Annotated[
     Optional[str], typer.Option(help="Kubeconfig file; default: $KUBECONFIG, else ~/.kube/config, else in-cluster.")
 ]
 ContextOpt = Annotated[Optional[str], typer.Option(help="Kubeconfig context; default: its current context.")]
-RunArg = Annotated[str, typer.Argument(help="The run (its PyTorchJob's name).")]
+RunArg = Annotated[str, typer.Argument(help="The run (its PyTorchJob's or TrainJob's name).")]
 
 
 def render_run(
@@ -117,19 +124,27 @@ def render_cmd(
     checkpoint: CheckpointOpt = None,
     workspace_claim: ClaimOpt = None,
     queue: QueueOpt = None,
+    api: Annotated[
+        Optional[Api], typer.Option(help="pytorchjob (the default here: no cluster to ask) or trainjob "
+                                         "(Kubeflow Trainer v2, static runs only).")
+    ] = None,
     set_: SetOpt = None,
     values: ValuesOpt = None,
     output: Annotated[Format, typer.Option("--output", "-o", help="Output format.")] = Format.yaml,
 ) -> None:
-    """Print a run's Kubernetes objects (PyTorchJob, ConfigMap, ...) from the Helm chart; no cluster needed."""
+    """Print a run's Kubernetes objects (PyTorchJob or TrainJob, ConfigMap, ...) from the Helm chart; no cluster needed."""
+    if api == Api.auto:
+        raise fail("--api auto asks the cluster which API it serves: render has no cluster; use pytorchjob or trainjob")
     rendered = render_run(
         name, namespace or "default", nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
         elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
-        queue=queue, sets=set_, files=values,
+        queue=queue, api=api.value if api else None, sets=set_, files=values,
     )
     if namespace is None and any(o["kind"] in ("PodMonitor", "PrometheusRule") for o in rendered.objects):
         raise fail("--namespace: the alerts and the dashboard select the run's series as job <namespace>/" + name
                    + ", so the objects must be rendered for the namespace they will be applied in: pass -n")
+    if api is None:
+        _say(f"rendered a {rendered.job['kind']} (the default; --api trainjob renders a Kubeflow Trainer v2 TrainJob)")
     if output == Format.json:
         print(json.dumps(rendered.to_list(), indent=2))
     else:
@@ -174,6 +189,10 @@ def submit_cmd(
     checkpoint: CheckpointOpt = None,
     workspace_claim: ClaimOpt = None,
     queue: QueueOpt = None,
+    api: Annotated[
+        Api, typer.Option(help="auto: a TrainJob (Kubeflow Trainer v2) for a static run where the cluster serves it, "
+                               "else a PyTorchJob (elastic runs always).")
+    ] = Api.auto,
     set_: SetOpt = None,
     values: ValuesOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -204,20 +223,22 @@ def submit_cmd(
     deadline = None if timeout is None else time.monotonic() + _duration(timeout)
     cluster = _connect(kubeconfig, context, namespace)  # reads the kubeconfig, sends nothing
 
-    def rendered_with(monitoring: bool | None) -> Rendered:
+    def rendered_with(monitoring: bool | None, kind: Api) -> Rendered:
         return render_run(
             name, cluster.namespace, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
             elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
-            queue=queue, monitoring=monitoring, sets=set_, files=values,
+            queue=queue, monitoring=monitoring, api=kind.value, sets=set_, files=values,
         )
 
-    rendered = rendered_with(monitoring)  # every usage mistake is found before anything is sent
-    failed = [c for c in _cluster_call(preflight, cluster, queue=bool(rendered.job["metadata"]["labels"].get(
+    rendered = rendered_with(monitoring, Api.pytorchjob if api == Api.auto else api)  # every usage mistake, unsent
+    if api == Api.auto and "elasticPolicy" not in rendered.job["spec"] and _cluster_call(cluster.serves, TRAINER_API):
+        rendered = rendered_with(monitoring, Api.trainjob)
+    failed = [c for c in _cluster_call(preflight, cluster, rendered.job, queue=bool(rendered.job["metadata"]["labels"].get(
         "kueue.x-k8s.io/queue-name"))) if c.status == "fail"]
     if failed:
         raise fail(f"{failed[0].detail}: {failed[0].fix}", code=1)
     if monitoring is None and not _mentions_monitoring(set_, values) and _cluster_call(cluster.serves, MONITORING_API):
-        rendered = rendered_with(True)
+        rendered = rendered_with(True, Api(rendered.job["kind"].lower()))
         _say("the cluster serves the prometheus-operator's API: the run gets a PodMonitor and a PrometheusRule "
              "(--no-monitoring leaves them out)")
     if dry_run == DryRun.client:
@@ -236,12 +257,12 @@ def submit_cmd(
     job = rendered.job["metadata"]["name"]
     if follow:
         _cluster_call(cluster.wait_for_start, job, deadline=deadline)
-        for pod in _cluster_call(cluster.pods, job, *first_pod(rendered.job)):
-            _cluster_call(cluster.follow_log, pod["metadata"]["name"], lambda line: print(line, flush=True))
+        for pod in _cluster_call(cluster.pods, rendered.job, *first_pod(rendered.job)):
+            _cluster_call(cluster.follow_log, pod, lambda line: print(line, flush=True))
     state = _cluster_call(cluster.wait, job, lambda state, message: _say(f"{job} {state}", message), deadline=deadline)
     if state not in FINAL_STATES:
         raise fail(f"timed out after {timeout}: {job} is {state} (mfrctl status {job} -n {cluster.namespace})", code=1)
-    if state != "Succeeded":
+    if state not in SUCCEEDED:
         raise typer.Exit(1)
 
 
@@ -270,7 +291,7 @@ def status_cmd(
     context: ContextOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Show a run's state and its pods; -o yaml|json prints the PyTorchJob itself, as kubectl get does."""
+    """Show a run's state and its pods; -o yaml|json prints the job itself, as kubectl get does."""
     from .kube import job_summary, pod_summary
 
     cluster = _connect(kubeconfig, context, namespace)
@@ -279,7 +300,7 @@ def status_cmd(
         print_data(job, output)
         return
     summary = job_summary(job)
-    pods = [pod_summary(p) for p in _cluster_call(cluster.pods, name)]
+    pods = [pod_summary(p) for p in _cluster_call(cluster.pods, job)]
     replicas = ", ".join(f"{kind} x{count}" for kind, count in summary["replicas"].items())
     per_pod = f"{summary['nprocPerNode']} process(es) per pod"
     print(f"{summary['name']}: {summary['state']} ({summary['mode']}; {replicas}; {per_pod})")
@@ -305,7 +326,7 @@ def describe_cmd(
     cluster = _connect(kubeconfig, context, namespace)
     job = _cluster_call(cluster.get_job, name)
     summary = job_summary(job)
-    pods = [pod_summary(p) for p in _cluster_call(cluster.pods, name)]
+    pods = [pod_summary(p) for p in _cluster_call(cluster.pods, job)]
     events = _cluster_call(cluster.events, [name, *(p["name"] for p in pods)])
     conditions = (job.get("status") or {}).get("conditions") or []
     restarts = sum(1 for c in conditions if c.get("type") == "Restarting") + sum(p["restarts"] for p in pods)
@@ -356,13 +377,13 @@ def logs_cmd(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Print the trainer's log of a run's pods (container pytorch); with several pods each line says its pod."""
+    """Print the trainer's log of a run's pods; with several pods each line says its pod."""
     import threading
 
-    from .kube import replica_of
+    from .kube import replica_counts, replica_of
 
     if index is not None and replica is None:
-        raise fail("--index needs --replica master|worker")
+        raise fail("--index needs --replica master|worker|node")
     if all_pods and replica is not None:
         raise fail("--all-pods and --replica choose pods differently: give one")
     if follow and previous:
@@ -377,14 +398,14 @@ def logs_cmd(
         chosen, index = first_pod(job)
     else:
         chosen = replica.value
-        count = ((job.get("spec", {}).get("pytorchReplicaSpecs") or {}).get(chosen.capitalize()) or {}).get("replicas")
+        count = replica_counts(job).get(chosen)
         if count is None:
-            raise fail(f"PyTorchJob {name} has no {chosen} replicas", code=1)
+            raise fail(f"{job['kind']} {name} has no {chosen} replicas", code=1)
         if index is not None and index >= count:
-            raise fail(f"PyTorchJob {name} has no {chosen} {index}: its {chosen}s are 0..{count - 1}", code=1)
+            raise fail(f"{job['kind']} {name} has no {chosen} {index}: its {chosen}s are 0..{count - 1}", code=1)
     deadline = time.monotonic() + wait_s
     while True:
-        pods = _cluster_call(cluster.pods, name, chosen, index)
+        pods = _cluster_call(cluster.pods, job, chosen, index)
         started = [p for p in pods if (p.get("status") or {}).get("phase") not in (None, "Pending")]
         if not follow or (pods and len(started) == len(pods)) or time.monotonic() >= deadline:
             break
@@ -399,7 +420,7 @@ def logs_cmd(
 
     if not follow:
         for pod in started:
-            text = _cluster_call(cluster.pod_log, pod["metadata"]["name"], tail=tail, since=since_s, previous=previous)
+            text = _cluster_call(cluster.pod_log, pod, tail=tail, since=since_s, previous=previous)
             for line in text.splitlines():
                 print(prefix(pod) + line)
         return
@@ -410,7 +431,7 @@ def logs_cmd(
             with lock:
                 print(prefix(pod) + line, flush=True)
 
-        _cluster_call(cluster.follow_log, pod["metadata"]["name"], emit, tail=tail, since=since_s)
+        _cluster_call(cluster.follow_log, pod, emit, tail=tail, since=since_s)
 
     threads = [threading.Thread(target=stream, args=(pod,), daemon=True) for pod in started]
     for thread in threads:
@@ -425,7 +446,7 @@ def delete_cmd(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Delete a run: its PyTorchJob (the operator removes the pods and Services) and its ConfigMap."""
+    """Delete a run: its job (its controller removes the pods) and every object labelled as the run's."""
     cluster = _connect(kubeconfig, context, namespace)
     for ref in _cluster_call(cluster.delete_run, name):
         print(f"{ref} deleted")
@@ -438,7 +459,7 @@ def list_cmd(
     context: ContextOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
-    """List the runs (PyTorchJobs rendered by this chart); -o yaml|json prints them as a kubectl List."""
+    """List the runs (PyTorchJobs and TrainJobs of this chart); -o yaml|json prints them as a kubectl List."""
     from .kube import age, job_summary
 
     cluster = _connect(kubeconfig, context, namespace)

@@ -17,13 +17,13 @@ from typing import Any
 
 from mfr.trainer.credentials import redact
 
-from .kube import GROUP, VERSION, Cluster, ClusterError
+from .kube import PYTORCHJOB, TRAINER_API, Cluster, ClusterError, job_api
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 # API group versions a run may rely on: (what, api version, what it is for).
 APIS = [
-    ("PyTorchJob API", f"{GROUP}/{VERSION}", "the Kubeflow training operator v1.9: every run, elastic ones always"),
-    ("TrainJob API", "trainer.kubeflow.org/v1alpha1", "Kubeflow Trainer v2: static runs as TrainJobs"),
+    ("PyTorchJob API", PYTORCHJOB.api_version, "the Kubeflow training operator v1.9: elastic runs, and static ones"),
+    ("TrainJob API", TRAINER_API, "Kubeflow Trainer v2: static runs as TrainJobs (--api trainjob)"),
     ("Kueue", "kueue.x-k8s.io/v1beta1", "queues (--queue)"),
     ("prometheus-operator", "monitoring.coreos.com/v1", "PodMonitor and alerts (--monitoring)"),
     ("Volcano", "scheduling.volcano.sh/v1beta1", "gang scheduling (gang.enabled)"),
@@ -41,11 +41,18 @@ class Check:
     fix: str = ""
 
 
-def preflight(cluster: Cluster, *, queue: bool) -> list[Check]:
-    """What submit checks before it creates anything: the namespace, the operator, Kueue when asked for."""
+def preflight(cluster: Cluster, job: dict[str, Any], *, queue: bool) -> list[Check]:
+    """What submit checks before it creates anything: the namespace, the job's API, Kueue when asked for."""
     checks = [namespace_check(cluster)]
-    if checks[0].status != FAIL:
-        checks += api_checks(cluster, ["PyTorchJob API", *(["Kueue"] if queue else [])])
+    if checks[0].status == FAIL:
+        return checks
+    api = job_api(job["kind"])
+    served = cluster.serves(api.api_version)
+    checks.append(Check(f"{api.kind} API", OK if served else FAIL,
+                        f"{api.api_version} {'served' if served else 'not served'}", "" if served else f"install {api.install}"))
+    if queue:
+        checks += [c if c.status == OK else Check(c.name, FAIL, c.detail, "install Kueue, or drop --queue")
+                   for c in api_checks(cluster, ["Kueue"])]
     return checks
 
 
@@ -64,15 +71,16 @@ def namespace_check(cluster: Cluster) -> Check:
 def api_checks(cluster: Cluster, names: list[str] | None = None) -> list[Check]:
     """Which of APIS the cluster serves (``names``: only these)."""
     checks = []
+    served = {api: cluster.serves(api) for name, api, _ in APIS if names is None or name in names}
+    jobs = served.get(PYTORCHJOB.api_version, False) or served.get(TRAINER_API, False)
     for name, api, purpose in APIS:
-        if names is not None and name not in names:
+        if api not in served:
             continue
-        served = cluster.serves(api)
-        required = name == "PyTorchJob API"
-        status = OK if served else (FAIL if required else WARN)
-        fix = "" if served else ("install the Kubeflow training operator v1.9 (manifests/README.md)" if required
-                                 else f"only needed for {purpose}")
-        checks.append(Check(name, status, f"{api} {'served' if served else 'not served'}", fix))
+        required = name == "PyTorchJob API" and not jobs  # one of the two job APIs must be there
+        status = OK if served[api] else (FAIL if required else WARN)
+        fix = "" if served[api] else ("install the Kubeflow training operator v1.9 (manifests/README.md)" if required
+                                      else f"only needed for {purpose}")
+        checks.append(Check(name, status, f"{api} {'served' if served[api] else 'not served'}", fix))
     return checks
 
 
@@ -100,7 +108,8 @@ def pod_security_check(cluster: Cluster, rendered: list[dict[str, Any]]) -> Chec
                      "the mfrctl-doctor ClusterRole of manifests/rbac/mfrctl.yaml lets mfrctl look")
     level = labels.get(POD_SECURITY, "privileged")
     job = next((o for o in rendered if o["kind"] == "PyTorchJob"), None)
-    pod = (next(iter(job["spec"]["pytorchReplicaSpecs"].values()))["template"]["spec"]) if job else {}
+    pod = (next(iter(job["spec"]["pytorchReplicaSpecs"].values()))["template"]["spec"]) if job else {}  # the same
+    # pod template as a TrainJob's runtime holds
     privileged = pod.get("hostNetwork") or any(
         "IPC_LOCK" in ((c.get("securityContext") or {}).get("capabilities") or {}).get("add", [])
         for c in pod.get("containers", []))

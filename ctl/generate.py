@@ -44,6 +44,8 @@ MANIFESTS: dict[str, list[str]] = {
     "elastic-4to8x8gpu.yaml": ["--name", "mfr-elastic", "--elastic", "4:8", "--gpus-per-node", "8",
                                *_on_s3("mfr-elastic")],
     "demo-cpu-2nodes.yaml": ["--name", "mfr-demo", "--nodes", "2", *_on_s3("mfr-demo")],
+    "trainjob-2x8gpu.yaml": ["--name", "mfr-tj", "--api", "trainjob", "--nodes", "2", "--gpus-per-node", "8",
+                             *_on_s3("mfr-tj")],
 }
 
 

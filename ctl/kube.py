@@ -17,13 +17,35 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-GROUP, VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 MONITORING_API = "monitoring.coreos.com/v1"  # prometheus-operator's API: only there when its CRDs are installed
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2
+
+
+@dataclass(frozen=True)
+class JobApi:
+    """A Kubeflow job kind mfrctl runs: where it is served, and how its pods are found."""
+
+    kind: str
+    api_version: str
+    plural: str
+    container: str  # the trainer's container in its pods
+    job_label: str  # the pod label that names the job
+    type_label: str | None  # the pod label of the replica type (None: one type, "node")
+    index_label: str  # the pod label of the replica index
+    install: str  # what serves it, for the error when the cluster does not
+
+
+PYTORCHJOB = JobApi("PyTorchJob", "kubeflow.org/v1", "pytorchjobs", "pytorch", "training.kubeflow.org/job-name",
+                    "training.kubeflow.org/replica-type", "training.kubeflow.org/replica-index",
+                    "the Kubeflow training operator v1.9 (see manifests/README.md)")
+TRAINJOB = JobApi("TrainJob", TRAINER_API, "trainjobs", "node", "jobset.sigs.k8s.io/jobset-name", None,
+                  "batch.kubernetes.io/job-completion-index", "Kubeflow Trainer v2.3 (or use --api pytorchjob)")
+JOB_APIS = (PYTORCHJOB, TRAINJOB)
 # API version and collection name of every kind the chart renders.
 KINDS = {
     "ConfigMap": ("v1", "configmaps"),
@@ -34,20 +56,25 @@ KINDS = {
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "PodMonitor": (MONITORING_API, "podmonitors"),
     "PrometheusRule": (MONITORING_API, "prometheusrules"),
-    "PyTorchJob": (f"{GROUP}/{VERSION}", JOB_PLURAL),
+    "TrainingRuntime": (TRAINER_API, "trainingruntimes"),
+    "ClusterTrainingRuntime": (TRAINER_API, "clustertrainingruntimes"),
+    **{api.kind: (api.api_version, api.plural) for api in JOB_APIS},
 }
+CLUSTER_SCOPED = {"ClusterTrainingRuntime"}
+KIND_OF_JOBS = {api.kind for api in JOB_APIS}
 # A run's objects carry the chart's labels; these find them all.
 CHART_SELECTOR = "app.kubernetes.io/name=mfr-trainer"
 RUN_LABEL = "app.kubernetes.io/instance"
 FIELD_MANAGER = "mfrctl"
-# Labels the operator puts on every pod.
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
-REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
-FINAL_STATES = ("Succeeded", "Failed")
+SUCCEEDED = ("Succeeded", "Complete")  # a PyTorchJob's and a TrainJob's condition
+FINAL_STATES = (*SUCCEEDED, "Failed")
 REQUEST_TIMEOUT = (10, 60)  # seconds: connect, read
 POLL_SECONDS = 5.0
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def job_api(kind: str) -> JobApi:
+    return next(api for api in JOB_APIS if api.kind == kind)
 
 
 class ClusterError(RuntimeError):
@@ -68,9 +95,9 @@ def run_selector(name: str) -> str:
 
 
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
-    """REST path of a kind's collection, e.g. /api/v1/namespaces/ns/configmaps."""
+    """REST path of a kind's collection, e.g. /api/v1/namespaces/ns/configmaps (cluster-scoped kinds: no namespace)."""
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    scope = f"/namespaces/{namespace}" if namespace else ""
+    scope = f"/namespaces/{namespace}" if namespace and kind not in CLUSTER_SCOPED else ""
     return f"{prefix}{scope}/{KINDS[kind][1]}"
 
 
@@ -84,28 +111,41 @@ def job_state(job: dict[str, Any]) -> tuple[str, str]:
 
 
 def job_summary(job: dict[str, Any]) -> dict[str, Any]:
-    """What status and list show of a raw PyTorchJob."""
+    """What status and list show of a raw PyTorchJob or TrainJob."""
     spec, status = job.get("spec", {}), job.get("status", {})
     state, message = job_state(job)
-    elastic = spec.get("elasticPolicy")
-    replicas = {kind: r.get("replicas", 1) for kind, r in (spec.get("pytorchReplicaSpecs") or {}).items()}
+    if job["kind"] == TRAINJOB.kind:
+        trainer = spec.get("trainer") or {}
+        mode, replicas, nproc = "static", {"Node": trainer.get("numNodes", 1)}, trainer.get("numProcPerNode", "auto")
+    else:
+        elastic = spec.get("elasticPolicy")
+        mode = f"elastic {elastic.get('minReplicas')}:{elastic.get('maxReplicas')}" if elastic else "static"
+        replicas = {kind: r.get("replicas", 1) for kind, r in (spec.get("pytorchReplicaSpecs") or {}).items()}
+        nproc = spec.get("nprocPerNode", "")
     return {
         "name": job["metadata"]["name"],
         "namespace": job["metadata"].get("namespace", ""),
+        "kind": job["kind"],
         "state": state,
         "message": message,
-        "mode": f"elastic {elastic.get('minReplicas')}:{elastic.get('maxReplicas')}" if elastic else "static",
+        "mode": mode,
         "replicas": replicas,
-        "nprocPerNode": spec.get("nprocPerNode", ""),
-        "replicaStatuses": status.get("replicaStatuses", {}),
+        "nprocPerNode": nproc,
         "created": job["metadata"].get("creationTimestamp", ""),
         "completed": status.get("completionTime", ""),
     }
 
 
 def first_pod(job: dict[str, Any]) -> tuple[str, int]:
-    """Rank 0's pod: master-0 of a static job, worker-0 of an elastic one."""
+    """Rank 0's pod: master-0 of a static PyTorchJob, worker-0 of an elastic one, node 0 of a TrainJob."""
+    if job["kind"] == TRAINJOB.kind:
+        return "node", 0
     return ("master", 0) if "Master" in (job.get("spec", {}).get("pytorchReplicaSpecs") or {}) else ("worker", 0)
+
+
+def replica_counts(job: dict[str, Any]) -> dict[str, int]:
+    """Replica type (lower case, as pods are labelled) -> how many the job asks for."""
+    return {kind.lower(): count for kind, count in job_summary(job)["replicas"].items()}
 
 
 def age(timestamp: str, now: datetime | None = None) -> str:
@@ -129,6 +169,7 @@ class Cluster:
     server: str
     source: str
     warn: Callable[[str], None] = print  # one-line notes about what an operation skipped
+    discovered: dict[str, bool] = field(default_factory=dict)  # API group version -> served, as discovery said
 
     # -- runs -------------------------------------------------------------------------
 
@@ -136,17 +177,18 @@ class Cluster:
         """Create a rendered run's objects; refuses a taken name, rolls back a partial run.
 
         The job goes last (what its pods mount exists first); then every other object
-        of the run gets an ownerReference to it, so that deleting the job, by hand or by
-        ``ttlSecondsAfterFinished``, lets the garbage collector remove them too.  A shared
-        object (the Grafana dashboard) is created only where it is missing and is never
-        the run's.  Returns ``kind/name`` of every object created (or that would be, with
-        dry_run: the API server validates them, webhooks included, and stores nothing).
+        of the run in its namespace gets an ownerReference to it, so that deleting the
+        job, by hand or by ``ttlSecondsAfterFinished``, lets the garbage collector
+        remove them too.  A shared object (the Grafana dashboard) is created only where
+        it is missing and is never the run's.  Returns ``kind/name`` of every object
+        created (or that would be, with dry_run: the API server validates them,
+        webhooks included, and stores nothing).
         """
-        job = next(o for o in objects if o["kind"] == "PyTorchJob")
-        name = job["metadata"]["name"]
-        if self.get_job(name, missing_ok=True) is not None:
+        job = next(o for o in objects if o["kind"] in KIND_OF_JOBS)
+        api, name = job_api(job["kind"]), job["metadata"]["name"]
+        if self._get_job(api, name) is not None:
             raise ClusterError(
-                f"PyTorchJob {name} already exists in namespace {self.namespace}: "
+                f"{api.kind} {name} already exists in namespace {self.namespace}: "
                 f"choose another --name, or remove it with mfrctl delete {name} -n {self.namespace}"
             )
         from kubernetes.client.rest import ApiException
@@ -168,9 +210,9 @@ class Cluster:
                 if not is_shared(obj):
                     created.append(stored or obj)
             if not dry_run:
-                owner = next(o for o in created if o["kind"] == "PyTorchJob")
-                for obj in created:
-                    if obj is not owner:
+                owner = next(o for o in created if o["kind"] == api.kind)
+                for obj in created:  # a cluster-scoped object cannot have a namespaced owner
+                    if obj is not owner and obj["kind"] not in CLUSTER_SCOPED:
                         self._own(obj, owner)
         except ClusterError as err:
             if created and not dry_run:
@@ -178,52 +220,73 @@ class Cluster:
                 raise ClusterError(f"{err} (removed what was created: {', '.join(_ref(o) for o in created)})") from None
             raise
         return refs
+
     def get_job(self, name: str, *, missing_ok: bool = False) -> dict[str, Any] | None:
+        """The run's job, a PyTorchJob or a TrainJob (whichever the cluster serves and holds)."""
+        served = [api for api in JOB_APIS if self.serves(api.api_version)]
+        if not served:
+            raise self._no_operator()
+        for api in served:
+            job = self._get_job(api, name)
+            if job is not None:
+                return job
+        if missing_ok:
+            return None
+        kinds = " or ".join(api.kind for api in served)
+        raise ClusterError(f"no {kinds} {name} in namespace {self.namespace} "
+                           f"(mfrctl list -n {self.namespace} shows the runs)")
+
+    def _get_job(self, api: JobApi, name: str) -> dict[str, Any] | None:
         from kubernetes.client.rest import ApiException
 
-        path = f"{collection_path(f'{GROUP}/{VERSION}', 'PyTorchJob', self.namespace)}/{name}"
         try:
-            with self._errors(f"get PyTorchJob {name}", passthrough_404=True):
-                return self._request("GET", path)
-        except ApiException as err:  # only 404 passes through
-            if not _is_status(err, "NotFound", kind=JOB_PLURAL):
-                raise self._no_operator() from None
-            if missing_ok:
-                return None
-            raise ClusterError(
-                f"no PyTorchJob {name} in namespace {self.namespace} (mfrctl list -n {self.namespace} shows the runs)"
-            ) from None
+            with self._errors(f"get {api.kind} {name}", passthrough_404=True):
+                return self._request("GET", f"{collection_path(api.api_version, api.kind, self.namespace)}/{name}")
+        except ApiException:  # no such job, or its API is not served here
+            return None
 
     def list_jobs(self, *, all_namespaces: bool = False) -> list[dict[str, Any]]:
-        path = collection_path(f"{GROUP}/{VERSION}", "PyTorchJob", None if all_namespaces else self.namespace)
-        with self._errors("list PyTorchJobs", missing_api=True):
-            return self._request("GET", path, query=[("labelSelector", CHART_SELECTOR)])["items"]
+        """Every job of this chart, PyTorchJobs and TrainJobs alike, in the namespace (or all)."""
+        served = [api for api in JOB_APIS if self.serves(api.api_version)]
+        if not served:
+            raise self._no_operator()
+        jobs = []
+        for api in served:
+            path = collection_path(api.api_version, api.kind, None if all_namespaces else self.namespace)
+            with self._errors(f"list {api.kind}s"):
+                jobs += [item | {"kind": api.kind, "apiVersion": api.api_version} for item in self._request(
+                    "GET", path, query=[("labelSelector", CHART_SELECTOR)])["items"]]
+        return sorted(jobs, key=lambda job: (job["metadata"].get("namespace", ""), job["metadata"]["name"]))
 
-    def pods(self, name: str, replica: str | None = None, index: int | None = None) -> list[dict[str, Any]]:
-        """The job's pods (raw dicts, by replica and index), found by the operator's labels."""
-        selector = f"{JOB_NAME_LABEL}={name}"
-        if replica is not None:
-            selector += f",{REPLICA_TYPE_LABEL}={replica}"
+    def pods(self, job: dict[str, Any], replica: str | None = None, index: int | None = None) -> list[dict[str, Any]]:
+        """The job's pods (raw dicts, by replica and index), found by the labels its controller gives them."""
+        api, name = job_api(job["kind"]), job["metadata"]["name"]
+        selector = f"{api.job_label}={name}"
+        if replica is not None and api.type_label is not None:
+            selector += f",{api.type_label}={replica}"
         if index is not None:
-            selector += f",{REPLICA_INDEX_LABEL}={index}"
+            selector += f",{api.index_label}={index}"
         with self._errors(f"list the pods of {name}"):
             items = self._request("GET", f"/api/v1/namespaces/{self.namespace}/pods",
                                   query=[("labelSelector", selector)])["items"]
         return sorted(items, key=lambda pod: (replica_of(pod)[0] != "master", replica_of(pod)[1]))
 
-    def pod_log(self, pod: str, *, tail: int | None = None, since: int | None = None, previous: bool = False) -> str:
-        """The log of a pod's pytorch container (``previous``: of its last terminated run)."""
-        with self._errors(f"read the log of pod {pod}"):
-            return self._request("GET", f"/api/v1/namespaces/{self.namespace}/pods/{pod}/log",
-                                 query=_log_query(tail, since, previous), accept="text/plain")
+    def pod_log(self, pod: dict[str, Any], *, tail: int | None = None, since: int | None = None,
+                previous: bool = False) -> str:
+        """The log of a pod's trainer container (``previous``: of its last terminated run)."""
+        name = pod["metadata"]["name"]
+        with self._errors(f"read the log of pod {name}"):
+            return self._request("GET", f"/api/v1/namespaces/{self.namespace}/pods/{name}/log",
+                                 query=_log_query(pod, tail, since, previous), accept="text/plain")
 
-    def follow_log(self, pod: str, on_line: Callable[[str], None], *, tail: int | None = None,
+    def follow_log(self, pod: dict[str, Any], on_line: Callable[[str], None], *, tail: int | None = None,
                    since: int | None = None) -> None:
-        """Stream a pod's log to ``on_line`` until the container ends."""
-        with self._errors(f"follow the log of pod {pod}"):
+        """Stream a pod's trainer log to ``on_line`` until the container ends."""
+        name = pod["metadata"]["name"]
+        with self._errors(f"follow the log of pod {name}"):
             response = self.api.call_api(
-                f"/api/v1/namespaces/{self.namespace}/pods/{pod}/log", "GET",
-                query_params=[*_log_query(tail, since, False), ("follow", "true")],
+                f"/api/v1/namespaces/{self.namespace}/pods/{name}/log", "GET",
+                query_params=[*_log_query(pod, tail, since, False), ("follow", "true")],
                 header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"],
                 _preload_content=False, _return_http_data_only=True, _request_timeout=(REQUEST_TIMEOUT[0], None),
             )
@@ -256,9 +319,10 @@ class Cluster:
         """
         from kubernetes.client.rest import ApiException
 
+        job = self.get_job(name, missing_ok=True)
         found, skipped = [], []
         for kind, (api_version, plural) in KINDS.items():  # first what the run has, the GC may be quicker than us
-            if kind == "PyTorchJob":
+            if kind in KIND_OF_JOBS or kind in CLUSTER_SCOPED:
                 continue
             try:
                 with self._errors(f"list the {plural} of {name}", passthrough_404=True, passthrough_403=True):
@@ -269,15 +333,22 @@ class Cluster:
                     skipped.append(plural)
                 continue
             found += [(api_version, kind, item["metadata"]["name"]) for item in items]
+        runtime = (job or {}).get("spec", {}).get("runtimeRef") or {}
+        if runtime.get("kind") in CLUSTER_SCOPED:  # a cluster-wide runtime the chart made for this run
+            api_version = KINDS[runtime["kind"]][0]
+            shipped = self._get_or_none(f"{collection_path(api_version, runtime['kind'], None)}/{runtime['name']}",
+                                        f"get {runtime['kind']} {runtime['name']}")
+            if shipped and (shipped["metadata"].get("labels") or {}).get(RUN_LABEL) == name:
+                found.append((api_version, runtime["kind"], runtime["name"]))
         deleted = []
-        try:
-            with self._errors(f"delete PyTorchJob {name}", passthrough_404=True):
-                self._request("DELETE", self._object_path(f"{GROUP}/{VERSION}", "PyTorchJob", name),
-                              query=[("propagationPolicy", "Background")])
-            deleted.append(f"pytorchjob/{name}")
-        except ApiException as err:
-            if not _is_status(err, "NotFound", kind=JOB_PLURAL):
-                raise self._no_operator() from None
+        if job is not None:
+            try:
+                with self._errors(f"delete {job['kind']} {name}", passthrough_404=True):
+                    self._request("DELETE", self._object_path(job["apiVersion"], job["kind"], name),
+                                  query=[("propagationPolicy", "Background")])
+            except ApiException:  # deleted meanwhile
+                pass
+            deleted.append(f"{job['kind'].lower()}/{name}")
         for api_version, kind, item in found:
             try:
                 with self._errors(f"delete {kind} {item}", passthrough_404=True):
@@ -307,23 +378,24 @@ class Cluster:
     def wait_for_start(self, name: str, poll: float = POLL_SECONDS, deadline: float | None = None) -> None:
         """Wait until rank 0's pod has started (or the job is over, or ``deadline`` passes)."""
         while (job := self.get_job(name)) and job_state(job)[0] not in FINAL_STATES:
-            replica, index = first_pod(job)
-            if any((p.get("status") or {}).get("phase") not in (None, "Pending") for p in self.pods(name, replica, index)):
+            if any((p.get("status") or {}).get("phase") not in (None, "Pending") for p in self.pods(job, *first_pod(job))):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 return
             time.sleep(poll)
 
     def serves(self, api_version: str) -> bool:
-        """Does the cluster serve this API group version (discovery: /apis/<group>/<version>)?"""
+        """Does the cluster serve this API group version (discovery: /apis/<group>/<version>; asked once)?"""
         from kubernetes.client.rest import ApiException
 
-        try:
-            with self._errors(f"discover {api_version}", passthrough_404=True):
-                self._request("GET", f"/apis/{api_version}")
-        except ApiException:
-            return False
-        return True
+        if api_version not in self.discovered:
+            try:
+                with self._errors(f"discover {api_version}", passthrough_404=True):
+                    self._request("GET", f"/apis/{api_version}")
+                self.discovered[api_version] = True
+            except ApiException:
+                self.discovered[api_version] = False
+        return self.discovered[api_version]
 
     def namespace_object(self) -> dict[str, Any] | None:
         """This namespace's object (its labels carry the Pod Security level), None when it does not exist."""
@@ -425,19 +497,23 @@ class Cluster:
         return self._missing_api(obj["kind"])
 
     def _missing_api(self, kind: str) -> ClusterError:
-        if kind == "PyTorchJob":
-            return self._no_operator()
+        if kind in KIND_OF_JOBS:
+            api = job_api(kind)
+            return ClusterError(f"the cluster at {self.server} serves no {api.api_version} {kind} API: install "
+                                f"{api.install}")
         if KINDS[kind][0] == MONITORING_API:
             return ClusterError(
                 f"the cluster at {self.server} serves no {MONITORING_API} {kind} API: install the prometheus-operator "
                 "(e.g. kube-prometheus-stack), or leave the chart's monitoring.podMonitor/prometheusRule disabled"
             )
+        if KINDS[kind][0] == TRAINER_API:
+            return self._missing_api(TRAINJOB.kind)
         return ClusterError(f"the cluster at {self.server} serves no {KINDS[kind][0]} {kind} API")
 
     def _no_operator(self) -> ClusterError:
         return ClusterError(
-            f"the cluster at {self.server} serves no {GROUP}/{VERSION} PyTorchJob API: install the Kubeflow "
-            "training operator v1.9 (see manifests/README.md)"
+            f"the cluster at {self.server} serves neither {PYTORCHJOB.api_version} PyTorchJob nor {TRAINER_API} "
+            f"TrainJob: install {PYTORCHJOB.install}"
         )
 
     @contextmanager
@@ -510,15 +586,24 @@ def connect(kubeconfig: str | None = None, context: str | None = None, namespace
 
 
 def replica_of(pod: dict[str, Any]) -> tuple[str, int]:
-    """A pod's (replica type, index), from the operator's labels."""
+    """A pod's (replica type, index), from its controller's labels (a TrainJob's are all "node")."""
     labels = pod["metadata"].get("labels") or {}
-    return labels.get(REPLICA_TYPE_LABEL, ""), int(labels.get(REPLICA_INDEX_LABEL, -1))
+    if PYTORCHJOB.type_label in labels:
+        return labels[PYTORCHJOB.type_label], int(labels.get(PYTORCHJOB.index_label, -1))
+    return "node", int(labels.get(TRAINJOB.index_label, -1))
+
+
+def trainer_container(pod: dict[str, Any]) -> str:
+    """The name of a pod's trainer container: the operator's pytorch, or Trainer v2's node."""
+    labels = pod["metadata"].get("labels") or {}
+    return PYTORCHJOB.container if PYTORCHJOB.job_label in labels else TRAINJOB.container
 
 
 def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     """What status and describe show of a pod: replica, phase, restarts, node, and how its trainer last ended."""
     status = pod.get("status") or {}
-    (container,) = [c for c in status.get("containerStatuses") or [] if c.get("name") == "pytorch"] or [{}]
+    statuses = [c for c in status.get("containerStatuses") or [] if c.get("name") == trainer_container(pod)]
+    container = statuses[0] if statuses else {}
     ended = (container.get("state") or {}).get("terminated") or (container.get("lastState") or {}).get("terminated")
     waiting = (container.get("state") or {}).get("waiting") or {}
     return {
@@ -532,8 +617,8 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _log_query(tail: int | None, since: int | None, previous: bool) -> list[tuple[str, str]]:
-    query = [("container", "pytorch")]
+def _log_query(pod: dict[str, Any], tail: int | None, since: int | None, previous: bool) -> list[tuple[str, str]]:
+    query = [("container", trainer_container(pod))]
     if tail is not None:
         query.append(("tailLines", str(tail)))
     if since is not None:

@@ -60,6 +60,7 @@ class LocalJob:
     # own IPs; emulated nodes share one, so node i gets the ports after node i-1's.
     metrics_port: int | None = None
     backoff_limit: int = 6  # retried pod failures before the job fails (runPolicy.backoffLimit)
+    api: str = "pytorchjob"  # whose environment contract the pods get: pytorchjob (v1 operator) or trainjob (v2)
 
     @property
     def world_size(self) -> int:
@@ -71,16 +72,22 @@ class LocalJob:
         return self.run_dir / "events.jsonl"
 
     def pod_name(self, node_rank: int) -> str:
-        """The operator's replica name of node ``node_rank``: master-0, worker-<i>."""
+        """The replica name of node ``node_rank``: master-0, worker-<i> (a TrainJob's: node-0-<i>)."""
+        if self.api == "trainjob":
+            return f"node-0-{node_rank}"
         if self.elastic is None:
             return "master-0" if node_rank == 0 else f"worker-{node_rank - 1}"
         return f"worker-{node_rank}"
 
     def node_env(self, node_rank: int) -> dict[str, str]:
-        """What the operator puts in pod ``node_rank``'s environment."""
-        env = {"PYTHONUNBUFFERED": "1", "PET_NPROC_PER_NODE": str(self.nproc_per_node)}
-        if self.metrics_port is not None:
-            env[METRICS_PORT_ENV] = str(self.node_metrics_port(node_rank))
+        """What the operator (or Trainer v2's torch plugin) puts in pod ``node_rank``'s environment."""
+        env = {} if self.metrics_port is None else {METRICS_PORT_ENV: str(self.node_metrics_port(node_rank))}
+        if self.api == "trainjob":  # v2.3.0: PET_* only; no MASTER_ADDR, RANK or WORLD_SIZE
+            return env | {
+                "PET_NNODES": str(self.nodes), "PET_NPROC_PER_NODE": str(self.nproc_per_node),
+                "PET_NODE_RANK": str(node_rank), "PET_MASTER_ADDR": LOOPBACK, "PET_MASTER_PORT": str(self.master_port),
+            }
+        env |= {"PYTHONUNBUFFERED": "1", "PET_NPROC_PER_NODE": str(self.nproc_per_node)}
         if self.elastic is None:
             env |= {
                 "MASTER_ADDR": LOOPBACK,

@@ -96,6 +96,11 @@ def train(
         int, typer.Option(min=0, help="Pod failures with a retryable exit code (>= 128) that are restarted, "
                                       "as the operator's runPolicy.backoffLimit; 0 fails the job on the first.")
     ] = 6,
+    api: Annotated[
+        str, typer.Option(metavar="pytorchjob|trainjob",
+                          help="Whose environment contract the pods get: the v1 operator's PyTorchJob "
+                               "(MASTER_ADDR, RANK, WORLD_SIZE, PET_*) or Kubeflow Trainer v2's TrainJob (PET_* only).")
+    ] = "pytorchjob",
     output: OutputOpt = Output.table,
 ) -> None:
     """Train on this machine as an N-node job, with the pods' exact environment.
@@ -110,6 +115,11 @@ def train(
     training finished, 2 for a usage or config error, 1 when training failed.
     """
     elastic_range = _parse_elastic(elastic, nodes)
+    if api not in ("pytorchjob", "trainjob"):
+        raise fail(f"--api {api!r}: pytorchjob or trainjob")
+    if api == "trainjob" and elastic_range:
+        raise fail("--api trainjob --elastic: elastic training runs as a PyTorchJob (Kubeflow Trainer v2.2 removed "
+                   "ElasticPolicy); drop one")
     overrides = list(set_ or [])
     if fresh:
         overrides.append("checkpoint.resume=never")
@@ -140,6 +150,7 @@ def train(
         run_id=run_dir.resolve().name,
         metrics_port=cfg.metrics.port if cfg.metrics.enabled else None,
         backoff_limit=backoff_limit,
+        api=api,
     )
     mode = f"elastic {elastic_range[0]}:{elastic_range[1]}" if elastic_range else "static"
     err.print(

@@ -112,8 +112,9 @@ class Kubelet:
         return pod
 
     def run_pod(self, name: str, spec: dict[str, Any], extra_env: dict[str, str]) -> Pod:
-        """Start the pod's ``pytorch`` container with the operator's extra environment."""
-        (container,) = [c for c in spec["containers"] if c["name"] == "pytorch"]
+        """Start the pod's trainer container (the PyTorchJob's ``pytorch``, the TrainJob's ``node``) with the
+        environment its controller adds."""
+        (container,) = [c for c in spec["containers"] if c["name"] in ("pytorch", "node")]
         return self._start(name, spec, container, extra_env)
 
     def _start(self, name: str, spec: dict[str, Any], container: dict[str, Any], extra_env: dict[str, str]) -> Pod:

@@ -210,3 +210,91 @@ def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     else:
         node[leaf] = value
     return changed
+
+
+# -- Kubeflow Trainer v2.3.0: the TrainJob ------------------------------------------------------------------
+# Written from the Trainer's code at v2.3.0 and its CRDs (../shared/crds/trainer-v2.3.0, and the README there):
+# pkg/runtime/framework/plugins/torch (the environment of the container "node"), pkg/constants (port 29500,
+# the reserved names), the JobSet it builds (one replicated job "node", an Indexed Job of numNodes pods named
+# <trainjob>-node-0-<index>, the index in the label batch.kubernetes.io/job-completion-index), and its webhook.
+
+TRAINER_CRDS = CRDS / "trainer-v2.3.0"
+TRAINER_MASTER_PORT = 29500
+TRAINER_RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+@cache
+def trainer_validator(kind: str):
+    """A strict jsonschema validator of a Trainer v2.3.0 CRD (TrainJob, TrainingRuntime, ClusterTrainingRuntime)."""
+    import jsonschema
+
+    plural = {"TrainJob": "trainjobs", "TrainingRuntime": "trainingruntimes",
+              "ClusterTrainingRuntime": "clustertrainingruntimes"}[kind]
+    crd = yaml.safe_load((TRAINER_CRDS / f"trainer.kubeflow.org_{plural}.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def trainer_crd_errors(obj: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+            for e in trainer_validator(obj["kind"]).iter_errors(obj)]
+
+
+def trainjob_webhook_errors(trainjob: dict[str, Any], runtime: dict[str, Any] | None) -> list[str]:
+    """The Trainer's validating webhook and the TrainJob CRD's CEL rules, for what a run can get wrong."""
+    errors = []
+    name = trainjob["metadata"]["name"]
+    if len(name) > 63 or not _DNS1035.match(name):
+        errors.append("metadata.name must match RFC 1035 DNS label format (and be no more than 63 characters)")
+    trainer = trainjob["spec"].get("trainer") or {}
+    for var in trainer.get("env") or []:
+        if var["name"] in TRAINER_RESERVED_ENV:
+            errors.append(f"spec.trainer.env: must not have reserved envs, invalid envs configured: {var['name']}")
+    ref = trainjob["spec"]["runtimeRef"]
+    if runtime is None or (ref.get("kind", "ClusterTrainingRuntime"), ref["name"]) != (runtime["kind"],
+                                                                                    runtime["metadata"]["name"]):
+        errors.append(f"spec.runtimeRef: {ref.get('kind')} {ref['name']} not found")
+    elif runtime["spec"].get("mlPolicy", {}).get("torch") is None:
+        errors.append("the runtime has no torch mlPolicy")
+    else:
+        jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        if not any(j["name"] == "node" for j in jobs):
+            errors.append("the runtime has no replicated job named node")
+    return errors
+
+
+def trainjob_env(trainjob: dict[str, Any], runtime: dict[str, Any], index: int) -> dict[str, str]:
+    """What the torch plugin gives the container "node" of pod ``index`` (no MASTER_ADDR, RANK or WORLD_SIZE)."""
+    name, trainer = trainjob["metadata"]["name"], trainjob["spec"].get("trainer") or {}
+    nodes = trainer.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes", 1)
+    return {
+        "PET_NNODES": str(nodes),
+        "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", "auto")),
+        "PET_NODE_RANK": str(index),
+        "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+        "PET_MASTER_PORT": str(TRAINER_MASTER_PORT),
+    }
+
+
+def trainjob_pods(trainjob: dict[str, Any], runtime: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, pod) of every pod the TrainJob's JobSet creates: the runtime's template, with the TrainJob's
+    resourcesPerNode on the container "node", the plugin's environment and JobSet's labels."""
+    name, trainer = trainjob["metadata"]["name"], trainjob["spec"].get("trainer") or {}
+    (node,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == "node"]
+    nodes = trainer.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes", 1)
+    pods = []
+    for index in range(nodes):
+        template = copy.deepcopy(node["template"]["spec"]["template"])
+        (container,) = [c for c in template["spec"]["containers"] if c["name"] == "node"]
+        if "resourcesPerNode" in trainer:
+            container["resources"] = trainer["resourcesPerNode"]
+        container["env"] = container.get("env", []) + [
+            {"name": k, "value": v} for k, v in trainjob_env(trainjob, runtime, index).items()]
+        labels = template.get("metadata", {}).get("labels", {}) | {
+            "jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            JOB_COMPLETION_INDEX: str(index)}
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{name}-node-0-{index}", "labels": labels}, "spec": template["spec"]}
+        pods.append((pod["metadata"]["name"], pod))
+    return pods

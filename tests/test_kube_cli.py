@@ -40,8 +40,16 @@ PODS = "/api/v1/namespaces/ml/pods"
 RUN_SELECTOR = "app.kubernetes.io/name=mfr-trainer,app.kubernetes.io/instance=exp1"
 # Checkpoints on the user's own S3 (no trial store): the run is a NetworkPolicy, a ConfigMap and a PyTorchJob.
 OWN_S3 = ["--checkpoint", "s3://bucket/runs/exp1", "--set", "s3.existingSecret=mfr-s3"]
-# What submit reads before it creates anything: the namespace, the operator's API, the prometheus-operator's.
-PREFLIGHT = [("GET", NAMESPACE), ("GET", DISCOVER_JOBS), ("GET", DISCOVER_MONITORING), ("GET", f"{JOBS}/exp1")]
+DISCOVER_TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
+# What submit reads before it creates anything: whether Trainer v2 is there (--api auto), the namespace, the
+# operator's API, the prometheus-operator's, and whether the name is taken.
+PREFLIGHT = [("GET", DISCOVER_TRAINER), ("GET", NAMESPACE), ("GET", DISCOVER_JOBS), ("GET", DISCOVER_MONITORING),
+             ("GET", f"{JOBS}/exp1")]
+
+
+def without_discovery(api: ApiServer) -> list[tuple[str, str]]:
+    """The requests that read or write objects (discovery, /apis/<group>/<version>, is asked once per command)."""
+    return [(m, path) for m, path in api.sent() if path.count("/") > 3]
 
 
 @pytest.fixture
@@ -324,7 +332,7 @@ def test_unreachable_cluster_names_the_server_and_the_config(api, tmp_path):
 def test_context_chooses_cluster_namespace(api, kubeconfig):
     proc = mfrctl("list", "--context", "other", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
-    assert api.sent() == [("GET", "/apis/kubeflow.org/v1/namespaces/default/pytorchjobs")]
+    assert without_discovery(api) == [("GET", "/apis/kubeflow.org/v1/namespaces/default/pytorchjobs")]
     proc = mfrctl("list", "--context", "nope", kubeconfig=kubeconfig)
     one_line_error(proc, 2, f"no context 'nope' in {kubeconfig} (it has: stand-in, other)")
 
@@ -344,8 +352,8 @@ def test_status_reads_jobs_any_client_model_would_choke_on(api, kubeconfig):
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0] == "exp1: Running (elastic 2:4; Worker x3; 8 process(es) per pod)"
     assert "exp1-worker-2   worker-2   Running" in table.stdout
-    assert api.sent() == [("GET", f"{JOBS}/exp1"), ("GET", PODS)]
-    assert api.requests[1].query["labelSelector"] == "training.kubeflow.org/job-name=exp1"
+    assert without_discovery(api) == [("GET", f"{JOBS}/exp1"), ("GET", PODS)]
+    assert api.requests[-1].query["labelSelector"] == "training.kubeflow.org/job-name=exp1"
 
 
 def test_status_and_list_print_the_objects_themselves_with_o(api, kubeconfig):
@@ -459,10 +467,82 @@ def test_list_shows_only_this_charts_runs(api, kubeconfig):
     proc = mfrctl("list", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert [row.split()[1] for row in proc.stdout.splitlines()[1:]] == ["exp1"]
-    assert api.requests[0].query == {"labelSelector": "app.kubernetes.io/name=mfr-trainer"}
+    assert next(r for r in api.requests if r.path == JOBS).query == {"labelSelector": "app.kubernetes.io/name=mfr-trainer"}
     everywhere = mfrctl("list", "-A", kubeconfig=kubeconfig)
     assert api.requests[-1].path == "/apis/kubeflow.org/v1/pytorchjobs"
     rows = everywhere.stdout.splitlines()
     assert rows[0].split() == ["NAMESPACE", "NAME", "STATE", "MODE", "PODS", "AGE"]
     assert [r.split()[:5] for r in rows[1:]] == [["dev", "exp2", "Pending", "static", "4"],
                                                  ["ml", "exp1", "Running", "static", "4"]]
+
+
+# -- Kubeflow Trainer v2: TrainJobs ---------------------------------------------------------------
+
+TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs"
+RUNTIMES = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainingruntimes"
+
+
+def _trainjob_pod(api: ApiServer, job: str, index: int, log: str, phase: str = "Running") -> None:
+    """A pod as Trainer v2's JobSet creates it for node ``index``."""
+    api.put(PODS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{job}-node-0-{index}-x7k2q", "namespace": "ml", "labels": {
+            "jobset.sigs.k8s.io/jobset-name": job, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            "batch.kubernetes.io/job-completion-index": str(index)}},
+        "spec": {"nodeName": f"gpu-{index}", "containers": [{"name": "node", "image": "mfr-trainer:0.1.0"}]},
+        "status": {"phase": phase, "containerStatuses": [{
+            "name": "node", "restartCount": 0, "ready": True, "image": "mfr-trainer:0.1.0", "imageID": "",
+            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]},
+    })
+    api.write_log("ml", f"{job}-node-0-{index}-x7k2q", log, container="node")
+
+
+def test_submit_auto_picks_the_trainjob_for_a_static_run_where_trainer_v2_is_served(api, kubeconfig):
+    proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)  # v1 only: a PyTorchJob
+    assert proc.returncode == 0 and "pytorchjob/exp1 created" in proc.stdout
+    api.trainer_v2 = True
+    proc = mfrctl("submit", "--name", "exp2", "--checkpoint", "s3://b/exp2", "--set", "s3.existingSecret=s",
+                  kubeconfig=kubeconfig)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["trainingruntime/exp2 created", "trainjob/exp2 created"]
+    assert _stored(api, RUNTIMES, "exp2")["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
+    elastic = mfrctl("submit", "--name", "exp3", "--elastic", "2:4", "--checkpoint", "s3://b/exp3",
+                     "--set", "s3.existingSecret=s", kubeconfig=kubeconfig)
+    assert elastic.returncode == 0 and "pytorchjob/exp3 created" in elastic.stdout  # elastic: always a PyTorchJob
+    forced = mfrctl("submit", "--name", "exp4", "--api", "pytorchjob", "--checkpoint", "s3://b/exp4",
+                    "--set", "s3.existingSecret=s", kubeconfig=kubeconfig)
+    assert "pytorchjob/exp4 created" in forced.stdout
+    one_line_error(mfrctl("submit", "--name", "exp5", "--api", "trainjob", "--elastic", "1:2", kubeconfig=kubeconfig),
+                   2, "elastic training runs as a PyTorchJob")
+
+
+def test_submit_of_a_trainjob_where_trainer_v2_is_not_served_says_so(api, kubeconfig):
+    proc = mfrctl("submit", "--name", "exp1", "--api", "trainjob", *OWN_S3, kubeconfig=kubeconfig)
+    one_line_error(proc, 1, "trainer.kubeflow.org/v1alpha1 not served", "install Kubeflow Trainer v2.3")
+    assert api.sent("POST") == []
+
+
+def test_status_logs_describe_list_and_delete_work_for_trainjobs(api, kubeconfig):
+    api.trainer_v2 = True
+    assert mfrctl("submit", "--name", "tj", "--api", "trainjob", "--nodes", "2", *OWN_S3,
+                  kubeconfig=kubeconfig).returncode == 0
+    api.set_job_condition("ml", "tj", "Created", plural="trainjobs", message="TrainJob is created")
+    for index in range(2):
+        _trainjob_pod(api, "tj", index, f"rank {index} step 4/4\n")
+    status = mfrctl("status", "tj", kubeconfig=kubeconfig).stdout.splitlines()
+    assert status[0] == "tj: Created (static; Node x2; 1 process(es) per pod)"
+    assert "tj-node-0-1-x7k2q   node-1" in "\n".join(status)
+    assert mfrctl("logs", "tj", kubeconfig=kubeconfig).stdout == "rank 0 step 4/4\n"
+    assert api.requests[-1].query == {"container": "node"}
+    assert mfrctl("logs", "tj", "--all-pods", kubeconfig=kubeconfig).stdout.splitlines() == [
+        "[node-0] rank 0 step 4/4", "[node-1] rank 1 step 4/4"]
+    assert mfrctl("logs", "tj", "--replica", "node", "--index", "1", kubeconfig=kubeconfig).stdout == "rank 1 step 4/4\n"
+    api.set_job_condition("ml", "tj", "Complete", plural="trainjobs", message="TrainJob is completed")
+    described = json.loads(mfrctl("describe", "tj", "-o", "json", kubeconfig=kubeconfig).stdout)
+    assert described["job"]["kind"] == "TrainJob" and described["job"]["state"] == "Complete"
+    assert [p["replica"] for p in described["pods"]] == ["node-0", "node-1"]
+    rows = mfrctl("list", kubeconfig=kubeconfig).stdout.splitlines()
+    assert [r.split()[1:3] for r in rows[1:]] == [["tj", "Complete"]]
+    deleted = mfrctl("delete", "tj", kubeconfig=kubeconfig).stdout.splitlines()
+    assert deleted[0] == "trainjob/tj deleted" and "trainingruntime/tj deleted" in deleted
+    assert not api.objects[TRAINJOBS] and not api.objects[RUNTIMES]

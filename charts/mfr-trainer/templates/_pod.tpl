@@ -1,7 +1,10 @@
 {{/*
-The pod template of every replica.  The operator adds the environment of its
-contract (MASTER_ADDR/PORT, WORLD_SIZE, RANK or PET_RDZV_*, PET_NNODES, ...)
-and turns restartPolicy ExitCode into the pod's Never.
+The pod template of every replica.  The PyTorchJob's operator adds the
+environment of its contract (MASTER_ADDR/PORT, WORLD_SIZE, RANK or PET_RDZV_*,
+PET_NNODES, ...) to the container "pytorch" and turns restartPolicy ExitCode into
+the pod's Never; Trainer v2's torch plugin adds PET_NNODES, PET_NPROC_PER_NODE,
+PET_NODE_RANK and PET_MASTER_ADDR/PORT to the container "node".  Called with the
+chart's context, plus "container" (its name) and "rendezvousPort" for a TrainJob.
 */}}
 {{- define "mfr-trainer.podTemplate" -}}
 metadata:
@@ -25,6 +28,9 @@ spec:
   securityContext:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
   terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
+  {{- with .podRestartPolicy }}
+  restartPolicy: {{ . }}
+  {{- end }}
   {{- with .Values.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
@@ -55,7 +61,7 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
-    - name: pytorch
+    - name: {{ .container | default "pytorch" }}
       image: {{ include "mfr-trainer.image" . }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
       # torchrun of the trainer (every torchrun flag comes from the operator's
@@ -64,9 +70,15 @@ spec:
       args: ["--config", {{ include "mfr-trainer.configFile" . | quote }}]
       workingDir: /workspace
       ports:
+        {{- if .rendezvousPort }}
+        - name: rendezvous
+          containerPort: {{ int .rendezvousPort }}
+          protocol: TCP
+        {{- else }}
         - name: pytorchjob-port
           containerPort: {{ int .Values.port }}
           protocol: TCP
+        {{- end }}
         {{- if .Values.monitoring.podMonitor.enabled }}
         {{- $metricsPort := int (include "mfr-trainer.metricsPort" .) }}
         {{- range $i := until (int (include "mfr-trainer.nprocPerNode" .)) }}
