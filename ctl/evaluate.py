@@ -69,7 +69,7 @@ def evaluate(
             "--embedded",
             metavar="URL",
             help="Embeddings already written (a set folder of --embeddings, or one folder of fp16 shards): "
-            "scored as a gallery without a model; repeatable.",
+            "scored without a model, as its pair list when it holds one (pairs.npy), else as a gallery; repeatable.",
         ),
     ] = None,
     split: Annotated[

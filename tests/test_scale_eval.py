@@ -105,8 +105,8 @@ def _tail_points(pairs, keep, world, sample=4096, z=7.0):
     n = pairs.n_impostor
     ks = [tail.allowed_false_accepts(f, n) for f in FPRS]
     bracketed = [i for i, f in enumerate(FPRS) if n * f >= 1 - 1e-9 and ks[i] + 1 > keep]
-    brackets = tail.brackets_from_sample(pairs.sample_impostors(sample, 0), [ks[i] for i in bracketed], n, z) \
-        if bracketed else []
+    brackets = tail.brackets_from_sample(pairs.pair_scores(*pairs.sample_impostor_pairs(sample, 0)),
+                                         [ks[i] for i in bracketed], n, z) if bracketed else []
     store: list = []
     with pairsets.one_blas_thread():
         for rank in reversed(range(world)):
@@ -187,7 +187,7 @@ def test_a_missed_bracket_is_scored_again_not_reported_wrong(small_tiles, monkey
     reference = _reference(pairs)
     # An unlucky sample: only the 5 highest impostor scores, so every bracket sits far above its target.
     highest = np.sort(_all_scores(pairs)[1])[-5:]
-    monkeypatch.setattr(pairs, "sample_impostors", lambda size, seed: np.resize(highest, size))
+    monkeypatch.setattr(pairs, "pair_scores", lambda rows, columns: np.resize(highest, rows.size))
     assert _tail_points(pairs, keep=3, world=1).missed
     entry = score.score_protocol(pairs, "masked-unmasked", FPRS, score.Ranks(join=False), max_kept=3)
     assert entry["passes"] == 2

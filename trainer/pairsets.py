@@ -76,7 +76,6 @@ class MatrixPairs:
             (self.left, self.left_labels) if symmetric else _by_identity(right, np.asarray(right_labels))
         )
         self.same_images, self.symmetric = same_images, symmetric
-        self.images = len(self.left) if same_images else len(self.left) + len(self.right)
 
         ids = np.union1d(self.left_labels, self.right_labels)
         per_id_left = np.bincount(np.searchsorted(ids, self.left_labels), minlength=ids.size).astype(np.int64)
@@ -119,18 +118,25 @@ class MatrixPairs:
             return scores[pair & same], scores[pair & ~same]
         return scores[same], scores[~same]
 
-    def sample_impostors(self, size: int, seed: int) -> np.ndarray:
-        """Scores of ``size`` impostor pairs drawn uniformly with replacement (seeded: the same on every rank)."""
+    def sample_impostor_pairs(self, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """``size`` impostor pairs ``(rows, columns)`` drawn uniformly with replacement, seeded: the same on every
+        rank.  An impostor pair has two identities, so never ``(i, i)``; ordered draws are uniform over unordered
+        pairs too."""
         rng = np.random.default_rng(seed)
-        drawn: list[np.ndarray] = []
-        while sum(map(len, drawn)) < size:
+        rows, columns, drawn = [], [], 0
+        while drawn < size:
             i = rng.integers(0, len(self.left), CHUNK)
             j = rng.integers(0, len(self.right), CHUNK)
-            # An impostor pair has two identities, so never (i, i); ordered draws are uniform over unordered pairs.
             keep = self.left_labels[i] != self.right_labels[j]
-            i, j = i[keep], j[keep]
-            drawn.append(np.einsum("ij,ij->i", self.left[i], self.right[j]))
-        return np.concatenate(drawn)[:size]
+            rows.append(i[keep])
+            columns.append(j[keep])
+            drawn += int(keep.sum())
+        return np.concatenate(rows)[:size], np.concatenate(columns)[:size]
+
+    def pair_scores(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """The scores of pairs ``(rows[k], columns[k])``, one by one (for a sample: not the tiles' bits)."""
+        return np.concatenate([np.einsum("ij,ij->i", self.left[rows[s : s + CHUNK]], self.right[columns[s : s + CHUNK]])
+                               for s in range(0, len(rows), CHUNK)] or [_EMPTY])
 
 
 class ListedPairs:
@@ -142,7 +148,6 @@ class ListedPairs:
                  is_genuine: np.ndarray):
         self.left, self.right = left, right
         self.first, self.second, self.is_genuine = first, second, np.asarray(is_genuine, dtype=bool)
-        self.images = len(np.union1d(first, second))
         self.n_pairs = len(first)
         self.n_genuine = int(np.count_nonzero(self.is_genuine))
         self.n_impostor = self.n_pairs - self.n_genuine

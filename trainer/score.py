@@ -87,6 +87,17 @@ class Ranks:
                     gathered[r].append(part[: int(size)].numpy())
         return gathered if self.rank == 0 else None
 
+    def broadcast(self, array: np.ndarray) -> np.ndarray:
+        """Rank 0's ``array`` on every rank (each passes one of the same shape and dtype)."""
+        if self.world == 1:
+            return array
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array).copy())
+        dist.broadcast(tensor, src=0)
+        return tensor.numpy()
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -272,16 +283,13 @@ def score_protocol(
                     f"{protocol}: FPR {fprs[bracketed[0]]:g} of {n_impostor:,} listed impostor pairs needs their "
                     f"{ks[bracketed[0]] + 1:,} highest scores, over --max-kept {max_kept:,}; raise it or drop that FPR"
                 )
-            # Enough sampled pairs that a bracket holds about max_kept / 4 scores, within [2^16, sample].
-            size = int(min(sample, max(1 << 16, (z * n_impostor / max(max_kept // 4, 1)) ** 2)))
-            brackets = brackets_from_sample(pairs.sample_impostors(size, seed=0), [ks[i] for i in bracketed],
-                                            n_impostor, z)
-        passes = [(keep, brackets, bracketed)]
-        done = [0]
+            brackets = _brackets(pairs, [ks[i] for i in bracketed], ranks, max_kept, sample, z)
+        passes, done = 1, 0
 
         def advance(n: int) -> None:  # rank 0's share stands for everyone's: tiles are dealt round-robin
-            done[0] += n
-            progress(protocol, round(pairs.n_pairs * done[0] / max(mine, 1)), pairs.n_pairs * len(passes))
+            nonlocal done
+            done += n
+            progress(protocol, round(pairs.n_pairs * done / max(mine, 1)), pairs.n_pairs * passes)
 
         progress(protocol, 0, pairs.n_pairs)
         merged = _pass(pairs, keep, brackets, ranks, advance)
@@ -289,7 +297,7 @@ def score_protocol(
         missed = _broadcast_missed(ranks, result.missed if result else [])
         if missed:  # a sampled bracket missed: score again keeping each missed target's K+1 highest scores
             rescue = max(ks[i] for i in missed) + 1
-            passes.append((rescue, [], missed))
+            passes += 1
             again = _pass(pairs, rescue, [], ranks, advance)
             if again:
                 redone = finish(*again, n_genuine, n_impostor, tuple(fprs[i] for i in missed), [])
@@ -301,21 +309,28 @@ def score_protocol(
     curve = sorted({*zip(result.curve[0].tolist(), result.curve[1].tolist()),
                     *((p.achieved_fpr, p.tpr) for p in points if p.supported)})
     entry["roc"] = {"fpr": [f for f, _ in curve], "tpr": [t for _, t in curve]}
-    entry["passes"] = len(passes)
+    entry["passes"] = passes
     return entry
+
+
+def _brackets(pairs, ks: list[int], ranks: Ranks, max_kept: int, sample: int, z: float) -> list[tuple[float, float]]:
+    """Brackets for targets ``ks`` from one sample of impostor pairs, its scores split over the ranks."""
+    # Enough sampled pairs that a bracket holds about max_kept / 4 scores, within [2^16, sample].
+    size = int(min(sample, max(1 << 16, (z * pairs.n_impostor / max(max_kept // 4, 1)) ** 2)))
+    rows, columns = pairs.sample_impostor_pairs(size, seed=0)
+    share = slice(ranks.rank, None, ranks.world)
+    gathered = ranks.gather([pairs.pair_scores(rows[share], columns[share])])
+    bounds = np.empty((len(ks), 2), np.float32)
+    if gathered is not None:
+        bounds[:] = brackets_from_sample(np.concatenate([g[0] for g in gathered]), ks, pairs.n_impostor, z)
+    return [(lo, hi) for lo, hi in ranks.broadcast(bounds)]
 
 
 def _broadcast_missed(ranks: Ranks, missed: list[int]) -> list[int]:
     """Rank 0's missed targets on every rank, so all of them run the rescue pass."""
-    if ranks.world == 1:
-        return missed
-    import torch
-    import torch.distributed as dist
-
-    flags = torch.zeros(64, dtype=torch.int64)
+    flags = np.zeros(64, np.int64)
     flags[missed] = 1
-    dist.broadcast(flags, src=0)
-    return torch.nonzero(flags).flatten().tolist()
+    return np.flatnonzero(ranks.broadcast(flags)).tolist()
 
 
 def score_set(
@@ -327,14 +342,15 @@ def score_set(
     if len(fprs) > 64:
         raise ConfigError("at most 64 target FPRs")
     chosen = protocols or (PROTOCOLS if embedded.masked is not None else PROTOCOLS[:1])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     entries = [
         score_protocol(protocol_pairs(embedded, protocol, split, pairs), protocol, fprs, ranks, max_kept, progress)
         for protocol in chosen
     ]
     seconds = time.perf_counter() - start
-    peaks = ranks.gather([np.array([_peak_rss_bytes()], np.int64)])
-    if peaks is None:
+    cpu_microseconds = round((time.process_time() - cpu_start) * 1e6)
+    usage = ranks.gather([np.array([_peak_rss_bytes(), cpu_microseconds], np.int64)])
+    if usage is None:
         return None
     total = sum(e["n_genuine"] + e["n_impostor"] for e in entries)
     kind = "pairs" if pairs is not None else "split" if split else "gallery"
@@ -346,7 +362,8 @@ def score_set(
         "protocols": entries,
         "scoring": {"embeddings": embedded.url, "world_size": ranks.world, "pairs": total, "seconds": seconds,
                     "pairs_per_second": total / seconds if seconds else None, "split": split,
-                    "peak_rss_bytes": [int(rank[0][0]) for rank in peaks]},
+                    "peak_rss_bytes": [int(rank[0][0]) for rank in usage],
+                    "cpu_seconds": [int(rank[0][1]) / 1e6 for rank in usage]},
     }
 
 
