@@ -90,8 +90,7 @@ def score_with_ranks(embeddings: str, name: str, fprs: tuple[float, ...], split:
             raise ScoringFailed(error["message"], 2)
         rank, code = failed[0]
         lines = logs[rank].read_text(errors="replace").strip().splitlines()
-        raise ScoringFailed(f"scoring rank {rank} exited {code}: {lines[-1] if lines else 'no output'} "
-                            f"(log: {logs[rank]})", 1)
+        raise ScoringFailed(f"scoring rank {rank} exited {code}: {lines[-1][:300] if lines else 'no output'}", 1)
     return json.loads(report.read_text())
 
 
