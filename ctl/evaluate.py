@@ -1,7 +1,10 @@
-"""``mfrctl eval``: verification of a trained backbone on .bin sets, pair lists and galleries.
+"""``mfrctl eval``: verification of a trained backbone on .bin sets, pair lists and galleries, at any scale.
 
 Needs the ``train`` extra (torch, numpy, Pillow, matplotlib); everything heavy
 is imported inside the command, so the rest of mfrctl works without it.
+Galleries and pair lists are embedded once into fp16 shards (``--embeddings``)
+and scored from them by ``mfr.trainer.score`` (``scoring``): exact TPR@FPR in
+bounded memory, on ``--nproc`` local ranks.
 """
 
 from __future__ import annotations
@@ -9,34 +12,46 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 from .console import Output, OutputOpt, err, fail, out, print_data
 
+# Below this many pairs one rank in this process beats starting ranks (a few seconds each).
+RANKS_FROM_PAIRS = 100_000_000
+
+
 def evaluate(
     model: Annotated[
-        str,
+        Optional[str],
         typer.Argument(
-            metavar="MODEL",
+            metavar="[MODEL]",
             help="A committed checkpoint step-<N> directory, a checkpoint root (its newest committed step), "
-            "or an exported backbone state dict (.pt, torch.save); local or s3://.",
+            "or an exported backbone state dict (.pt, torch.save); local or s3://.  Not needed for --embedded.",
         ),
-    ],
+    ] = None,
     bins: Annotated[
         Optional[list[str]],
-        typer.Option("--bin", metavar="URL", help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); repeatable."),
+        typer.Option(
+            "--bin", metavar="URL",
+            help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); repeatable.",
+        ),
     ] = None,
     galleries: Annotated[
         Optional[list[str]],
         typer.Option(
             "--gallery",
             metavar="DATA",
-            help="Data set (image folder, RecordIO or shards) whose images are all compared with each other; "
-            "repeatable.",
+            help="Data set (image folder, RecordIO or shards) whose images are all compared with each other "
+            "(or probes with the gallery, --split); any size; repeatable.",
         ),
     ] = None,
     pairs: Annotated[
@@ -48,10 +63,30 @@ def evaluate(
             "in a folder); without the 0|1 column identities decide; repeatable.",
         ),
     ] = None,
-    fprs: Annotated[
-        Optional[list[float]], typer.Option("--fpr", metavar="FPR", help="Target FPR (repeatable); default 1e-1 .. 1e-6.")
+    embedded: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--embedded",
+            metavar="URL",
+            help="Embeddings already written (a set folder of --embeddings, or one folder of fp16 shards): "
+            "scored without a model, as its pair list when it holds one (pairs.npy), else as a gallery; repeatable.",
+        ),
     ] = None,
-    flip: Annotated[bool, typer.Option(help="Embed each crop plus its mirror image (insightface's evaluation).")] = True,
+    split: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="G",
+            help="Galleries: each identity's first G images are its gallery, the others probes, and every probe is "
+            "compared with every gallery image; 0: all-vs-all.",
+        ),
+    ] = 0,
+    fprs: Annotated[
+        Optional[list[float]],
+        typer.Option("--fpr", metavar="FPR", help="Target FPR (repeatable); default 1e-1 .. 1e-6."),
+    ] = None,
+    flip: Annotated[
+        bool, typer.Option(help="Embed each crop plus its mirror image (insightface's evaluation).")
+    ] = True,
     masks: Annotated[
         bool,
         typer.Option(help="Also the masked-unmasked and masked-masked protocols (a mask drawn on each image)."),
@@ -59,13 +94,33 @@ def evaluate(
     mask_seed: Annotated[int, typer.Option(min=0, help="Seed of the masks: image i wears the mask of (seed, i).")] = 0,
     folds: Annotated[int, typer.Option(min=2, help="Folds of the .bin accuracy (threshold from the others).")] = 10,
     max_images: Annotated[
-        int,
+        Optional[int],
         typer.Option(
-            min=2,
-            help="A larger gallery is subsampled (seeded by --mask-seed): pairs and memory grow as n^2 "
-            "(3000 images: 4.5M same-condition pairs, ~1 GB).",
+            min=2, help="Score a seeded sample (--mask-seed) of this many images of each gallery; default all."
         ),
-    ] = 3000,
+    ] = None,
+    embeddings: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="DIR",
+            help="Keep the embeddings here (DIR/<set>/unmasked and masked: fp16 shards, local or s3://): a later "
+            "run with the same model and settings scores them without embedding again, and so can "
+            "python -m mfr.trainer.score on a cluster.  Default: a temporary folder.",
+        ),
+    ] = None,
+    nproc: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Scoring processes (gloo ranks, one BLAS thread each); results are identical for any count.  "
+            f"Default: 1 below {RANKS_FROM_PAIRS:,} pairs, else the CPU cores.",
+        ),
+    ] = None,
+    max_kept: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Impostor scores kept per protocol (default 16,777,216: 64 MB); FPRs beyond are "
+                     "bracketed from a sample (galleries only)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     report: Annotated[Optional[str], typer.Option(help="Write the JSON report here (local or s3://).")] = None,
@@ -74,16 +129,21 @@ def evaluate(
 ) -> None:
     """Verify a backbone: TPR@FPR per masked/unmasked protocol, and insightface's k-fold accuracy on .bin sets.
 
-    An FPR is reported only where the set has enough impostor pairs to resolve
-    it (at least 1/FPR); others show n/a.  -o json|yaml prints the report
-    without its ROC curves (--report writes them too).  Exit 2 for a bad
-    input (a .bin in the wrong format, a missing model), 1 when storage fails.
+    Galleries and pair lists are embedded into fp16 shards, then every pair is
+    scored tile by tile (exact at every FPR, in bounded memory, on --nproc
+    ranks).  An FPR is reported only where the set has enough impostor pairs
+    to resolve it (at least 1/FPR); others show n/a.  -o json|yaml prints the
+    report without its ROC curves (--report writes them too).  Exit 2 for a
+    bad input (a .bin in the wrong format, a missing model), 1 when storage
+    or scoring fails.
     """
     missing = [m for m in ("torch", "numpy", "PIL", "fsspec", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise fail(f"mfrctl eval needs {', '.join(missing)}: pip install 'mfr[train]'")
-    if not (bins or galleries or pairs):
-        raise fail("nothing to evaluate: give --bin, --gallery or --pairs")
+    if not (bins or galleries or pairs or embedded):
+        raise fail("nothing to evaluate: give --bin, --gallery, --pairs or --embedded")
+    if model is None and (bins or galleries or pairs):
+        raise fail("--bin, --gallery and --pairs embed images: give the MODEL")
     if any(not 0 < f < 1 for f in fprs or ()):
         raise fail(f"--fpr must be in (0, 1), got {[f for f in fprs if not 0 < f < 1]}")
     if device not in ("auto", "cpu", "cuda"):
@@ -99,9 +159,11 @@ def evaluate(
     from mfr.trainer.storage import StorageError
     from mfr.trainer.verification import DEFAULT_FPRS
 
+    settings = _Settings(tuple(fprs or DEFAULT_FPRS), flip, masks, mask_seed, folds, max_images, split, nproc,
+                         max_kept, batch_size, device)
     try:
-        data = _evaluate(model, bins or [], galleries or [], pair_sets, tuple(fprs or DEFAULT_FPRS), flip, masks, mask_seed, folds,
-                         max_images, batch_size, device, roc)
+        with _embeddings_root(embeddings) as root:
+            data = _evaluate(model, bins or [], galleries or [], pair_sets, embedded or [], root, settings, roc)
     except ConfigError as e:
         raise fail(str(e)) from None
     except StorageError as e:
@@ -118,20 +180,44 @@ def evaluate(
         print_data(data, output)
 
 
+class _Settings:
+    """The command's settings that every set shares."""
+
+    def __init__(self, fprs: tuple[float, ...], flip: bool, masks: bool, mask_seed: int, folds: int,
+                 max_images: int | None, split: int, nproc: int | None, max_kept: int | None, batch_size: int,
+                 device: str):
+        self.fprs, self.flip, self.masks, self.mask_seed, self.folds = fprs, flip, masks, mask_seed, folds
+        self.max_images, self.split, self.nproc, self.max_kept = max_images, split, nproc, max_kept
+        self.batch_size, self.device = batch_size, device
+
+
+@contextlib.contextmanager
+def _embeddings_root(url: str | None) -> Iterator[str]:
+    """``--embeddings``, or a temporary folder removed afterwards."""
+    if url is not None:
+        yield url.rstrip("/")
+        return
+    with tempfile.TemporaryDirectory(prefix="mfr-eval-") as tmp:
+        yield tmp
+
+
 def _evaluate(
-    model_url: str, bins: list[str], galleries: list[str], pairs: list[tuple[str, str]], fprs: tuple[float, ...],
-    flip: bool, masks: bool, mask_seed: int, folds: int, max_images: int, batch_size: int, device_name: str,
-    roc: str | None,
+    model_url: str | None, bins: list[str], galleries: list[str], pairs: list[tuple[str, str]], embedded: list[str],
+    root: str, settings: _Settings, roc: str | None,
 ) -> dict[str, Any]:
     import numpy as np
     import torch
 
     from mfr.trainer.data.binsets import read_bin
     from mfr.trainer.data.sources import BadSample
-    from mfr.trainer.evaluate import Embedder, evaluate_gallery, evaluate_pairs, load_backbone, plot_roc, read_pairs
+    from mfr.trainer.evaluate import Embedder, evaluate_pairs, load_backbone, read_pairs
+    from mfr.trainer.features import Features
+    from mfr.trainer.rocplot import plot_roc
+    from mfr.trainer.score import embedding_folders
 
     from .data import open_dataset
 
+    device_name = settings.device
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     elif device_name == "cuda" and not torch.cuda.is_available():
@@ -139,55 +225,76 @@ def _evaluate(
     # Every input is read and checked before the model: a mistake costs no embedding time.
     binsets = [read_bin(url) for url in bins]
     for binset in binsets:
-        if binset.num_pairs < folds:
-            raise fail(f"{binset.url}: {binset.num_pairs} pairs cannot make {folds} folds (--folds)")
+        if binset.num_pairs < settings.folds:
+            raise fail(f"{binset.url}: {binset.num_pairs} pairs cannot make {settings.folds} folds (--folds)")
     pair_lists = []
     for data_url, list_url in pairs:
         _, dataset = open_dataset(data_url)
         pair_lists.append((data_url, list_url, dataset, *read_pairs(list_url, dataset)))
     gallery_sets = [(url, open_dataset(url)[1]) for url in galleries]
-    backbone, model_info = load_backbone(model_url)
-    embedder = Embedder(backbone, torch.device(device_name), batch_size, flip)
+    embedded_sizes = [Features(embedding_folders(url)[0]).count for url in embedded]
+    names = _Names()
+    model_info: dict[str, Any] | None = None
+    embedder = None
+    if model_url is not None:
+        backbone, model_info = load_backbone(model_url)
+        embedder = Embedder(backbone, torch.device(device_name), settings.batch_size, settings.flip)
 
-    def embed(what: str, count: int, load):
+    def embed_set(name: str, meta: dict[str, Any], count: int, load) -> str:
+        """The set's embeddings under ``root``: reused when written before with the same settings."""
+        url = f"{root}/{name}"
+        meta = {**meta, "model": model_info, "flip": settings.flip, "masks": settings.masks,
+                "mask_seed": settings.mask_seed, "images": int(count)}
+        if _written_with(url, meta):
+            err.print(f"mfr: {name}: reusing the embeddings in {url}", highlight=False)
+            return url
         try:
-            with _progress(what, count) as advance:
-                return embedder.embed(count, load, masks, mask_seed, advance)
+            with _progress(name, count) as advance:
+                embedder.embed_to_shards(count, load, settings.masks, settings.mask_seed, url, meta, advance)
         except BadSample as e:
             raise fail(f"unreadable image: {e}") from None
+        return url
 
     results = []
     for binset in binsets:
-        unmasked, masked = embed(binset.name, len(binset.images), binset.image)
+        unmasked, masked = embedder.embed(len(binset.images), binset.image, settings.masks, settings.mask_seed)
         results.append(evaluate_pairs(binset.name, "bin", binset.url, unmasked, masked, binset.first, binset.second,
-                                      binset.issame, fprs, folds))
+                                      binset.issame, settings.fprs, settings.folds).to_dict())
+    to_score: list[tuple[str, str, int, int]] = []  # name, embeddings, split, pairs
     for data_url, list_url, dataset, first, second, same in pair_lists:
         used = np.unique(np.concatenate([first, second]))
-        labels = np.empty(len(used), dtype=np.int64)
-        unmasked, masked = embed(list_url, len(used), _loader(dataset, used, labels))
-        a, b = np.searchsorted(used, first), np.searchsorted(used, second)
-        same = labels[a] == labels[b] if same is None else same
-        name = list_url.rstrip("/").rsplit("/", 1)[-1]
-        results.append(_checked(list_url, evaluate_pairs, name, "pairs", f"{data_url}={list_url}", unmasked, masked,
-                                a, b, same, fprs, 0))
+        name = names.take(list_url.rstrip("/").rsplit("/", 1)[-1])
+        url = embed_set(name, {"kind": "pairs", "data": f"{data_url}={list_url}"}, len(used),
+                        _loader(dataset, used))
+        rows = [np.searchsorted(used, first), np.searchsorted(used, second)]
+        if same is not None:
+            rows.append(same.astype(np.int64))
+        _write_pairs(f"{url}/pairs.npy", np.stack(rows, axis=1))
+        to_score.append((name, url, 0, len(first)))
     for url, dataset in gallery_sets:
         used = np.arange(len(dataset))
-        if len(used) > max_images:
-            used = np.sort(np.random.default_rng(mask_seed).choice(len(used), max_images, replace=False))
-            err.print(f"mfr: {url}: {len(dataset)} images, evaluating a seeded sample of {max_images} (--max-images)",
+        if settings.max_images is not None and len(used) > settings.max_images:
+            used = np.sort(np.random.default_rng(settings.mask_seed).choice(len(used), settings.max_images,
+                                                                            replace=False))
+            err.print(f"mfr: {url}: {len(dataset)} images, evaluating a seeded sample of {len(used)} (--max-images)",
                       highlight=False)
-        labels = np.empty(len(used), dtype=np.int64)
-        unmasked, masked = embed(url, len(used), _loader(dataset, used, labels))
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        results.append(_checked(url, evaluate_gallery, name, url, unmasked, masked, labels, fprs))
+        name = names.take(url.rstrip("/").rsplit("/", 1)[-1])
+        meta = {"kind": "gallery", "data": url, "max_images": settings.max_images}
+        to_score.append((name, embed_set(name, meta, len(used), _loader(dataset, used)), settings.split,
+                         _pairs_hint(len(used))))
+    for url, size in zip(embedded, embedded_sizes):
+        to_score.append((names.take(url.rstrip("/").rsplit("/", 1)[-1]), url, settings.split, _pairs_hint(size)))
+    for name, url, split, hint in to_score:
+        results.append(_score(name, url, split, hint, settings))
 
     data = {
         "model": model_info,
-        "flip": flip,
-        "masks": masks,
-        "mask_seed": mask_seed,
-        "fprs": list(fprs),
-        "sets": [r.to_dict() for r in results],
+        "flip": settings.flip,
+        "masks": settings.masks,
+        "mask_seed": settings.mask_seed,
+        "fprs": list(settings.fprs),
+        "split": settings.split,
+        "sets": results,
         "roc_plot": roc,
     }
     if roc:
@@ -196,22 +303,71 @@ def _evaluate(
     return data
 
 
-def _loader(dataset, indices, labels):
-    """``load(i)``: the decoded image of sample ``indices[i]``, recording its label in ``labels[i]``."""
+def _pairs_hint(images: int) -> int:
+    """About how many pairs a set of ``images`` has (all-vs-all, one protocol): picks the rank count."""
+    return images * (images - 1) // 2
+
+
+def _score(name: str, url: str, split: int, pairs_hint: int, settings: _Settings) -> dict[str, Any]:
+    """Score one embedded set here or on local ranks, with a progress bar; its report entry."""
+    from .scoring import ScoringFailed, score_in_process, score_with_ranks
+
+    nproc = settings.nproc or (len(os.sched_getaffinity(0)) if pairs_hint >= RANKS_FROM_PAIRS else 1)
+    try:
+        with _scoring_progress(name) as progress:
+            if nproc == 1:
+                entry = score_in_process(url, name, settings.fprs, split, settings.max_kept, progress)
+            else:
+                with tempfile.TemporaryDirectory(prefix="mfr-score-") as work:
+                    entry = score_with_ranks(url, name, settings.fprs, split, settings.max_kept, nproc, Path(work),
+                                             progress)
+    except ScoringFailed as e:
+        raise fail(f"{name}: {e}", code=e.code) from None
+    scoring = entry["scoring"]
+    err.print(f"mfr: {name}: {scoring['pairs']:,} pairs scored in {scoring['seconds']:.1f} s "
+              f"({scoring['pairs_per_second']:,.0f} pairs/s, {scoring['world_size']} rank(s))", highlight=False)
+    return entry
+
+
+def _written_with(url: str, meta: dict[str, Any]) -> bool:
+    """Does ``url`` hold finished embeddings of exactly these settings?  Other ones there are a mistake (exit 2)."""
+    from mfr.trainer.config import ConfigError
+    from mfr.trainer.features import Features
+
+    try:
+        written = Features(f"{url}/unmasked").index.get("eval", {})
+    except ConfigError:
+        return False
+    written = {k: v for k, v in written.items() if k != "condition"}
+    wanted = json.loads(json.dumps(meta))  # as index.json holds it
+    if written == wanted:
+        return True
+    differ = ", ".join(f"{k} {written.get(k)!r} there" for k in wanted if written.get(k) != wanted[k])
+    raise fail(f"{url} holds other embeddings ({differ}); choose another --embeddings folder or remove it")
+
+
+class _Names:
+    """Set names as folder names: the last part of a URL, made unique."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+
+    def take(self, name: str) -> str:
+        unique, n = name, 1
+        while unique in self.taken:
+            n += 1
+            unique = f"{name}-{n}"
+        self.taken.add(unique)
+        return unique
+
+
+def _loader(dataset, indices):
+    """``load(i)``: the decoded image and the label of sample ``indices[i]``."""
 
     def load(i: int):
-        image, labels[i] = dataset.load(int(indices[i]))
-        return image
+        return dataset.load(int(indices[i]))
 
     return load
-
-
-def _checked(source: str, evaluate, *args):
-    """A set without genuine or impostor pairs is a data mistake: one line naming it, exit 2."""
-    try:
-        return evaluate(*args)
-    except ValueError as e:
-        raise fail(f"{source}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -225,6 +381,33 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
+class _PairsPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} pairs/s" if task.speed else "- pairs/s")
+
+
+@contextlib.contextmanager
+def _scoring_progress(name: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient bar per protocol (pairs, pairs/s, ETA), started at the first report; yields ``progress``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("scoring {task.description}"), BarColumn(),
+                   TextColumn("{task.completed:,.0f}/{task.total:,.0f} pairs"), _PairsPerSecond(),
+                   TimeRemainingColumn(), console=err, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def progress(protocol: str, done: int, total: int) -> None:
+        if protocol not in tasks:
+            bar.start()  # only now: ranks are started before the bar's refresh thread exists
+            tasks[protocol] = bar.add_task(f"{name} {protocol}", total=total)
+        bar.update(tasks[protocol], completed=done, total=total)
+
+    try:
+        yield progress
+    finally:
+        bar.stop()
+
+
 def _write(url: str, payload: bytes) -> None:
     from mfr.trainer.storage import open_file
 
@@ -233,6 +416,16 @@ def _write(url: str, payload: bytes) -> None:
             f.write(payload)
     except Exception as e:
         raise fail(f"{url}: cannot write ({type(e).__name__}: {str(e)[:200]})", code=1) from None
+
+
+def _write_pairs(url: str, pairs) -> None:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, pairs)
+    _write(url, buffer.getvalue())
 
 
 def results_table(data: dict[str, Any]) -> Table:
@@ -244,7 +437,8 @@ def results_table(data: dict[str, Any]) -> Table:
     shown = [i for i in range(len(fprs)) if any(p["points"][i]["supported"] for _, p in rows)]
     with_accuracy = any("accuracy" in p for _, p in rows)
     model = data["model"]
-    title = f"TPR @ FPR of {model['url']}" + (f" (step {model['step']})" if model["step"] is not None else "")
+    step = f" (step {model['step']})" if model is not None and model["step"] is not None else ""
+    title = f"TPR @ FPR of {'embeddings' if model is None else model['url']}{step}"
     caption = "n/a: too few impostor pairs to resolve that FPR"
     if with_accuracy:
         caption += "; accuracy: k-fold mean ± std (insightface)"

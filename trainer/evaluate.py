@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +35,8 @@ from .verification import (
     kfold_accuracy,
     pair_scores,
     protocol_result,
-    protocol_scores,
     roc_curve,
+    thin_curve,
     verification_report,
 )
 
@@ -158,26 +158,64 @@ class Embedder:
             embeddings += self.backbone(batch.flip(3)).float()
         return embeddings.cpu().numpy()
 
-    def embed(
-        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int,
-        advance: Callable[[int], None] = lambda n: None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Embeddings of images ``0..count-1`` (``load(i)``), and of the same images masked.
+    def batches(
+        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """``(start, embeddings, masked embeddings or None)`` of images ``0..count-1`` (``load(i)``), a batch at a time.
 
         Image ``i`` wears the mask ``apply_mask`` draws from ``(mask_seed, i)``
         at the template landmarks: the same mask on every run and machine.
         """
         from .data.masks import apply_mask
 
-        unmasked, masked = [], []
         for start in range(0, count, self.batch_size):
             images = [load(i) for i in range(start, min(start + self.batch_size, count))]
-            unmasked.append(self(images))
-            if masks:
-                covered = [apply_mask(im, np.random.default_rng([mask_seed, start + k])) for k, im in enumerate(images)]
-                masked.append(self(covered))
-            advance(len(images))
+            if not masks:
+                yield start, self(images), None
+                continue
+            covered = [apply_mask(im, np.random.default_rng([mask_seed, start + k])) for k, im in enumerate(images)]
+            yield start, self(images), self(covered)
+
+    def embed(
+        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings of images ``0..count-1`` and of the same images masked (see ``batches``), in memory."""
+        unmasked, masked = [], []
+        for _, plain, covered in self.batches(count, load, masks, mask_seed):
+            unmasked.append(plain)
+            masked.append(covered)
+            advance(len(plain))
         return np.concatenate(unmasked), np.concatenate(masked) if masks else None
+
+    def embed_to_shards(
+        self, count: int, load: Callable[[int], tuple[np.ndarray, int]], masks: bool, mask_seed: int, url: str,
+        meta: dict[str, Any], advance: Callable[[int], None] = lambda n: None, shard_rows: int = 65536,
+    ) -> None:
+        """Embed images ``0..count-1`` (``load(i)``: image and identity) into ``url/unmasked`` (and ``url/masked``).
+
+        The embeddings are fp16 shards in the ``features`` format, ``meta`` under ``eval`` in each
+        ``index.json``; ``python -m mfr.trainer.score`` scores them.
+        """
+        from .features import FeatureWriter
+
+        labels = np.empty(count, dtype=np.int64)
+
+        def image(i: int) -> np.ndarray:
+            picture, labels[i] = load(i)
+            return picture
+
+        writers: dict[str, FeatureWriter] = {}
+        for start, plain, covered in self.batches(count, image, masks, mask_seed):
+            for condition, rows in (("unmasked", plain), ("masked", covered)):
+                if rows is not None:
+                    if condition not in writers:
+                        writers[condition] = FeatureWriter(f"{url.rstrip('/')}/{condition}", None, rows.shape[1],
+                                                           shard_rows)
+                    writers[condition].add(rows, labels[start : start + len(rows)])
+            advance(len(plain))
+        for condition, writer in writers.items():
+            writer.close({"eval": {**meta, "condition": condition}})
 
 
 def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -223,9 +261,6 @@ def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return first, second, same.astype(bool) if columns == 3 else None
 
 
-ROC_POINTS = 200  # points of each curve kept in the JSON report
-
-
 @dataclass
 class SetResult:
     """One evaluated set: per-protocol operating points, k-fold accuracy (pair sets) and ROC curves."""
@@ -244,20 +279,10 @@ class SetResult:
             entry = result.to_dict()
             if protocol in self.accuracy:
                 entry["accuracy"] = self.accuracy[protocol].to_dict()
-            fpr, tpr = _thinned(*self.curves[protocol], [p.achieved_fpr for p in result.points if p.supported])
+            fpr, tpr = thin_curve(*self.curves[protocol], [p.achieved_fpr for p in result.points if p.supported])
             entry["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
             protocols.append(entry)
         return {"name": self.name, "kind": self.kind, "url": self.url, "images": self.images, "protocols": protocols}
-
-
-def _thinned(fpr: np.ndarray, tpr: np.ndarray, keep: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """About ``ROC_POINTS`` points of an exact curve, log-spaced in FPR, plus the reported operating points."""
-    positive = np.flatnonzero(fpr > 0)
-    grid = np.geomspace(fpr[positive[0]], 1.0, ROC_POINTS) if positive.size else np.array([])
-    # The last curve point at or below each grid FPR (and each kept FPR): points of the exact curve.
-    wanted = np.concatenate([grid, np.asarray(keep, dtype=np.float64)])
-    rows = np.unique(np.clip(np.searchsorted(fpr, wanted, side="right") - 1, 0, fpr.size - 1))
-    return fpr[rows], tpr[rows]
 
 
 def evaluate_pairs(
@@ -274,43 +299,3 @@ def evaluate_pairs(
             # unit rows: squared L2 distance is 2 - 2 cos, the quantity insightface thresholds
             result.accuracy[protocol] = kfold_accuracy(2 - 2 * scores, is_genuine, folds)
     return result
-
-
-def evaluate_gallery(
-    name: str, url: str, unmasked: np.ndarray, masked: np.ndarray | None, labels: np.ndarray,
-    fprs: tuple[float, ...],
-) -> SetResult:
-    """All-vs-all pairs of a labelled gallery under each protocol (see ``protocol_scores``)."""
-    result = SetResult(name, "gallery", url, len(unmasked), {})
-    for protocol in PROTOCOLS if masked is not None else PROTOCOLS[:1]:
-        scores, is_genuine = protocol_scores(unmasked, unmasked if masked is None else masked, labels, protocol)
-        result.results[protocol] = protocol_result(protocol, scores, is_genuine, fprs)
-        result.curves[protocol] = roc_curve(scores, is_genuine)[:2]
-    return result
-
-
-def plot_roc(results: list[SetResult], write: Callable[[bytes], None]) -> None:
-    """One ROC panel per set (log FPR axis, a curve per protocol), as PNG bytes handed to ``write``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        for protocol, (fpr, tpr) in result.curves.items():
-            shown = fpr > 0
-            ax.step(fpr[shown], tpr[shown], where="post", label=protocol)
-        ax.set_xscale("log")
-        ax.set_xlim(min(1 / r.n_impostor for r in result.results.values()), 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title(f"{result.name} ({result.kind})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write(buffer.getvalue())
