@@ -142,3 +142,24 @@ def test_a_lost_peers_129_is_not_blamed_when_the_pod_it_lost_ended_in_the_same_l
 def test_an_elastic_job_that_succeeded_restarts_nothing(tmp_path):
     code, running, _ = _run(tmp_path, [(0,), (137,)], elastic=(1, 2), one_look=True)
     assert code == 0 and running.restarts == 0 and running.failures == []
+
+
+def test_mfrctl_trains_emulated_pods_have_each_apis_environment_contract(tmp_path):
+    """LocalJob gives each pod what the operator (v1) or Trainer v2's torch plugin gives it (tests/operator_rules.py,
+    written from their code): the same variables, values mapped to this machine."""
+    from mfr.ctl.chart import render
+    from tests.operator_rules import operator_env, trainjob_env
+
+    for api in ("pytorchjob", "trainjob"):
+        objects = render({"api": api, "nodes": 3, "nprocPerNode": 2, "port": 4242}, name="exp", namespace="ml").objects
+        (job,) = [o for o in objects if o["kind"] in ("PyTorchJob", "TrainJob")]
+        local = LocalJob(nodes=3, nproc_per_node=2, config_path=tmp_path / "c.yaml", run_dir=tmp_path,
+                         master_port=4242, api=api)
+        for node in range(3):
+            if api == "trainjob":
+                (runtime,) = [o for o in objects if o["kind"] == "TrainingRuntime"]
+                expected = trainjob_env(job, runtime, node) | {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": "4242"}
+            else:
+                rtype, index = ("Master", 0) if node == 0 else ("Worker", node - 1)
+                expected = {k: v.replace("exp-master-0", "127.0.0.1") for k, v in operator_env(job, rtype, index).items()}
+            assert local.node_env(node) == expected, (api, node)
