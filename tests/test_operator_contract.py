@@ -192,3 +192,36 @@ def test_every_manifest_trains_with_the_storage_it_names(name, kubelet, s3_env):
         fs.mkdir(bucket)  # the user's bucket, which the header says to name
     job, logs, config = _train(kubelet, objects)
     _assert_trained(job, logs, config, fs, kubelet)
+
+
+def test_the_chart_scores_embedded_sets_as_a_job_across_pods(kubelet, s3_env):
+    """score.embeddings: the pods run the distributed scorer (mfr.trainer.score) under the operator's contract, on
+    embeddings and a report in S3; two pods report exactly what one process does."""
+    import json
+
+    from mfr.trainer import score
+    from tests.test_scale_eval import _write_set, _without_timing
+
+    url = _write_set("s3://mfr-test/contract/embedded", 600, 90)
+    report = "s3://mfr-test/contract/score/report.json"
+    values = {"nodes": 2, "port": free_port(), "s3": {"existingSecret": SECRET},
+              "score": {"embeddings": url, "report": report, "args": ["--split", "2"]}}
+    objects = render(values, name="score", namespace="ml").objects
+    assert "Deployment" not in {o["kind"] for o in objects}  # no checkpoints, no trial store
+    objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "stringData": s3_env.env()})
+    (job,) = [o for o in objects if o["kind"] == "PyTorchJob"]
+    kubelet.add(objects)
+    pods = []
+    for rtype, index in replicas(job):
+        kubelet.hosts[f"score-{rtype.lower()}-{index}"] = {}
+        pods.append(kubelet.run_pod(f"score-{rtype.lower()}-{index}",
+                                    job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"],
+                                    operator_env(job, rtype, index)))
+    codes = kubelet.wait(pods, 300)
+    assert codes == {p.name: 0 for p in pods}, "\n".join(p.text()[-2000:] for p in pods)
+    fs = s3fs.S3FileSystem(key=s3_env.env()["AWS_ACCESS_KEY_ID"], secret=s3_env.env()["AWS_SECRET_ACCESS_KEY"],
+                           endpoint_url=s3_env.env()["AWS_ENDPOINT_URL"])
+    written = json.loads(fs.cat_file(report.removeprefix("s3://")))
+    assert written["scoring"]["world_size"] == 2
+    alone = score.score_set(score.load_embedded(url), score.Ranks(join=False), split=2)
+    assert _without_timing(written) == _without_timing(json.loads(json.dumps(alone)))

@@ -2,7 +2,9 @@
 
 ``python -m mfr.trainer.launch [--config F] [--set K=V ...]`` is
 ``torchrun -m mfr.trainer ...`` (every torchrun flag still comes from the
-operator's PET_* environment), except for its exit code.  A bare torchrun
+operator's PET_* environment), except for its exit code.  ``--module
+mfr.trainer.score EMBEDDINGS --report URL ...`` runs the distributed scorer
+of verification sets instead, under the same contract.  A bare torchrun
 exits 1 for any failure, which a ``restartPolicy: ExitCode`` job treats as
 permanent.  Here the pod's code says what happened (see exitcodes):
 
@@ -34,6 +36,7 @@ import time
 from . import exitcodes
 
 TRAINER_MODULE = "mfr.trainer"
+MODULES = (TRAINER_MODULE, "mfr.trainer.score")  # what a pod may run: training, or scoring embedded sets
 WAIT_FOR_ENV = "MFR_WAIT_FOR"
 WAIT_TIMEOUT_S = 600.0
 
@@ -75,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun
 
     args = sys.argv[1:] if argv is None else argv
+    module = TRAINER_MODULE
+    if args[:1] == ["--module"]:
+        module, args = (args[1] if len(args) > 1 else ""), args[2:]
+        if module not in MODULES:
+            print(f"mfr: --module {module!r}: one of {', '.join(MODULES)}", file=sys.stderr)
+            return exitcodes.CONFIG_ERROR
     endpoints = [e.strip() for e in os.environ.get(WAIT_FOR_ENV, "").split(",") if e.strip()]
     if endpoints and not wait_for(endpoints):
         print(f"mfr: {', '.join(endpoints)} not reachable after {WAIT_TIMEOUT_S:.0f} s; "
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.UNAVAILABLE
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        torchrun(["-m", TRAINER_MODULE, *args])
+        torchrun(["-m", module, *args])
     except SignalException as err:
         print(f"mfr: stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
         return exitcodes.from_signal(int(err.sigval))

@@ -132,7 +132,7 @@ or auto for a run on synthetic data (the demo) that names no storage of its own.
 {{- $enabled := toString .Values.trialStore.enabled }}
 {{- $ckpt := .Values.train.checkpoint | default dict }}
 {{- $source := (.Values.train.data | default dict).source | default "synthetic" }}
-{{- $ownStorage := or $ckpt.uri .Values.workspace.existingClaim .Values.s3.existingSecret }}
+{{- $ownStorage := or $ckpt.uri .Values.workspace.existingClaim .Values.s3.existingSecret .Values.score.embeddings }}
 {{- if or (eq $enabled "true") (and (eq $enabled "auto") (not $ownStorage) (eq $source "synthetic")) }}true{{- end }}
 {{- end }}
 
@@ -185,6 +185,11 @@ resume from them), or a trial store beside other storage.  The same sentence
 reaches mfrctl render/submit (exit 2) and helm template/install.
 */}}
 {{- define "mfr-trainer.checkStorage" -}}
+{{- if .Values.score.embeddings }}
+{{- if not .Values.score.report }}
+{{- fail "score.report: where rank 0 writes the scorer's JSON report, e.g. s3://bucket/eval/report.json" }}
+{{- end }}
+{{- else }}
 {{- $trial := include "mfr-trainer.trialStore" . }}
 {{- $ckpt := .Values.train.checkpoint | default dict }}
 {{- if and $trial (or $ckpt.uri .Values.workspace.existingClaim) }}
@@ -198,6 +203,7 @@ reaches mfrctl render/submit (exit 2) and helm template/install.
 {{- $uri := include "mfr-trainer.checkpointUri" . }}
 {{- $where := ternary (printf "its checkpoint path %s outside the workspace claim (mounted at /workspace)" $uri) "no checkpoint storage that every pod can reach" (and (not (empty $uri)) (not (empty .Values.workspace.existingClaim))) }}
 {{- fail (printf "a job of %d pods has %s: pass --checkpoint s3://BUCKET/PREFIX (chart value train.checkpoint.uri; credentials from s3.existingSecret) or --workspace-claim NAME (chart value workspace.existingClaim, a ReadWriteMany PersistentVolumeClaim)" $pods $where) }}
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -67,7 +67,14 @@ spec:
       # torchrun of the trainer (every torchrun flag comes from the operator's
       # PET_* environment), exiting 128+signal when preempted so it is retried.
       command: ["python", "-m", "mfr.trainer.launch"]
-      args: ["--config", {{ include "mfr-trainer.configFile" . | quote }}]
+      {{- with .Values.score }}
+      {{- if .embeddings }}
+      # The distributed scorer of embedded verification sets (mfr.trainer.score), not training.
+      args: {{ concat (list "--module" "mfr.trainer.score" .embeddings "--report" .report) .args | toJson }}
+      {{- else }}
+      args: ["--config", {{ include "mfr-trainer.configFile" $ | quote }}]
+      {{- end }}
+      {{- end }}
       workingDir: /workspace
       ports:
         {{- if .rendezvousPort }}
