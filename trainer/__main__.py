@@ -26,16 +26,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(cfg: TrainConfig) -> None:
-    import torch.distributed as dist
-
-    from .dist import init_distributed
+    from .dist import init_distributed, shutdown_distributed
     from .loop import Trainer
 
     env = init_distributed(cfg.run.device)
+    trainer = None
     try:
-        Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+        trainer.fit()
     finally:
-        dist.destroy_process_group()
+        with shutdown_distributed():  # the process groups die here, not while the interpreter exits
+            del trainer
 
 
 def _fail(kind: str, message: str, code: int) -> int:
