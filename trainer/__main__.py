@@ -5,13 +5,16 @@ exitcodes): 2 for a config error and 1 for an aborted run (permanent, never
 retried); 129 when a peer, the rendezvous or the checkpoint store went away
 and 143 after SIGTERM once the state is checkpointed (retried, and resumed).
 
-The process ends with ``os._exit`` once its output is flushed, never through
-interpreter finalization: a gloo worker thread may still hold the last
-reference to a Python tensor of the final collective when the main thread
-returns, and dropping it needs the GIL; during finalization CPython ends such
-a thread with ``pthread_exit`` inside a C++ destructor, which aborts the whole
-process ("terminate called without an active exception", SIGABRT) after a
-run that had finished, or turns a lost peer's 129 into 134.
+No native thread may meet interpreter finalization: a gloo worker that
+retires the last collective after the main thread moved on needs the GIL to
+drop a Python tensor, and during finalization CPython ends such a thread with
+``pthread_exit`` inside a C++ destructor, which aborts the whole process
+("terminate called without an active exception", SIGABRT) after a run that
+had finished, or turns a lost peer's 129 into 134.  So ``train`` destroys the
+process groups on this thread before it returns (``dist.shutdown_distributed``
+joins their workers), and the process then ends with ``os._exit`` once its
+output is flushed, so that no thread another library left behind (the
+metrics exporter's, a DataLoader's) can race the exit either.
 """
 
 from __future__ import annotations
@@ -37,16 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(cfg: TrainConfig) -> None:
-    import torch.distributed as dist
-
-    from .dist import init_distributed
+    from .dist import init_distributed, shutdown_distributed
     from .loop import Trainer
 
     env = init_distributed(cfg.run.device)
+    trainer = None
     try:
-        Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+        trainer.fit()
     finally:
-        dist.destroy_process_group()
+        with shutdown_distributed():  # the process groups die here, not while the interpreter exits
+            del trainer
 
 
 def _fail(kind: str, message: str, code: int) -> int:

@@ -70,6 +70,22 @@ class Preempted(RuntimeError):
     """SIGTERM: the state is checkpointed; exit 143 so the operator retries."""
 
 
+class StopRequest:
+    """The SIGTERM handler: notes when the signal came, and holds nothing else.
+
+    A handler stays installed until the interpreter exits, and keeps alive
+    whatever it refers to: were it a method of the checkpointer, the whole
+    trainer (its process groups and their gloo threads) would outlive ``train``.
+    """
+
+    def __init__(self) -> None:
+        self.at: float | None = None  # time.monotonic() of the first SIGTERM
+
+    def __call__(self, signum, frame) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+
+
 def _rows(local: torch.Tensor, start: int, num_rows: int, group: dist.ProcessGroup | None) -> torch.Tensor:
     """This rank's rows ``[start, start + len(local))`` of a ``num_rows``-row matrix."""
     rank = dist.get_rank(group)
@@ -275,17 +291,13 @@ class Checkpointer:
         self.clock = time.monotonic  # what save intervals are measured with (a test can step it)
         self.last_save_time = self.clock()
         self.last_duration: float | None = None
-        self.stop_requested_at: float | None = None
+        self.stop = StopRequest()
         self.existing_steps: set[int] = set()  # step directories already in storage (known to every rank)
         self._label = {"rank": str(self.env.rank)}
 
     # -- signals and agreement ---------------------------------------------
     def install_sigterm_handler(self) -> None:
-        def on_sigterm(signum, frame):
-            if self.stop_requested_at is None:
-                self.stop_requested_at = time.monotonic()
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, self.stop)
 
     def _any(self, *flags: bool) -> list[bool]:
         """Element-wise OR over all ranks (a tiny CPU all-reduce)."""
@@ -299,7 +311,7 @@ class Checkpointer:
             self.cfg.every_minutes is not None and self.clock() - self.last_save_time >= 60 * self.cfg.every_minutes
         )
         busy = self.pending is not None and self.pending.future is not None and not self.pending.future.done()
-        stop, due, busy = self._any(self.stop_requested_at is not None, by_steps or by_time, busy)
+        stop, due, busy = self._any(self.stop.at is not None, by_steps or by_time, busy)
         return StepDecision(stop=stop, save=due, busy=busy)
 
     # -- saving -------------------------------------------------------------
@@ -421,7 +433,7 @@ class Checkpointer:
 
     def save_for_preemption(self) -> None:
         """Within ``preempt_budget_s`` of SIGTERM: finish the save in flight, then save this step."""
-        deadline = (self.stop_requested_at or time.monotonic()) + self.cfg.preempt_budget_s
+        deadline = (self.stop.at or time.monotonic()) + self.cfg.preempt_budget_s
         self.poll(wait=True, timeout=max(0.0, deadline - time.monotonic()))
         step = self.trainer.step
         expected = self.last_duration or 0.0

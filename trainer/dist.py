@@ -7,8 +7,13 @@ without torchrun (``python -m mfr.trainer``) the trainer is a world of one.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
+import sys
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +89,47 @@ def is_peer_loss(err: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
+
+
+@contextlib.contextmanager
+def shutdown_distributed() -> Iterator[None]:
+    """Destroy every process group when the block (which drops the trainer) ends, on this thread.
+
+    A gloo worker thread retires a collective after its caller has moved on,
+    and releasing the collective's tensors takes the GIL.  A worker still alive
+    when the interpreter finalizes can meet it there: Python ends the thread
+    with pthread_exit inside a noexcept destructor, std::terminate aborts the
+    process ("terminate called without an active exception"), and a finished
+    run exits non-zero.  Destroying a group joins its workers, with the GIL
+    released meanwhile, so here every worker is done before the exit.
+
+    A group lives as long as anything refers to it (DDP, the checkpointer's
+    groups, the frames of an exception on its way out), so those frames are
+    cleared and the garbage collected here, with automatic collection off: a
+    collection on another thread (the metrics exporter's) would destroy the
+    groups there and meet the exit the same way.
+    """
+    automatic = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        try:
+            _clear_exception_frames(sys.exc_info()[1])
+            gc.collect()
+            dist.destroy_process_group()
+        finally:
+            if automatic:
+                gc.enable()
+
+
+def _clear_exception_frames(error: BaseException | None) -> None:
+    """Drop the local variables of the frames an exception (and its causes) keeps."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # the frame still running (ours) is skipped
+        pending += [error.__cause__, error.__context__]
