@@ -26,10 +26,11 @@ sure to get), not limits.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from mfr.trainer.config import INPUT_SIZE, TrainConfig
 
-from .plan import PlanSpec, parse_memory, plan_memory
+from .memory_model import PlanSpec, parse_memory, plan_memory
 
 GiB, MiB = 2**30, 2**20
 CPU_PROCESS = 1 * GiB
@@ -43,14 +44,8 @@ _STATE = {"parameters", "buffers", "optimizer state", "shard weights"}
 def pod_requests(train: TrainConfig, *, nodes: int, nproc: int, gpus: int, shm: str) -> dict[str, str]:
     """``{"cpu": ..., "memory": ...}`` for one pod of ``nodes`` running ``nproc`` processes."""
     world = max(nodes * nproc, 1)
-    spec = PlanSpec(
-        nodes=1, gpus_per_node=world, classes=max(train.head.num_classes, world), embedding=train.model.embedding_size,
-        backbone=train.model.backbone, layers=tuple(train.model.layers) if train.model.layers else None,
-        width=train.model.width, batch=train.data.batch_size, sample_rate=train.head.sample_rate,
-        precision=train.run.amp, zero=train.optim.zero if world > 1 else 0,
-        activation_checkpointing=train.model.activation_checkpointing, checkpoint_every=train.model.checkpoint_every,
-        micro_batches=train.optim.micro_batches, optimizer=train.optim.name, momentum=train.optim.momentum,
-    )
+    spec = replace(PlanSpec.from_config(train, nodes=1, gpus_per_node=world), classes=max(train.head.num_classes, world),
+                   zero=train.optim.zero if world > 1 else 0)
     plan = plan_memory(spec)
     state = sum(item.bytes for item in plan.items if item.name in _STATE)
     per_process = (GPU_PROCESS if gpus else CPU_PROCESS + plan.peak) + state + train.data.num_workers * LOADER_WORKER
