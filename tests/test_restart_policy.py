@@ -27,6 +27,7 @@ from mfr.trainer.launch import worker_exit_code
     [
         ([(1.0, -9)], 137),  # a worker killed (the OOM killer): retryable
         ([(1.0, 129), (2.0, -15)], 129),  # the earliest retryable code
+        ([(1.0, 129), (1.0, -15)], 143),  # in the same second, the lost peer is the consequence
         ([(2.0, 129), (1.0, -6)], 134),
         ([(1.0, 129), (2.0, 2)], 2),  # a config error on one rank is never retried for a lost peer on another
         ([(1.0, -9), (2.0, 1)], 1),

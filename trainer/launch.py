@@ -44,9 +44,12 @@ WAIT_TIMEOUT_S = 600.0
 def worker_exit_code(failures: list[tuple[float, int]]) -> int:
     """The pod's exit code from its failed workers' ``(time, exitcode)``; a negative code is a signal.
 
-    A permanent failure anywhere is the pod's, or the job would retry a mistake.
+    A permanent failure anywhere is the pod's, or the job would retry a mistake.  Among
+    retryable ones the earliest, but a lost peer (129) only after the others: it is the
+    consequence of another's end (torchrun stamps failures to the second).
     """
-    codes = [exitcodes.from_signal(-code) if code < 0 else code for _, code in sorted(failures)]
+    shell = [(when, exitcodes.from_signal(-code) if code < 0 else code) for when, code in failures]
+    codes = [code for _, code in sorted(shell, key=lambda f: (f[0], f[1] == exitcodes.UNAVAILABLE, f[1]))]
     permanent = [code for code in codes if not exitcodes.retryable(code)]
     return (permanent or codes)[0]
 
