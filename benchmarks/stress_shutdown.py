@@ -49,7 +49,6 @@ from mfr.ctl.launcher import LocalJob, free_port
 from mfr.trainer.config import load_config
 from mfr.trainer.progress import EVENTS_ENV
 
-from tests.prometheus import free_port_range
 from tests.test_elastic import _events, _kill_tree
 
 TINY = ["run.steps=12", "run.log_every=2", "optim.warmup_steps=0", "head.num_classes=16", "model.embedding_size=32",
@@ -109,7 +108,7 @@ def _scrape(urls: list[str], stop: threading.Event, count: Counter) -> None:
 
 def run_pod(job: int, kind: str, run_dir: Path, extra: list[str], hook_env: dict[str, str]) -> Run:
     """One run of the job's pod; SIGTERMed once it has trained 4 steps when ``kind`` is "sigtermed"."""
-    port = free_port_range(2)
+    port = free_port(2)
     pod = LocalJob(nodes=1, nproc_per_node=2, config_path=run_dir / "config.yaml", run_dir=run_dir,
                    master_port=free_port(), metrics_port=port)
     env = os.environ | pod.node_env(0) | {"OMP_NUM_THREADS": "1", EVENTS_ENV: str(pod.events_path)} | hook_env

@@ -34,9 +34,10 @@ def open_dataset(uri: str):
     from mfr.trainer.config import ConfigError
     from mfr.trainer.data import sources
     from mfr.trainer.data.shards import INDEX
+    from mfr.trainer.storage import open_url
 
     try:
-        fs, root = sources.open_fs(uri)
+        fs, root = open_url(uri, what="data")
         root = root.rstrip("/")
         if uri.endswith(".rec") or fs.isfile(f"{root}/train.rec"):
             return "recordio", sources.RecordFaces(uri, None, UNLIMITED, None)
@@ -76,13 +77,14 @@ def pack(
 
     from mfr.trainer.credentials import redact
     from mfr.trainer.data import shards
-    from mfr.trainer.data.sources import BadSample, decode, open_fs
+    from mfr.trainer.data.sources import BadSample, decode
+    from mfr.trainer.storage import open_url
 
     kind, dataset = open_dataset(src)
     if kind == "shards":
         raise fail(f"{src} already holds shards (index.json)")
     try:
-        fs, root = open_fs(dst)
+        fs, root = open_url(dst, what="the shard folder")
         root = root.rstrip("/")
         if fs.exists(f"{root}/{shards.INDEX}"):
             raise fail(f"{dst}/{shards.INDEX} exists: pack into an empty folder")
@@ -191,7 +193,8 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
     from PIL import Image
 
     from mfr.trainer.data.masks import apply_mask
-    from mfr.trainer.data.sources import BadSample, open_fs
+    from mfr.trainer.data.sources import BadSample
+    from mfr.trainer.storage import open_url
 
     picks = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int).tolist()
     images = []
@@ -204,7 +207,7 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
         raise fail("no readable samples for the grid")
     rng = np.random.default_rng(seed)
     rows = [np.concatenate(images, axis=1), np.concatenate([apply_mask(im, rng) for im in images], axis=1)]
-    fs, target = open_fs(path)
+    fs, target = open_url(path, what="--grid")
     with fs.open(target, "wb") as f:
         Image.fromarray(np.concatenate(rows, axis=0)).save(f, "PNG")
     return len(images)

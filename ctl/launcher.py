@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -134,10 +135,42 @@ class LocalJob:
         return [*LAUNCH, "--config", str(self.config_path)]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 65535
+
+
+def free_port(count: int = 1, tries: int = 200) -> int:
+    """A port P such that P .. P+count-1 are free on 127.0.0.1.
+
+    Picked below the kernel's ephemeral range, so no outgoing connection (gloo opens
+    many) can take it between this pick and the trainer's bind, and never handed out
+    twice by this process, so concurrent local jobs cannot collide as they could with
+    bind-to-0 (every pod has its own network namespace on a cluster; here they share one).
+    """
+    low, _ = _ephemeral_range()
+    ceiling = low if low > 20000 else 65535
+    rng = random.Random()
+    for _ in range(tries):
+        base = rng.randrange(15000, ceiling - count)
+        ports = range(base, base + count)
+        if _handed_out.intersection(ports):
+            continue
+        try:
+            for port in ports:
+                with socket.socket() as sock:
+                    sock.bind((LOOPBACK, port))
+        except OSError:
+            continue
+        _handed_out.update(ports)
+        return base
+    raise LaunchError(f"found no {count} free consecutive port(s) on {LOOPBACK}; pass --master-port")
 
 
 def check_port_free(port: int) -> None:

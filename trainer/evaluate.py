@@ -118,11 +118,10 @@ def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
     without ``--head``); local or ``s3://``.
     """
     from .checkpoint_reader import load_tensors
-    from .data.sources import open_fs
     from .export import checkpoint_backbone
-    from .storage import find_checkpoint
+    from .storage import find_checkpoint, open_url
 
-    fs, path = open_fs(url)
+    fs, path = open_url(url, what="the model")
     if fs.isfile(path):
         try:
             loaded = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
@@ -226,9 +225,9 @@ def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     set's order, or for a folder paths relative to it (``alice/003.jpg``).
     Without the third column (``is_genuine`` None) identities decide.
     """
-    from .data.sources import open_fs
+    from .storage import open_url
 
-    fs, path = open_fs(url)
+    fs, path = open_url(url, what="the pair list")
     try:
         text = fs.cat_file(path).decode()
     except FileNotFoundError:

@@ -20,18 +20,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from fsspec.core import url_to_fs
 
 from .config import ConfigError
-from .storage import fsspec_options
+from .storage import open_url
 
 # The name distillation gave the format when it was its only user; kept so earlier extractions stay readable.
 FORMAT = "mfr-teacher-features/1"
 INDEX = "index.json"
 
 
-def _open(uri: str, storage_options: dict[str, Any] | None):
-    fs, root = url_to_fs(uri, **fsspec_options(uri, storage_options))
+def open_features(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """``(filesystem, root)`` of a folder of embedding shards."""
+    fs, root = open_url(uri, storage_options, what="embeddings")
     return fs, root.rstrip("/")
 
 
@@ -52,7 +52,7 @@ class FeatureWriter:
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None, embedding_size: int, shard_rows: int):
         self.uri, self.embedding_size, self.shard_rows = uri.rstrip("/"), embedding_size, shard_rows
-        self.fs, self.root = _open(uri, storage_options)
+        self.fs, self.root = open_features(uri, storage_options)
         if self.fs.exists(f"{self.root}/{INDEX}"):
             raise ConfigError(f"{uri} already holds embeddings ({INDEX}); choose another folder or remove them")
         self.fs.makedirs(self.root, exist_ok=True)
@@ -104,7 +104,7 @@ class Features:
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, name: str = "embeddings"):
         self.uri, self.name = uri, name
-        self.fs, self.root = _open(uri, storage_options)
+        self.fs, self.root = open_features(uri, storage_options)
         try:
             index = json.loads(self.fs.cat_file(f"{self.root}/{INDEX}"))
         except FileNotFoundError:

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import exitcodes
 from .config import ConfigError
-from .features import INDEX, Features, _open
+from .features import INDEX, Features, open_features
 from .pairsets import TILE, ListedPairs, MatrixPairs, one_blas_thread, unit_rows
 from .progress import Progress
 from .tail import Bracket, ImpostorTail, TailState, allowed_false_accepts, brackets_from_sample, finish, merge
@@ -139,7 +139,7 @@ def _read_rows(features: Features, order: np.ndarray) -> np.ndarray:
 def embedding_folders(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str | None]:
     """The unmasked and masked (or None) embedding folders of a set: ``url/unmasked`` and ``url/masked`` as
     ``mfrctl eval`` writes them, or ``url`` itself when it holds one folder of embeddings."""
-    fs, root = _open(url, storage_options)
+    fs, root = open_features(url, storage_options)
     if fs.exists(f"{root}/{INDEX}"):
         return url, None
     base = url.rstrip("/")
@@ -169,7 +169,7 @@ def load_embedded(url: str, storage_options: dict[str, Any] | None = None) -> Em
 
 def read_pair_list(url: str, images: int, storage_options: dict[str, Any] | None = None) -> np.ndarray:
     """An ``(n, 2)`` or ``(n, 3)`` integer ``.npy``: rows ``first, second[, is_genuine]`` (row indices)."""
-    fs, path = _open(url, storage_options)
+    fs, path = open_features(url, storage_options)
     try:
         pairs = np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False)
     except FileNotFoundError:
@@ -191,7 +191,7 @@ def open_set(url: str, split: int = 0, pairs_url: str | None = None) -> tuple[Em
     and no ``split`` is asked for, else None (every pair)."""
     embedded = load_embedded(url)
     if pairs_url is None and not split:
-        fs, root = _open(url, None)
+        fs, root = open_features(url, None)
         pairs_url = f"{url.rstrip('/')}/{PAIRS_FILE}" if fs.exists(f"{root}/{PAIRS_FILE}") else None
     return embedded, read_pair_list(pairs_url, len(embedded.labels)) if pairs_url else None
 

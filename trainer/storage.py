@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from .config import ConfigError
@@ -306,6 +305,39 @@ def _mtime(entry: dict[str, Any]) -> float | None:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-def open_file(url: str, mode: str, storage_options: dict[str, Any] | None = None):
-    """``fsspec.open`` with the same S3 defaults as ``Storage`` (for exports)."""
-    return fsspec.open(url, mode, **fsspec_options(url, storage_options))
+def open_url(url: str, storage_options: dict[str, Any] | None = None, *, what: str,
+             fresh: bool = False) -> tuple[Any, str]:
+    """``(filesystem, path)`` of any fsspec URL (a local path, s3://...) with the S3 defaults of ``Storage``.
+
+    The one way mfr opens a URL.  ``what`` names what it is (data.uri, the model, a .bin set) in the
+    one-line error when the URL cannot be opened; ``fresh``: a filesystem of this process's own.
+    """
+    try:
+        return url_to_fs(url, **({"skip_instance_cache": True} if fresh else {}), **fsspec_options(url, storage_options))
+    except (ImportError, ValueError, TypeError) as err:
+        raise ConfigError(f"{what} {redact(url)}: cannot open it ({redact(str(err))})") from None
+
+
+def open_file(url: str, mode: str, storage_options: dict[str, Any] | None = None, *, what: str = "output"):
+    """One file of any fsspec URL, as ``open`` (written whole on close), through ``open_url``."""
+    fs, path = open_url(url, storage_options, what=what)
+    return fs.open(path, mode)
+
+
+class ProcessFS:
+    """A URL's filesystem, opened anew in each process that uses it: s3fs sessions do not survive a fork into
+    DataLoader workers.  Pickles without it."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, what: str):
+        self.url, self.options, self.what = url, storage_options or {}, what
+        self._fs, self._pid = None, None
+
+    @property
+    def fs(self):
+        if self._pid != os.getpid():
+            self._fs, _ = open_url(self.url, self.options, what=self.what, fresh=True)
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None}

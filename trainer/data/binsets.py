@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
-from .sources import BadSample, decode, open_fs
+from ..storage import open_url
+from .sources import BadSample, decode
 
 _EXPECTED = "expected a pickle of (list of encoded images, issame list) with two images per pair"
 # What numpy needs to rebuild arrays (some sets hold each image's bytes as a uint8 array).
@@ -138,7 +139,7 @@ def parse_bin(data: bytes, url: str) -> BinSet:
 
 def read_bin(url: str, storage_options: dict[str, Any] | None = None) -> BinSet:
     """Read a ``.bin`` from a local path or ``s3://`` URL; its first image must decode."""
-    fs, path = open_fs(url, storage_options)
+    fs, path = open_url(url, storage_options, what=".bin set")
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
+from ..storage import ProcessFS, open_url
 
 FORMAT = "mfr-shards/1"
 INDEX = "index.json"
@@ -100,10 +101,8 @@ class ShardSet:
     """The index of a shard set and ranged reads of runs of its samples (one filesystem per process)."""
 
     def __init__(self, url: str, options: dict[str, Any] | None = None):
-        from .sources import open_fs
-
         self.url, self.options = url.rstrip("/"), options or {}
-        fs, root = open_fs(self.url, self.options)
+        fs, root = open_url(self.url, self.options, what="data.uri")
         self.root = root.rstrip("/")
         index_url = f"{self.url}/{INDEX}"
         try:
@@ -122,24 +121,15 @@ class ShardSet:
         self.counts = np.array([int(s["count"]) for s in index["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])  # global id of each shard's first sample
         self.num_images = int(self.starts[-1])
-        self._fs, self._pid = None, None
+        self._files = ProcessFS(self.url, self.options, "data.uri")
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": None, "_offsets": OrderedDict()}
+        return {**self.__dict__, "_offsets": OrderedDict()}
 
     @property
     def fs(self):
-        import os
-
-        if self._pid != os.getpid():
-            from fsspec.core import url_to_fs
-
-            from ..storage import fsspec_options
-
-            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **fsspec_options(self.url, self.options))
-            self._pid = os.getpid()
-        return self._fs
+        return self._files.fs
 
     def locate(self, sample: int) -> tuple[int, int]:
         """``(shard, position in shard)`` of a global sample id."""

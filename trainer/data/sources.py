@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..storage import fsspec_options
+from ..storage import ProcessFS, open_url
 from . import recordio
 from .synthetic import SIZE, to_tensor
 
@@ -44,16 +44,6 @@ MAX_PIXELS = 2048 * 2048
 
 class BadSample(ValueError):
     """One sample that cannot be used; the message names the problem."""
-
-
-def open_fs(url: str, options: dict[str, Any] | None = None):
-    """``(filesystem, path)`` for a URL, with the checkpoint storage's S3 defaults."""
-    from fsspec.core import url_to_fs
-
-    try:
-        return url_to_fs(url, **fsspec_options(url, options))
-    except (ImportError, ValueError, TypeError) as err:
-        raise ConfigError(f"data.uri {url}: {err}") from None
 
 
 def decode(data: bytes, key: str) -> np.ndarray:
@@ -149,19 +139,11 @@ class IndexedFaces(Dataset):
 
     def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
         self.url, self.options, self.num_classes, self.augment = url, options or {}, num_classes, augment
-        self._fs, self._pid = None, None
+        self._files = ProcessFS(url, options, "data.uri")
 
     @property
     def fs(self):
-        if self._pid != os.getpid():  # one filesystem per worker process (s3fs sessions do not survive fork)
-            from fsspec.core import url_to_fs
-
-            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **fsspec_options(self.url, self.options))
-            self._pid = os.getpid()
-        return self._fs
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": None}
+        return self._files.fs
 
     def __len__(self) -> int:
         return self.num_images
@@ -204,7 +186,7 @@ class FolderFaces(IndexedFaces):
 
     def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
         super().__init__(url, options, num_classes, augment)
-        fs, root = open_fs(url, options)
+        fs, root = open_url(url, options, what="data.uri")
         root = root.rstrip("/")
         try:
             if not fs.isdir(root):
@@ -251,7 +233,7 @@ class RecordFaces(IndexedFaces):
         rec_url = url if url.endswith(".rec") else url.rstrip("/") + "/train.rec"
         super().__init__(rec_url, options, num_classes, augment)
         idx_url = rec_url[: -len(".rec")] + ".idx"
-        fs, rec = open_fs(rec_url, options)
+        fs, rec = open_url(rec_url, options, what="data.uri")
         idx = rec[: -len(".rec")] + ".idx"
         try:
             if not fs.isfile(rec):
