@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.s3server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support.s3server
 
-from tests.distributed import run_distributed  # noqa: E402
-from tests.s3server import SeaweedS3  # noqa: E402
+from tests.support.distributed import run_distributed  # noqa: E402
+from tests.support.s3server import SeaweedS3  # noqa: E402
 
 
 def _bench(rank: int, world: int, uri: str, classes: int, embedding: int, repeats: int) -> dict:

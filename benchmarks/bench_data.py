@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.s3server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support.s3server
 
 from mfr.trainer.data.masks import MaskAugment  # noqa: E402
 from mfr.trainer.data.sources import Augment, decode  # noqa: E402
 from mfr.trainer.data.synthetic import SyntheticFaces  # noqa: E402
-from tests.s3server import SeaweedS3  # noqa: E402
+from tests.support.s3server import SeaweedS3  # noqa: E402
 
 
 def faces(n: int) -> list[bytes]:

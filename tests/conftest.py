@@ -18,7 +18,7 @@ def single_process_group():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1 for the whole session."""
-    from tests.s3server import SeaweedS3
+    from tests.support.s3server import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
     server.start()
@@ -37,7 +37,7 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture(scope="module")
 def prometheus_factory(tmp_path_factory):
     """Start real Prometheus servers (Debian's package) on 127.0.0.1: ``start(targets)``; all stop afterwards."""
-    from tests.prometheus import Prometheus
+    from tests.support.prometheus import Prometheus
 
     servers = []
 

@@ -1,4 +1,4 @@
-"""The kube-apiserver stand-in (tests/apiserver) as the real kubernetes client sees it.
+"""The kube-apiserver stand-in (tests/support/apiserver) as the real kubernetes client sees it.
 
 Every check goes through the kubernetes package's own API classes (CoreV1Api, AppsV1Api,
 CustomObjectsApi, watch.Watch) over HTTP, and compares with what kube-apiserver 1.29 answers:
@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from tests.apiserver import ApiServer
+from tests.support.apiserver import ApiServer
 
 GROUP, VERSION, JOBS = "kubeflow.org", "v1", "pytorchjobs"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 BASE = [
     "head.num_classes=11", "model.embedding_size=16", "data.images_per_identity=8", "data.batch_size=4",
@@ -322,7 +322,7 @@ def test_wrong_credentials_are_a_clear_error_without_the_secret(s3_server, tmp_p
 
 
 def test_an_unreachable_endpoint_is_retried_then_named(s3_server, tmp_path):
-    from tests.s3server import _free_ports
+    from tests.support.s3server import _free_ports
 
     (port,) = _free_ports(1)
     env = s3_server.env() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.test_checkpoint import _full, _train_and_save
 
 MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]

@@ -17,7 +17,7 @@ from mfr.trainer.data import shards
 from mfr.trainer.data.loader import EpochStream
 from mfr.trainer.data.sources import Augment, ShardFaces, decode
 from mfr.trainer.metrics import BAD_SAMPLES
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.test_data import config, samples, tag_of, write_folder, write_recordio
 
 MFRCTL = [sys.executable, "-m", "mfr.ctl.main", "data"]

@@ -13,7 +13,7 @@ import torch
 from mfr.trainer.config import load_config
 from mfr.trainer.distill import FeatureWriter, TeacherFeatures, distillation_loss
 from mfr.trainer.models import build_backbone
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 SMALL = [
     "head.num_classes=8",

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mfr.trainer.head import PartialFC, class_shard, combined_margin
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 D, IN = 5, 6
 NUM_CLASSES = 11  # divisible by none of 2, 3

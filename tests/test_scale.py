@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 BASE = [
     "head.num_classes=12", "model.embedding_size=16", "data.images_per_identity=8", "data.batch_size=4",

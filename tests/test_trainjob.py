@@ -3,7 +3,7 @@
 The TrainJob, TrainingRuntime and ClusterTrainingRuntime are checked against
 the vendored v2.3.0 CRDs (made strict) and the Trainer's webhook rules; the
 pods are built as its JobSet builds them, with the torch plugin's environment
-(tests/operator_rules.py, written from the Trainer's code at v2.3.0).
+(tests/support/operator_rules.py, written from the Trainer's code at v2.3.0).
 """
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ from __future__ import annotations
 import pytest
 
 from mfr.ctl.chart import ChartError, render
-from tests.network_policy import Pod, allowed
-from tests.operator_rules import trainer_crd_errors, trainjob_env, trainjob_pods, trainjob_webhook_errors, with_change
-from tests.pod_security import restricted_violations
+from tests.support.network_policy import Pod, allowed
+from tests.support.operator_rules import (
+    trainer_crd_errors,
+    trainjob_env,
+    trainjob_pods,
+    trainjob_webhook_errors,
+    with_change,
+)
+from tests.support.pod_security import restricted_violations
 
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}
 CASES = {

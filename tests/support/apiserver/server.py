@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from tests.apiserver import workloads
-from tests.apiserver.resources import (
+from tests.support.apiserver import workloads
+from tests.support.apiserver.resources import (
     ACCESS_REVIEW,
     BUILTINS,
     CRD_RESOURCE,
@@ -30,9 +30,9 @@ from tests.apiserver.resources import (
     crd_resource,
     load_yaml,
 )
-from tests.apiserver.rest import NAMESPACES, TOKEN, Reply, Request, RestApi, decode_body
-from tests.apiserver.store import Store, now
-from tests.operator_rules import PYTORCHJOB_CRD
+from tests.support.apiserver.rest import NAMESPACES, TOKEN, Reply, Request, RestApi, decode_body
+from tests.support.apiserver.store import Store, now
+from tests.support.operator_rules import PYTORCHJOB_CRD
 
 MONITORING = [crd_resource(crd) for crd in MONITORING_CRDS]
 KUEUE = [crd_resource(crd) for crd in KUEUE_CRDS]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.apiserver.resources import Resource
-from tests.apiserver.schema import FieldError
+from tests.support.apiserver.resources import Resource
+from tests.support.apiserver.schema import FieldError
 
 
 class ApiError(Exception):

@@ -21,7 +21,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from tests.apiserver.schema import Schema
+from tests.support.apiserver.schema import Schema
 
 MISSING = object()
 Path = tuple  # of field names, and ("k", json of the item's keys) for an item of a keyed list

@@ -24,7 +24,7 @@ pod is gone at once), and controllers other than the garbage collector and the o
 operator (no scheduler: a pod gets a node when a test moves it past Pending).
 """
 
-from tests.apiserver.rest import TOKEN, Request
-from tests.apiserver.server import ApiServer
+from tests.support.apiserver.rest import TOKEN, Request
+from tests.support.apiserver.server import ApiServer
 
 __all__ = ["TOKEN", "ApiServer", "Request"]

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
+CRDS = Path(__file__).resolve().parents[3] / "shared" / "crds"
 PYTORCHJOB_CRD = CRDS / "kubeflow.org_pytorchjobs.yaml"
 DEFAULT_PORT = 23456
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

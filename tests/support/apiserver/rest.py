@@ -47,9 +47,9 @@ from typing import Any
 
 import yaml
 
-from tests.apiserver import errors
-from tests.apiserver.errors import ApiError, PageNotFound
-from tests.apiserver.patches import (
+from tests.support.apiserver import errors
+from tests.support.apiserver.errors import ApiError, PageNotFound
+from tests.support.apiserver.patches import (
     ApplyConflict,
     PatchError,
     apply,
@@ -58,7 +58,7 @@ from tests.apiserver.patches import (
     record_update,
     strategic_merge,
 )
-from tests.apiserver.resources import (
+from tests.support.apiserver.resources import (
     ACCESS_REVIEW,
     CRD_RESOURCE,
     Resource,
@@ -67,9 +67,9 @@ from tests.apiserver.resources import (
     api_resource_list,
     api_versions,
 )
-from tests.apiserver.schema import FieldError, invalid, required
-from tests.apiserver.selectors import SelectorError, field_matcher, label_matcher
-from tests.apiserver.store import Store, now
+from tests.support.apiserver.schema import FieldError, invalid, required
+from tests.support.apiserver.selectors import SelectorError, field_matcher, label_matcher
+from tests.support.apiserver.store import Store, now
 
 TOKEN = "stand-in-token"
 USER = "tester"  # who the token authenticates as

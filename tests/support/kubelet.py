@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.s3server import _free_ports
+from tests.support.s3server import _free_ports
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from tests.apiserver.schema import Schema, builtin_schema
-from tests.operator_rules import CRDS
+from tests.support.apiserver.schema import Schema, builtin_schema
+from tests.support.operator_rules import CRDS
 
 TRAINER_V2_CRDS = [CRDS / "trainer-v2.3.0" / f"trainer.kubeflow.org_{plural}.yaml"
                    for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")]

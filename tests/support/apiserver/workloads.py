@@ -3,7 +3,7 @@
 The training operator stand-in does what Kubeflow training operator v1.9 does when a PyTorchJob
 is created (pkg/controller.v1/common and pytorch): it defaults the ``pytorchjob-port`` (23456),
 sets the Created condition ("PyTorchJob <name> is created."), and creates, for every replica, the
-pod of tests/operator_rules.py (``<job>-master-0``, ``<job>-worker-<i>``, with the operator's
+pod of tests/support/operator_rules.py (``<job>-master-0``, ``<job>-worker-<i>``, with the operator's
 labels) and a headless Service of the same name, each owned by the job (controller: true), with a
 SuccessfulCreatePod / SuccessfulCreateService event.  It creates them through the API's own create
 path, so they are validated, get a uid, and go when the job goes.  Then the tests move pods through
@@ -18,12 +18,12 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from tests.apiserver.resources import BUILTINS, Resource
-from tests.apiserver.store import now
-from tests.operator_rules import DEFAULT_PORT, operator_pod, replicas
+from tests.support.apiserver.resources import BUILTINS, Resource
+from tests.support.apiserver.store import now
+from tests.support.operator_rules import DEFAULT_PORT, operator_pod, replicas
 
 if TYPE_CHECKING:
-    from tests.apiserver.server import ApiServer
+    from tests.support.apiserver.server import ApiServer
 
 CONTROLLER = "pytorchjob-controller"
 PODS, SERVICES, EVENTS = (next(r for r in BUILTINS if r.plural == p) for p in ("pods", "services", "events"))
