@@ -23,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.test_elastic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
 
 from mfr.ctl.launcher import RDZV_CONF, LocalJob, RunningJob, free_port  # noqa: E402
 from mfr.trainer.config import load_config  # noqa: E402
-from tests.test_elastic import _agent_of, _events, _kill_tree, _store_host  # noqa: E402
+from tests.support.processes import agent_of, kill_tree, store_host  # noqa: E402
+from tests.support.runs import read_events  # noqa: E402
 
 
 def _wait(predicate, timeout: float = 300):
@@ -49,13 +50,13 @@ def measure(rdzv_conf: str, run_dir: Path) -> tuple[float, float]:
                    elastic=(1, 2), run_id=run_dir.name, rdzv_conf=rdzv_conf)
     running = RunningJob.start(job)
     try:
-        _wait(lambda: [e for e in _events(run_dir) if e["event"] == "checkpoint"])
-        host = _agent_of(_store_host(job.master_port), [a.pid for a in running.agents])
+        _wait(lambda: [e for e in read_events(run_dir) if e["event"] == "checkpoint"])
+        host = agent_of(store_host(job.master_port), [a.pid for a in running.agents])
         lost = next(a.pid for a in running.agents if a.pid != host)
         killed = time.time()
-        _kill_tree(lost)
-        restart = _wait(lambda: [e for e in _events(run_dir) if e["event"] == "start" and e["time"] > killed])[0]
-        events = _wait(lambda: (ev := _events(run_dir)) and any(
+        kill_tree(lost)
+        restart = _wait(lambda: [e for e in read_events(run_dir) if e["event"] == "start" and e["time"] > killed])[0]
+        events = _wait(lambda: (ev := read_events(run_dir)) and any(
             e["event"] == "step" and e["time"] > restart["time"] for e in ev) and ev)
         step = next(e for e in events if e["event"] == "step" and e["time"] > restart["time"])
         return restart["time"] - killed, step["time"] - killed

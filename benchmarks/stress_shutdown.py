@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
 from mfr.ctl.launcher import LocalJob, free_port
 from mfr.trainer.config import load_config
 from mfr.trainer.progress import EVENTS_ENV
-
-from tests.test_elastic import _events, _kill_tree
+from tests.support.processes import kill_tree
+from tests.support.runs import read_events
 
 TINY = ["run.steps=12", "run.log_every=2", "optim.warmup_steps=0", "head.num_classes=16", "model.embedding_size=32",
         "data.images_per_identity=4", "data.batch_size=8", "data.num_workers=0", "eval.num_identities=4",
@@ -123,14 +123,14 @@ def run_pod(job: int, kind: str, run_dir: Path, extra: list[str], hook_env: dict
     code: int | str
     try:
         if kind == "sigtermed":
-            seen = len(_events(run_dir))
+            seen = len(read_events(run_dir))
             while proc.poll() is None and not any(
-                    e["event"] == "step" and e["step"] >= 4 for e in _events(run_dir)[seen:]):
+                    e["event"] == "step" and e["step"] >= 4 for e in read_events(run_dir)[seen:]):
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=600)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         code = "timeout"
     finally:
         stop.set()
@@ -147,7 +147,7 @@ def run_job(job: int, root: Path, hook_env: dict[str, str]) -> list[Run]:
     (run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
     first = run_pod(job, "sigtermed" if job % 2 else "first", run_dir, [], hook_env)
     resumed = run_pod(job, "resumed", run_dir, ["--set", f"run.steps={RESUMED_STEPS}"], hook_env)
-    if not [e for e in _events(run_dir) if e["event"] == "resume"]:
+    if not [e for e in read_events(run_dir) if e["event"] == "resume"]:
         resumed.why.insert(0, "the second run did not resume from the first's checkpoint")
         resumed.code = f"{resumed.code} (no resume)"
     for run in (first, resumed):

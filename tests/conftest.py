@@ -34,6 +34,12 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+@pytest.fixture
+def kubeconfig(api, tmp_path):
+    """A kubeconfig for the module's ``api`` fixture, the API stand-in as that module configures it."""
+    return api.kubeconfig(tmp_path / "kubeconfig")
+
+
 @pytest.fixture(scope="module")
 def prometheus_factory(tmp_path_factory):
     """Start real Prometheus servers (Debian's package) on 127.0.0.1: ``start(targets)``; all stop afterwards."""

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.support.cli import MFRCTL
 from tests.support.distributed import run_distributed
 from tests.test_checkpoint import _full, _train_and_save
-
-MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
 
 
 def mfrctl(*args: str) -> subprocess.CompletedProcess:

@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from mfr.ctl.launcher import LocalJob
-
-MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
+from tests.support.cli import MFRCTL
 
 
 def mfrctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

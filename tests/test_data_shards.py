@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -17,14 +16,13 @@ from mfr.trainer.data import shards
 from mfr.trainer.data.loader import EpochStream
 from mfr.trainer.data.sources import Augment, ShardFaces, decode
 from mfr.trainer.metrics import BAD_SAMPLES
+from tests.support.cli import MFRCTL
 from tests.support.distributed import run_distributed
 from tests.test_data import config, samples, tag_of, write_folder, write_recordio
 
-MFRCTL = [sys.executable, "-m", "mfr.ctl.main", "data"]
-
 
 def data_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*MFRCTL, *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    return subprocess.run([*MFRCTL, "data", *args], capture_output=True, text=True, timeout=120, env=dict(os.environ))
 
 
 def multiset(dataset) -> Counter:

@@ -11,23 +11,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import MFRCTL
+from tests.support.runs import assert_learned, tpr_at
+
 pytestmark = pytest.mark.e2e
 
-MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _tpr(results: list[dict], protocol: str, fpr: float) -> float:
-    (result,) = [r for r in results if r["protocol"] == protocol]
-    (point,) = [p for p in result["points"] if p["target_fpr"] == fpr]
-    assert point["supported"], f"{protocol} cannot resolve FPR {fpr}"
-    return point["tpr"]
 
 
 def _train(tmp_path: Path, *args: str) -> tuple[dict, list[dict]]:
@@ -38,16 +32,6 @@ def _train(tmp_path: Path, *args: str) -> tuple[dict, list[dict]]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     return json.loads(proc.stdout), events
-
-
-def _assert_learned(result: dict, min_gain: float) -> None:
-    """``mfrctl train -o json``'s result: the trained model beats the untrained one on held-out identities."""
-    results = result["eval"]
-    before = _tpr(results["untrained"], "masked-unmasked", 1e-3)
-    after = _tpr(results["trained"], "masked-unmasked", 1e-3)
-    assert after >= before + min_gain, f"masked-unmasked TPR@1e-3 {before:.3f} -> {after:.3f}"
-    for protocol in ("unmasked-unmasked", "masked-masked"):
-        assert _tpr(results["trained"], protocol, 1e-3) > _tpr(results["untrained"], protocol, 1e-3)
 
 
 def _readme_table() -> dict[tuple[str, str], float]:
@@ -68,14 +52,14 @@ def test_static_two_node_demo_learns_and_prints_the_readmes_figures(tmp_path):
     steps = [e for e in events if e["event"] == "step"]
     assert steps[-1]["step"] == 150
     assert steps[-1]["loss"] < steps[0]["loss"]
-    _assert_learned(results, min_gain=0.2)
+    assert_learned(results, min_gain=0.2)
     # The README's table is this run's output: seeded, the same on every run of a CPU kind.  To the last digit
     # on the kind it names; other vector units round differently along the way (see the README).
     readme = _readme_table()
     assert len(readme) == 6
     tolerance = 0.00005 if _cpu_kind() == README_CPU else 0.025
     for (protocol, stage), tpr in readme.items():
-        assert _tpr(results["eval"][stage], protocol, 1e-3) == pytest.approx(tpr, abs=tolerance), (protocol, stage)
+        assert tpr_at(results["eval"][stage], protocol, 1e-3) == pytest.approx(tpr, abs=tolerance), (protocol, stage)
 
 
 # The vector units that decide which kernels torch runs: AVX-512, VNNI, BF16, AMX.

@@ -22,16 +22,11 @@ import pytest
 
 from mfr.ctl.launcher import LocalJob, _descendants, free_port
 from mfr.trainer.storage import MARKER, Storage
-from tests.test_e2e import MFRCTL, _assert_learned
+from tests.support.cli import MFRCTL
+from tests.support.processes import agent_of, kill_tree, store_host
+from tests.support.runs import assert_learned, read_events
 
 pytestmark = pytest.mark.e2e
-
-
-def _events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 def _wait(what: str, predicate, timeout: float = 240, alive: subprocess.Popen | None = None):
@@ -59,38 +54,8 @@ def _agents(config: Path) -> list[int]:
     return found
 
 
-def _store_host(port: int) -> int:
-    """The process that listens on the rendezvous port (hosts the c10d store)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # LISTEN
-                inodes.add(fields[9])
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            for fd in fd_dir.iterdir():
-                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
-                    return int(fd_dir.parent.name)
-        except OSError:
-            continue
-    raise AssertionError(f"nobody listens on {port}")
-
-
-def _agent_of(pid: int, agents: list[int]) -> int:
-    return next(a for a in agents if a == pid or pid in _descendants(a))
-
-
-def _kill_tree(pid: int) -> None:
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _resumes(run_dir: Path) -> list[dict]:
-    return [e for e in _events(run_dir) if e["event"] == "resume"]
+    return [e for e in read_events(run_dir) if e["event"] == "resume"]
 
 
 def _start_before(events: list[dict], resume: dict) -> dict:
@@ -115,7 +80,7 @@ def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp
     extra = None
     try:
         def committed_at_least(step):
-            return lambda: [e for e in _events(tmp_path) if e["event"] == "checkpoint" and e["step"] >= step]
+            return lambda: [e for e in read_events(tmp_path) if e["event"] == "checkpoint" and e["step"] >= step]
 
         # (a) kill -9 one worker process
         _wait("a first checkpoint", committed_at_least(10), alive=proc)
@@ -135,27 +100,28 @@ def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp
             stdout=open(tmp_path / "node-2.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )
         second = _wait("a resume in a world of 3", lambda: _resumes(tmp_path)[1:], alive=proc)[0]
-        joined = _start_before(_events(tmp_path), second)
+        joined = _start_before(read_events(tmp_path), second)
         assert joined["world_size"] == 3 and second["step"] > first["step"]
 
         # (b) a whole node is lost: the one that joined (mfrctl train's operator would recreate its own pods;
         # this one it never created).  It never hosts the rendezvous store: that agent came first.
         _wait("a checkpoint in the world of 3", lambda: [
-            e for e in _events(tmp_path)[_events(tmp_path).index(joined):] if e["event"] == "checkpoint"], alive=proc)
-        assert _agent_of(_store_host(port), _agents(config)) != extra.pid
-        _kill_tree(extra.pid)
+            e for e in read_events(tmp_path)[read_events(tmp_path).index(joined):] if e["event"] == "checkpoint"],
+            alive=proc)
+        assert agent_of(store_host(port), _agents(config)) != extra.pid
+        kill_tree(extra.pid)
         third = _wait("a resume after the lost node", lambda: _resumes(tmp_path)[2:], alive=proc)[0]
-        back = _start_before(_events(tmp_path), third)
+        back = _start_before(read_events(tmp_path), third)
         assert back["world_size"] == 2 and third["step"] > second["step"]
 
         out, err = proc.communicate(timeout=600)
     finally:
         for p in (proc, extra):
             if p is not None and p.poll() is None:
-                _kill_tree(p.pid)
+                kill_tree(p.pid)
     assert proc.returncode == 0, err[-3000:]
 
-    events = _events(tmp_path)
+    events = read_events(tmp_path)
     steps = [e for e in events if e["event"] == "step"]
     assert steps[-1]["step"] == 100
     initial_loss = steps[0]["loss"]
@@ -164,7 +130,7 @@ def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp
         # the job went on from the checkpoint: later step numbers and a loss far below the start
         assert after[0]["step"] > resume["step"] >= 10
         assert after[0]["loss"] < initial_loss - 0.5, (resume, after[0], initial_loss)
-    _assert_learned(json.loads(out), min_gain=0.1)
+    assert_learned(json.loads(out), min_gain=0.1)
 
 
 def _pod(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
@@ -187,11 +153,11 @@ SMALL = ("run.steps=40", "run.log_every=2", "eval.num_identities=10", "eval.imag
 
 def test_sigterm_commits_a_checkpoint_and_exits_143_then_the_pod_resumes_there(tmp_path):
     pod = _pod(tmp_path, *SMALL, "checkpoint.every_steps=1000")
-    _wait("training steps", lambda: [e for e in _events(tmp_path) if e["event"] == "step" and e["step"] >= 6],
+    _wait("training steps", lambda: [e for e in read_events(tmp_path) if e["event"] == "step" and e["step"] >= 6],
           alive=pod)
     pod.send_signal(signal.SIGTERM)
     assert pod.wait(timeout=60) == 143, (tmp_path / "pod.log").read_text()[-3000:]
-    (saved,) = [e for e in _events(tmp_path) if e["event"] == "checkpoint"]
+    (saved,) = [e for e in read_events(tmp_path) if e["event"] == "checkpoint"]
     assert saved["step"] >= 6
     storage = Storage(str(tmp_path / "checkpoints"))
     assert storage.latest_committed().step == saved["step"]
@@ -200,7 +166,7 @@ def test_sigterm_commits_a_checkpoint_and_exits_143_then_the_pod_resumes_there(t
     assert again.wait(timeout=300) == 0, (tmp_path / "pod.log").read_text()[-3000:]
     (resume,) = _resumes(tmp_path)
     assert resume["step"] == saved["step"]
-    assert [e["step"] for e in _events(tmp_path) if e["event"] == "step"][-1] == 40
+    assert [e["step"] for e in read_events(tmp_path) if e["event"] == "step"][-1] == 40
 
 
 def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path):
@@ -221,7 +187,7 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(tm
             pytest.fail("the save finished before the kill; make the state bigger")  # pragma: no cover
         assert pod.wait(timeout=120) != 0
     finally:
-        _kill_tree(pod.pid)
+        kill_tree(pod.pid)
     storage = Storage(str(root))
     committed = [c.step for c in storage.checkpoints() if c.committed]
     assert not (writing / MARKER).exists()
@@ -249,7 +215,7 @@ def _static_train(tmp_path: Path, steps: int, *args: str) -> subprocess.Popen:
 
 def _kill_node_1_trainer(tmp_path: Path, proc: subprocess.Popen, after_step: int) -> None:
     """SIGKILL the training process of node 1 (a worker-0 pod's trainer), once a checkpoint is committed."""
-    _wait("a committed checkpoint", lambda: [e for e in _events(tmp_path) if e["event"] == "checkpoint"
+    _wait("a committed checkpoint", lambda: [e for e in read_events(tmp_path) if e["event"] == "checkpoint"
                                              and e["step"] >= after_step], alive=proc)
     agents = sorted(_agents(tmp_path / "config.yaml"))
     os.kill(_trainer_of(agents[1]), signal.SIGKILL)
@@ -297,7 +263,7 @@ LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 def test_a_killed_trainer_restarts_its_pod_and_the_static_job_resumes_to_its_last_step(tmp_path):
     proc = _static_train(tmp_path, 60)
     try:
-        _wait("a step", lambda: [e for e in _events(tmp_path) if e["event"] == "step"], alive=proc)
+        _wait("a step", lambda: [e for e in read_events(tmp_path) if e["event"] == "step"], alive=proc)
         # what mfrctl train controls listens on loopback only: metrics and gloo's connections; torch's TCPStore
         # (the agents' rendezvous) binds every address of its own accord
         listening = _listeners(str(tmp_path / "config.yaml"))
@@ -306,7 +272,7 @@ def test_a_killed_trainer_restarts_its_pod_and_the_static_job_resumes_to_its_las
         _kill_node_1_trainer(tmp_path, proc, 10)
         out, err = proc.communicate(timeout=600)
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(out)
     assert result["steps"] == 60
@@ -315,7 +281,7 @@ def test_a_killed_trainer_restarts_its_pod_and_the_static_job_resumes_to_its_las
     assert result["restarts"] == 2
     (resumed,) = result["resumed_at"]
     assert resumed >= 10 and resumed % 10 == 0
-    starts = [e for e in _events(tmp_path) if e["event"] == "start"]
+    starts = [e for e in read_events(tmp_path) if e["event"] == "start"]
     assert len(starts) == 2 and all(s["world_size"] == 2 for s in starts)
     assert "pod worker-0 (node 1) exited 137 (SIGKILL, retryable); restarting it (restart 1 of backoffLimit 6)" in err
 
@@ -326,7 +292,7 @@ def test_with_backoff_limit_0_a_killed_trainer_fails_the_job_naming_the_pod(tmp_
         _kill_node_1_trainer(tmp_path, proc, 10)
         out, err = proc.communicate(timeout=300)
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
     assert proc.returncode == 1 and out == ""
     assert err.strip().splitlines()[-1] == (
         "error: training failed: pod worker-0 (node 1) exited 137 (SIGKILL, retryable), "

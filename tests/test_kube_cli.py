@@ -16,30 +16,20 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from mfr.ctl.main import app
 from tests.support.apiserver import TOKEN, ApiServer
+from tests.support.cli import MFRCTL, OWN_S3, mfrctl, one_line_error
+from tests.support.kube_paths import CONFIGMAPS, JOBS, NETPOLS, PODS
 
-MFRCTL = [sys.executable, "-m", "mfr.ctl.main"]
 NAMESPACE = "/api/v1/namespaces/ml"
 DISCOVER_JOBS = "/apis/kubeflow.org/v1"
 DISCOVER_MONITORING = "/apis/monitoring.coreos.com/v1"
-JOBS = "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs"
-CONFIGMAPS = "/api/v1/namespaces/ml/configmaps"
-NETPOLS = "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies"
-PODMONITORS = "/apis/monitoring.coreos.com/v1/namespaces/ml/podmonitors"
-PROMETHEUSRULES = "/apis/monitoring.coreos.com/v1/namespaces/ml/prometheusrules"
-PODS = "/api/v1/namespaces/ml/pods"
 RUN_SELECTOR = "app.kubernetes.io/name=mfr-trainer,app.kubernetes.io/instance=exp1"
-# Checkpoints on the user's own S3 (no trial store): the run is a NetworkPolicy, a ConfigMap and a PyTorchJob.
-OWN_S3 = ["--checkpoint", "s3://bucket/runs/exp1", "--set", "s3.existingSecret=mfr-s3"]
 DISCOVER_TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 # What submit reads before it creates anything: whether Trainer v2 is there (--api auto), the namespace, the
 # operator's API, the prometheus-operator's, and whether the name is taken.
@@ -59,30 +49,10 @@ def api():
     server.stop()
 
 
-@pytest.fixture
-def kubeconfig(api, tmp_path):
-    return api.kubeconfig(tmp_path / "kubeconfig")
-
-
-def mfrctl(*args: str, kubeconfig=None) -> subprocess.CompletedProcess:
-    argv = [*args, *(["--kubeconfig", str(kubeconfig)] if kubeconfig else [])]
-    result = CliRunner().invoke(app, argv, catch_exceptions=False)
-    return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
-
-
 def rendered(*args: str) -> list[dict]:
     proc = mfrctl("render", "-o", "json", "--namespace", "ml", *args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["items"]
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _job(name: str, **spec_extra) -> dict:

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.support.apiserver import ApiServer
-from tests.test_kube_cli import CONFIGMAPS, JOBS, NETPOLS, OWN_S3, PODMONITORS, PODS, PROMETHEUSRULES, mfrctl, \
-    one_line_error
+from tests.support.cli import OWN_S3, mfrctl, one_line_error
+from tests.support.kube_paths import CONFIGMAPS, JOBS, NETPOLS, PODMONITORS, PODS, PROMETHEUSRULES
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = "/api/v1/namespaces/ml/secrets"
@@ -32,11 +32,6 @@ def api():
     server = ApiServer(operator=True, namespaces=("default", "ml", "monitoring")).start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def kubeconfig(api, tmp_path):
-    return api.kubeconfig(tmp_path / "kubeconfig")
 
 
 def _names(api: ApiServer, collection: str) -> list[str]:

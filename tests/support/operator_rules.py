@@ -195,7 +195,8 @@ def operator_pod(job: dict[str, Any], rtype: str, index: int, init_template: str
 def replicas(job: dict[str, Any]) -> list[tuple[str, int]]:
     """Every pod of the job as (replica type, index), Master first."""
     specs = job["spec"]["pytorchReplicaSpecs"]
-    return [(rtype, i) for rtype in ("Master", "Worker") if rtype in specs for i in range(specs[rtype].get("replicas", 1))]
+    return [(rtype, i) for rtype in ("Master", "Worker") if rtype in specs
+            for i in range(specs[rtype].get("replicas", 1))]
 
 
 def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
