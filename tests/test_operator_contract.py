@@ -200,9 +200,9 @@ def test_the_chart_scores_embedded_sets_as_a_job_across_pods(kubelet, s3_env):
     import json
 
     from mfr.trainer import score
-    from tests.test_scale_eval import _write_set, _without_timing
+    from tests.support.evalsets import without_timing, write_embedded_set
 
-    url = _write_set("s3://mfr-test/contract/embedded", 600, 90)
+    url = write_embedded_set("s3://mfr-test/contract/embedded", 600, 90)
     report = "s3://mfr-test/contract/score/report.json"
     values = {"nodes": 2, "port": free_port(), "s3": {"existingSecret": SECRET},
               "score": {"embeddings": url, "report": report, "args": ["--split", "2"]}}
@@ -224,4 +224,4 @@ def test_the_chart_scores_embedded_sets_as_a_job_across_pods(kubelet, s3_env):
     written = json.loads(fs.cat_file(report.removeprefix("s3://")))
     assert written["scoring"]["world_size"] == 2
     alone = score.score_set(score.load_embedded(url), score.Ranks(join=False), split=2)
-    assert _without_timing(written) == _without_timing(json.loads(json.dumps(alone)))
+    assert without_timing(written) == without_timing(json.loads(json.dumps(alone)))

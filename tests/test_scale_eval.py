@@ -22,8 +22,8 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from typer.testing import CliRunner
 
 from mfr.trainer import pairsets, score, tail
-from mfr.trainer.features import FeatureWriter
 from mfr.trainer.verification import PROTOCOLS, roc_curve, tpr_at_fpr
+from tests.support.evalsets import without_timing, write_embedded_set
 
 FPRS = (0.5, 0.2, 0.1, 0.05, 0.01, 3e-3, 1e-3, 1e-4, 1e-6)
 
@@ -205,29 +205,11 @@ def test_a_pair_list_beyond_max_kept_is_refused():
 # -- embedded sets, the scorer's processes and mfrctl eval -------------------------------------------------------------
 
 
-def _write_set(root, n: int, ids: int, dim: int = 24, seed: int = 6) -> str:
-    """A set folder as mfrctl eval writes it (rows in no identity order, shards of 700 rows)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, ids, n)
-    centres = rng.standard_normal((ids, dim))
-    unmasked = centres[labels] + 1.2 * rng.standard_normal((n, dim))
-    masked = unmasked + 0.8 * rng.standard_normal((n, dim))
-    for condition, rows in (("unmasked", unmasked), ("masked", masked)):
-        writer = FeatureWriter(f"{root}/{condition}", None, dim, 700)
-        writer.add(rows, labels)
-        writer.close({"eval": {"data": "synthetic"}})
-    return str(root)
-
-
-def _without_timing(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k != "scoring"}
-
-
 def test_mfrctl_eval_on_two_ranks_gives_one_ranks_report(tmp_path):
     """2100 images: two tiles a side, so both ranks score; --max-kept 1000 brackets FPR 1e-1 .. 1e-3."""
     from mfr.ctl.main import app
 
-    url = _write_set(tmp_path / "set", 2100, 300)
+    url = write_embedded_set(tmp_path / "set", 2100, 300)
 
     def cli(*args):
         result = CliRunner().invoke(app, ["eval", "--embedded", url, "-o", "json", "--max-kept", "1000", *args],
@@ -237,7 +219,7 @@ def test_mfrctl_eval_on_two_ranks_gives_one_ranks_report(tmp_path):
 
     two, one = cli("--nproc", "2"), cli("--nproc", "1")
     assert (two["scoring"]["world_size"], one["scoring"]["world_size"]) == (2, 1)
-    assert _without_timing(two) == _without_timing(one)
+    assert without_timing(two) == without_timing(one)
     assert [p["protocol"] for p in one["protocols"]] == list(PROTOCOLS)
     assert [p["passes"] for p in one["protocols"]] == [1, 1, 1]
     embedded = score.load_embedded(url)
@@ -251,7 +233,7 @@ def test_mfrctl_eval_on_two_ranks_gives_one_ranks_report(tmp_path):
     expected = score.score_set(embedded, score.Ranks(join=False), split=2, max_kept=1000)
     for protocol in expected["protocols"]:
         protocol.pop("roc")  # -o json prints the report without its curves
-    assert _without_timing(split) == _without_timing(expected)
+    assert without_timing(split) == without_timing(expected)
 
 
 def test_unreadable_embeddings_are_one_line_and_exit_2(tmp_path):
