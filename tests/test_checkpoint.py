@@ -19,60 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.configs import CHECKPOINTED
 from tests.support.distributed import run_distributed
-
-BASE = [
-    "head.num_classes=11", "model.embedding_size=16", "data.images_per_identity=8", "data.batch_size=4",
-    "data.num_workers=0", "eval.num_identities=2", "eval.images_per_identity=2", "eval.at_start=false",
-    "run.steps=6", "optim.warmup_steps=1", "run.device=cpu", "checkpoint.every_steps=null",
-]
-
-
-def _trainer(rank: int, world: int, uri: str, overrides: list[str] = ()):
-    from mfr.trainer.config import load_config
-    from mfr.trainer.dist import DistEnv
-    from mfr.trainer.loop import Trainer
-
-    cfg = load_config(None, [*BASE, f"checkpoint.uri={json.dumps(uri)}", *overrides])
-    return Trainer(cfg, DistEnv(rank, 0, world, world, 0, torch.device("cpu")))
-
-
-def _snapshot(trainer) -> dict:
-    head, opt, model = trainer.head, trainer.optimizer, trainer.model.module
-    return {
-        "start": head.start,
-        "weight": head.weight.detach().clone(),
-        "head_state": {k: v.clone() for k, v in opt.state[head.weight].items()},
-        "backbone": {k: v.clone() for k, v in model.state_dict().items()},
-        "backbone_state": {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()},
-        "step": trainer.step,
-        "data": trainer.data.state_dict(),
-    }
-
-
-def _train(trainer, steps: int) -> None:
-    batches = iter(trainer.data)
-    for _ in range(steps):
-        trainer.train_step(*next(batches))
-
-
-def _train_and_save(rank, world, uri, overrides, steps):
-    trainer = _trainer(rank, world, uri, overrides)
-    _train(trainer, steps)
-    trainer.checkpointer.save(blocking=False)  # the async path, as in training
-    trainer.checkpointer.close()
-    return _snapshot(trainer)
+from tests.support.training import full_matrix, make_trainer, snapshot, train, train_and_save
 
 
 def _resume(rank, world, uri, overrides):
-    trainer = _trainer(rank, world, uri, overrides)
+    trainer = make_trainer(rank, world, uri, overrides)
     info = trainer.checkpointer.resume()
-    return {**_snapshot(trainer), "resumed": None if info is None else info.step}
-
-
-def _full(rows: list[dict], key) -> torch.Tensor:
-    """The global matrix assembled from every rank's block."""
-    return torch.cat([key(r) for r in sorted(rows, key=lambda r: r["start"])])
+    return {**snapshot(trainer), "resumed": None if info is None else info.step}
 
 
 @pytest.mark.parametrize(
@@ -81,14 +36,14 @@ def _full(rows: list[dict], key) -> torch.Tensor:
 def test_head_rows_and_optimizer_state_land_on_their_new_owner(tmp_path, save_world, load_world, optimizer):
     uri = str(tmp_path / "ckpt")
     overrides = [f"optim.name={optimizer}"]
-    saved = run_distributed(_train_and_save, save_world, uri, overrides, 3)
+    saved = run_distributed(train_and_save, save_world, uri, overrides, 3)
     loaded = run_distributed(_resume, load_world, uri, overrides)
 
-    weight = _full(saved, lambda r: r["weight"])
+    weight = full_matrix(saved, lambda r: r["weight"])
     assert weight.shape == (11, 16)
     slots = saved[0]["head_state"].keys()
     assert slots == ({"momentum_buffer"} if optimizer == "sgd" else {"step", "exp_avg", "exp_avg_sq"})
-    full_state = {k: _full(saved, lambda r, k=k: r["head_state"][k]) for k in slots if k != "step"}
+    full_state = {k: full_matrix(saved, lambda r, k=k: r["head_state"][k]) for k in slots if k != "step"}
     assert any(bool(v.abs().sum()) for v in full_state.values())  # real state, not zeros
 
     owners = sorted(r["start"] for r in loaded)
@@ -110,17 +65,17 @@ def test_head_rows_and_optimizer_state_land_on_their_new_owner(tmp_path, save_wo
 
 def _straight_or_resumed(rank, world, uri, overrides, split):
     if split is None:
-        trainer = _trainer(rank, world, uri, overrides)
-        _train(trainer, 6)
-        return _snapshot(trainer)
-    first = _trainer(rank, world, uri, overrides)
-    _train(first, split)
+        trainer = make_trainer(rank, world, uri, overrides)
+        train(trainer, 6)
+        return snapshot(trainer)
+    first = make_trainer(rank, world, uri, overrides)
+    train(first, split)
     first.checkpointer.save(blocking=True)
     del first
-    second = _trainer(rank, world, uri, overrides)
+    second = make_trainer(rank, world, uri, overrides)
     assert second.checkpointer.resume().step == split
-    _train(second, 6 - split)
-    return _snapshot(second)
+    train(second, 6 - split)
+    return snapshot(second)
 
 
 def test_resume_on_the_same_world_size_continues_bit_for_bit(tmp_path):
@@ -155,7 +110,7 @@ def _resume_error(rank, world, uri, overrides):
 )
 def test_a_checkpoint_of_another_model_is_refused_with_the_mismatch_named(tmp_path, change, named):
     uri = str(tmp_path / "ckpt")
-    run_distributed(_train_and_save, 1, uri, [], 2)
+    run_distributed(train_and_save, 1, uri, [], 2)
     (message,) = run_distributed(_resume_error, 1, uri, [change])
     assert message is not None and named in message and uri in message
     # compatible changes are fine (and noted in the log)
@@ -165,7 +120,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_mismatch_named(tmp_pa
 
 def _save_steps(rank, world, uri, overrides, steps):
     """What Trainer.fit does: resume (per checkpoint.resume), then train and save."""
-    trainer = _trainer(rank, world, uri, overrides)
+    trainer = make_trainer(rank, world, uri, overrides)
     trainer.checkpointer.resume()
     batches = iter(trainer.data)
     while trainer.step < steps:
@@ -228,10 +183,10 @@ def test_a_marker_is_what_makes_a_checkpoint_not_the_latest_pointer(tmp_path):
 
 def test_save_on_two_ranks_to_s3_and_load_on_three(s3_env, tmp_path):
     uri = f"s3://mfr-test/{tmp_path.name}/reshard"
-    saved = run_distributed(_train_and_save, 2, uri, [], 2)
+    saved = run_distributed(train_and_save, 2, uri, [], 2)
     loaded = run_distributed(_resume, 3, uri, [])
-    weight = _full(saved, lambda r: r["weight"])
-    momentum = _full(saved, lambda r: r["head_state"]["momentum_buffer"])
+    weight = full_matrix(saved, lambda r: r["weight"])
+    momentum = full_matrix(saved, lambda r: r["head_state"]["momentum_buffer"])
     for r in loaded:
         rows = slice(r["start"], r["start"] + r["weight"].shape[0])
         assert r["resumed"] == 2
@@ -249,7 +204,7 @@ def _train_through_outage(rank, world, uri, signals):
     from prometheus_client import REGISTRY
 
     os.environ["MFR_EVENTS_FILE"] = str(Path(signals) / "events.jsonl")
-    trainer = _trainer(rank, world, uri, ["checkpoint.every_steps=2", "checkpoint.retries=1"])
+    trainer = make_trainer(rank, world, uri, ["checkpoint.every_steps=2", "checkpoint.retries=1"])
     batches = iter(trainer.data)
 
     def barrier_with_parent(name: str) -> None:
@@ -305,7 +260,7 @@ def test_training_survives_an_s3_outage_during_a_save(s3_env, tmp_path):
 
 def _trainer_cli(tmp_path: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mfr.trainer", *[a for o in (*BASE, *overrides) for a in ("--set", o)]],
+        [sys.executable, "-m", "mfr.trainer", *[a for o in (*CHECKPOINTED, *overrides) for a in ("--set", o)]],
         env=os.environ | env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
 
@@ -352,7 +307,7 @@ def test_a_fresh_run_replaces_an_old_checkpoint_of_the_same_step(tmp_path):
 
 
 def _timed_saves(rank, world, uri):
-    trainer = _trainer(rank, world, uri, ["checkpoint.every_minutes=1"])
+    trainer = make_trainer(rank, world, uri, ["checkpoint.every_minutes=1"])
     now = [0.0]
     trainer.checkpointer.clock = lambda: now[0]  # steps' wall time must not matter
     trainer.checkpointer.last_save_time = 0.0

@@ -11,7 +11,7 @@ import torch
 
 from tests.support.cli import MFRCTL
 from tests.support.distributed import run_distributed
-from tests.test_checkpoint import _full, _train_and_save
+from tests.support.training import full_matrix, train_and_save
 
 
 def mfrctl(*args: str) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def mfrctl(*args: str) -> subprocess.CompletedProcess:
 def saved(tmp_path_factory):
     """Step 2 saved by 2 ranks, plus an interrupted (uncommitted) step 3."""
     root = tmp_path_factory.mktemp("ckpt") / "checkpoints"
-    ranks = run_distributed(_train_and_save, 2, str(root), [], 2)
+    ranks = run_distributed(train_and_save, 2, str(root), [], 2)
     shutil.copytree(root / "step-00000002", root / "step-00000003")
     (root / "step-00000003" / "COMMITTED").unlink()
     return root, ranks
@@ -65,7 +65,7 @@ def test_export_torch_backbone_loads_into_a_fresh_model_and_head_rows_are_merged
     full = tmp_path / "full.bin"
     assert mfrctl("export", f"{root}/step-00000002", "--out", str(full), "--format", "torch", "--head").returncode == 0
     exported = torch.load(full, weights_only=True)
-    assert torch.equal(exported["head"]["weight"], _full(ranks, lambda r: r["weight"]))
+    assert torch.equal(exported["head"]["weight"], full_matrix(ranks, lambda r: r["weight"]))
     assert exported["backbone"].keys() == model.state_dict().keys()
 
 
@@ -136,13 +136,13 @@ def test_export_from_s3_to_s3(s3_env, tmp_path):
     from mfr.trainer.storage import fsspec_options
 
     uri = f"s3://mfr-test/{tmp_path.name}/ckpt"
-    ranks = run_distributed(_train_and_save, 2, uri, [], 1)
+    ranks = run_distributed(train_and_save, 2, uri, [], 1)
     out = f"s3://mfr-test/{tmp_path.name}/export/full.pt"
     proc = mfrctl("export", uri, "--out", out, "--head")
     assert proc.returncode == 0, proc.stderr
     with fsspec.open(out, "rb", **fsspec_options(out, None)) as f:
         exported = torch.load(f, weights_only=True)
-    assert torch.equal(exported["head"]["weight"], _full(ranks, lambda r: r["weight"]))
+    assert torch.equal(exported["head"]["weight"], full_matrix(ranks, lambda r: r["weight"]))
     listing = json.loads(mfrctl("ckpt", "ls", uri, "-o", "json").stdout)
     assert [(r["step"], r["committed"]) for r in listing] == [(1, True)]
 

@@ -222,12 +222,12 @@ def workspace(tmp_path_factory, faces):
     import torch.distributed as dist
 
     from mfr.trainer.dist import init_distributed
-    from tests.test_checkpoint import _train_and_save
+    from tests.support.training import train_and_save
 
     root = tmp_path_factory.mktemp("eval")
     init_distributed("cpu")  # one gloo rank in this process: no worker to start
     try:
-        rank = _train_and_save(0, 1, str(root / "checkpoints"), [], 1)
+        rank = train_and_save(0, 1, str(root / "checkpoints"), [], 1)
     finally:
         dist.destroy_process_group()
     for (i, j), image in faces.items():
