@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from mfr.trainer.config import ConfigError, DataConfig
 from mfr.trainer.data import recordio
@@ -18,44 +15,7 @@ from mfr.trainer.data.permutation import FeistelPermutation
 from mfr.trainer.data.sources import FolderFaces, RecordFaces, decode
 from mfr.trainer.data.spans import Layout, SpanOrder
 from mfr.trainer.metrics import BAD_SAMPLES
-
-
-def tagged_image(i: int, fmt: str = "PNG", size: int = 112) -> bytes:
-    """An image whose top-left pixel spells ``i`` (exact in PNG), the rest noise."""
-    pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    pixels[:4, :4] = (i % 256, i // 256, 7)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return out.getvalue()
-
-
-def tag_of(image: torch.Tensor) -> int:
-    """The ``i`` of a tagged image after normalisation to [-1, 1] (no mask, no flip)."""
-    r, g = ((image[:2, 0, 0] + 1) * 127.5).round().int().tolist()
-    return r + 256 * g
-
-
-def samples(n: int, classes: int, fmt: str = "PNG") -> list[tuple[int, bytes]]:
-    return [(i % classes, tagged_image(i, fmt)) for i in range(n)]
-
-
-def write_recordio(folder: Path, items: list[tuple[int, bytes]]) -> Path:
-    writer = recordio.insightface_records(items)
-    (folder / "train.rec").write_bytes(bytes(writer.rec))
-    (folder / "train.idx").write_text(writer.idx_text())
-    return folder / "train.rec"
-
-
-def write_folder(folder: Path, items: list[tuple[int, bytes]], ext: str = "png") -> Path:
-    for i, (label, data) in enumerate(items):
-        (folder / f"id{label:03d}").mkdir(parents=True, exist_ok=True)
-        (folder / f"id{label:03d}" / f"{i:05d}.{ext}").write_bytes(data)
-    return folder
-
-
-def config(source: str, uri: str, **kw) -> DataConfig:
-    return DataConfig(source=source, uri=uri, **{"mask_prob": 0.0, "flip": False, "num_workers": 0, **kw})
-
+from tests.support.datasets import data_config, samples, tag_of, write_folder, write_recordio
 
 # -- the MXNet record format, byte for byte
 
@@ -139,7 +99,7 @@ def test_sources_read_from_s3(s3_env, tmp_path):
     for i in range(len(local)):
         assert remote.read(i) == local.read(i)
     _check_round_trip(FolderFaces("s3://mfr-test/data-test/faces", None, 2, None), items)
-    stream = EpochStream(config("folder", "s3://mfr-test/data-test/faces", batch_size=4, num_workers=1), 2, 0, 1)
+    stream = EpochStream(data_config("folder", "s3://mfr-test/data-test/faces", batch_size=4, num_workers=1), 2, 0, 1)
     images, labels = next(iter(stream))
     assert images.shape == (4, 3, 112, 112) and labels.tolist() != []
 
@@ -160,7 +120,7 @@ def _epoch_tags(streams, batches_per_rank):
 def test_exactly_once_across_ranks_and_workers_and_resume(tmp_path):
     items = samples(48, 6)
     uri = str(write_folder(tmp_path / "faces", items))
-    cfg = config("folder", uri, batch_size=4, num_workers=2, seed=3)
+    cfg = data_config("folder", uri, batch_size=4, num_workers=2, seed=3)
     streams = [EpochStream(cfg, 6, rank, 2) for rank in range(2)]
     first = _epoch_tags(streams, 6)  # 48 samples = 6 global batches of 2 x 4
     assert sorted(first) == list(range(48))
@@ -173,7 +133,7 @@ def test_exactly_once_across_ranks_and_workers_and_resume(tmp_path):
     before = [tag_of(img) for _ in range(2) for it in iters for img in next(it)[0]]
     state = two[0].state_dict()
     assert state == {"epoch": 0, "position": 16}
-    one = EpochStream(config("folder", uri, batch_size=8, num_workers=2, seed=3), 6, 0, 1)
+    one = EpochStream(data_config("folder", uri, batch_size=8, num_workers=2, seed=3), 6, 0, 1)
     one.load_state_dict(state)
     it = iter(one)
     after = [tag_of(img) for _ in range(4) for img in next(it)[0]]
@@ -273,7 +233,7 @@ def test_bad_samples_are_replaced_counted_and_logged(tmp_path, caplog):
     rec, bad = _with_bad_records(tmp_path)
     counter = BAD_SAMPLES.labels(rank="0")
     before = counter._value.get()
-    stream = EpochStream(config("recordio", str(rec), batch_size=4, max_bad_fraction=0.5), 4, 0, 1)
+    stream = EpochStream(data_config("recordio", str(rec), batch_size=4, max_bad_fraction=0.5), 4, 0, 1)
     it = iter(stream)
     with caplog.at_level("WARNING", logger="mfr.data"):
         batches = [next(it) for _ in range(4)]  # one whole epoch, full batches
@@ -288,7 +248,7 @@ def test_bad_samples_are_replaced_counted_and_logged(tmp_path, caplog):
 
 def test_too_many_bad_samples_abort_with_a_clear_message(tmp_path):
     rec, _ = _with_bad_records(tmp_path)
-    it = iter(EpochStream(config("recordio", str(rec), batch_size=4, max_bad_fraction=0.1), 4, 0, 1))
+    it = iter(EpochStream(data_config("recordio", str(rec), batch_size=4, max_bad_fraction=0.1), 4, 0, 1))
     with pytest.raises(BadDataError, match=r"unreadable samples skipped on rank 0 .* data.max_bad_fraction 0.1"):
         for _ in range(4):
             next(it)
@@ -299,27 +259,27 @@ def test_too_many_bad_samples_abort_with_a_clear_message(tmp_path):
 
 def test_bad_input_is_a_config_error_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"data.uri .*/nope: no such folder"):
-        EpochStream(config("folder", str(tmp_path / "nope")), 4, 0, 1)
+        EpochStream(data_config("folder", str(tmp_path / "nope")), 4, 0, 1)
     (tmp_path / "empty" / "id0").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"empty: no images in identity sub-folders"):
-        EpochStream(config("folder", str(tmp_path / "empty")), 4, 0, 1)
+        EpochStream(data_config("folder", str(tmp_path / "empty")), 4, 0, 1)
     write_folder(tmp_path / "faces", samples(6, 3))
     with pytest.raises(ConfigError, match=r"faces: 3 identity folders but head.num_classes is 2"):
-        EpochStream(config("folder", str(tmp_path / "faces")), 2, 0, 1)
+        EpochStream(data_config("folder", str(tmp_path / "faces")), 2, 0, 1)
 
     rec = write_recordio(tmp_path, samples(6, 3, "JPEG"))
     with pytest.raises(ConfigError, match=r"train.rec: 3 identities in the header record but head.num_classes is 2"):
-        EpochStream(config("recordio", str(rec)), 2, 0, 1)
+        EpochStream(data_config("recordio", str(rec)), 2, 0, 1)
     idx = tmp_path / "train.idx"
     idx.write_text(idx.read_text() + f"99\t{rec.stat().st_size + 100}\n")
     with pytest.raises(ConfigError, match=r"train.idx does not match .*train.rec"):
-        EpochStream(config("recordio", str(rec)), 3, 0, 1)
+        EpochStream(data_config("recordio", str(rec)), 3, 0, 1)
     idx.write_text("0\t0\n1\t5\n")  # offset 5 is inside record 0
     with pytest.raises(ConfigError, match=r"train.idx does not match .*train.rec"):
-        EpochStream(config("recordio", str(rec)), 3, 0, 1)
+        EpochStream(data_config("recordio", str(rec)), 3, 0, 1)
     idx.unlink()
     with pytest.raises(ConfigError, match=r"train.idx: no such index"):
-        EpochStream(config("recordio", str(rec)), 3, 0, 1)
+        EpochStream(data_config("recordio", str(rec)), 3, 0, 1)
     with pytest.raises(ValueError, match="data.source recordio needs data.uri"):
         DataConfig(source="recordio")
 

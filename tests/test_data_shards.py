@@ -17,8 +17,8 @@ from mfr.trainer.data.loader import EpochStream
 from mfr.trainer.data.sources import Augment, ShardFaces, decode
 from mfr.trainer.metrics import BAD_SAMPLES
 from tests.support.cli import MFRCTL
+from tests.support.datasets import data_config, samples, tag_of, write_folder, write_recordio
 from tests.support.distributed import run_distributed
-from tests.test_data import config, samples, tag_of, write_folder, write_recordio
 
 
 def data_cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,8 @@ def test_pack_recordio_to_s3_then_read_the_same_multiset(s3_env, tmp_path):
     dataset = ShardFaces("s3://mfr-test/data-pack/shards", None, 3, None)
     assert dataset.classes == ["0", "1", "2"] and len(dataset.set.names) == 3
     assert multiset(dataset) == source_multiset(items)
-    images, labels = next(iter(EpochStream(config("shards", "s3://mfr-test/data-pack/shards", batch_size=4), 3, 0, 1)))
+    shards_on_s3 = data_config("shards", "s3://mfr-test/data-pack/shards", batch_size=4)
+    images, labels = next(iter(EpochStream(shards_on_s3, 3, 0, 1)))
     assert images.shape == (4, 3, 112, 112)
 
 
@@ -78,7 +79,7 @@ def packed(tmp_path_factory):
 
 
 def test_shards_exactly_once_across_2_ranks_x_2_workers_and_resume(packed):
-    cfg = config("shards", str(packed), batch_size=4, num_workers=2, shard_chunk=3, seed=1)
+    cfg = data_config("shards", str(packed), batch_size=4, num_workers=2, shard_chunk=3, seed=1)
     streams = [EpochStream(cfg, 5, rank, 2) for rank in range(2)]
     iters = [iter(s) for s in streams]
     epochs = []
@@ -94,7 +95,7 @@ def test_shards_exactly_once_across_2_ranks_x_2_workers_and_resume(packed):
     before = [tag_of(img) for _ in range(2) for it in fresh for img in next(it)[0]]
     state = fresh_streams[0].state_dict()
     assert state == {"epoch": 0, "position": 16, "layout_world_size": 2, "layout_batch_size": 4, "layout_workers": 2}
-    one = EpochStream(config("shards", str(packed), batch_size=8, num_workers=2, shard_chunk=3, seed=1), 5, 0, 1)
+    one = EpochStream(data_config("shards", str(packed), batch_size=8, num_workers=2, shard_chunk=3, seed=1), 5, 0, 1)
     one.load_state_dict(state)
     it = iter(one)
     after = [tag_of(img) for _ in range(4) for img in next(it)[0]]
@@ -119,7 +120,7 @@ def test_bad_shard_samples_are_replaced_and_counted(tmp_path, caplog):
     (tmp_path / "index.json").write_text(json.dumps(index))
     counter = BAD_SAMPLES.labels(rank="0")
     before = counter._value.get()
-    stream = EpochStream(config("shards", str(tmp_path), batch_size=4, max_bad_fraction=0.5), 3, 0, 1)
+    stream = EpochStream(data_config("shards", str(tmp_path), batch_size=4, max_bad_fraction=0.5), 3, 0, 1)
     it = iter(stream)
     with caplog.at_level("WARNING", logger="mfr.data"):
         batches = [next(it) for _ in range(3)]
@@ -160,7 +161,7 @@ def _two_epochs_and_a_resume(rank: int, world: int, uris: list[str]) -> list[dic
 
     out = []
     for uri in uris:
-        cfg = config("shards", uri, batch_size=4, num_workers=2, shard_chunk=8, seed=2)
+        cfg = data_config("shards", uri, batch_size=4, num_workers=2, shard_chunk=8, seed=2)
         stream = EpochStream(cfg, 5, rank, world)
         it = iter(stream)
         before = [tag_of(img) for _ in range(2) for img in next(it)[0]]

@@ -140,7 +140,7 @@ def _read_in_order(rank: int, world: int, sources: list[tuple[list[str], str]]):
 
 def test_offline_rows_follow_the_samples_over_ranks_workers_and_resume(tmp_path):
     from mfr.trainer.data.loader import EpochStream
-    from tests.test_data import samples, write_folder
+    from tests.support.datasets import samples, write_folder
 
     uri = write_folder(tmp_path / "faces", samples(32, 8))
     sources = [  # synthetic (items are indices) and a real source (items are epoch * size + index, unaugmented
