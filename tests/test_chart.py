@@ -22,10 +22,10 @@ import yaml
 from mfr.ctl.chart import ChartError, chart_dir, render
 from mfr.ctl.generate import schema_path, values_schema
 from mfr.trainer.config import demo_config_path, read_yaml
+from tests.support.chart import KUBE_VERSION
 from tests.support.operator_rules import crd_errors, webhook_errors, with_change
 
 ROOT = Path(__file__).resolve().parents[1]
-KUBE_VERSION = "1.29.0"
 
 # Values that switch every branch of the templates on at least once.
 MATRIX = {

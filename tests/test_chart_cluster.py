@@ -8,8 +8,8 @@ import pytest
 
 from mfr.ctl.chart import ChartError, chart_dir, render, requests_for
 from mfr.trainer.config import validate_config
+from tests.support.chart import KUBE_VERSION
 from tests.support.pod_security import restricted_violations
-from tests.test_chart import KUBE_VERSION
 
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import pytest
 
 from mfr.ctl.launcher import free_port
+from tests.support.chart import ALERTS, JOB, NAME, NAMESPACE, rendered_rules
 from tests.support.prometheus import PROMTOOL, Prometheus
 
-NAMESPACE, RELEASE = "ml", "mfr"
-JOB = f"{NAMESPACE}/{RELEASE}"  # the job label prometheus-operator gives a PodMonitor's targets
 STEPS = 40
 
 # The metrics contract (../shared/design.md): every rank exports these.
@@ -69,7 +68,7 @@ def _get(url: str) -> str:
 def live_run(prometheus_factory, tmp_path_factory) -> LiveRun:
     run_dir = tmp_path_factory.mktemp("live-run")
     port = free_port(2)
-    pods = [f"{RELEASE}-master-0", f"{RELEASE}-worker-0"]
+    pods = [f"{NAME}-master-0", f"{NAME}-worker-0"]
     prometheus = prometheus_factory(
         {JOB: [(f"127.0.0.1:{port + i}", {"namespace": NAMESPACE, "pod": pod}) for i, pod in enumerate(pods)]}
     )
@@ -147,8 +146,6 @@ def test_promtool_check_metrics_can_fail():
 
 
 def test_every_alert_expression_evaluates_against_the_live_run(live_run):
-    from tests.test_observability_chart import ALERTS, rendered_rules
-
     rules = [r for g in rendered_rules()["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == ALERTS
     for rule in rules:

@@ -15,32 +15,18 @@ import yaml
 
 from mfr.ctl.chart import ChartError, chart_dir, render
 from mfr.trainer.config import MetricsConfig
+from tests.support.chart import ALERTS, JOB, KUBE_VERSION, MONITORING, NAME, NAMESPACE, rendered_rules
 from tests.support.prometheus import PROMTOOL
-
-NAMESPACE, NAME = "ml", "mfr"
-JOB = f"{NAMESPACE}/{NAME}"
-MONITORING = {
-    "monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
-}
-ALERTS = {
-    "MFRTrainingStalled", "MFRLossNonFinite", "MFRCheckpointStale", "MFRCheckpointFailing",
-    "MFRThroughputDropped", "MFRRankDown", "MFRBadSamplesHigh", "MFRElasticRestartsClimbing",
-}
 
 
 def _objects(values: dict, name: str = NAME) -> dict[str, dict]:
     return {o["kind"]: o for o in render(values, name=name, namespace=NAMESPACE).objects}
 
 
-def rendered_rules(values: dict | None = None) -> dict:
-    """The PrometheusRule's spec as a Prometheus rule file."""
-    return {"groups": _objects({**MONITORING, **(values or {})})["PrometheusRule"]["spec"]["groups"]}
-
-
 @pytest.mark.parametrize("values", [MONITORING, {**MONITORING, "nprocPerNode": 4, "gpusPerNode": 4,
                                                  "elastic": {"enabled": True}, "nodes": 2}])
 def test_helm_lint_is_clean_with_monitoring(values):
-    report = helm_python.lint(chart_dir(), values, strict=True, namespace=NAMESPACE, kube_version="v1.29.0")
+    report = helm_python.lint(chart_dir(), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
     assert report["errors"] == [] and report["messages"] == [], report
 
 
