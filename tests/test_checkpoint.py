@@ -277,9 +277,9 @@ def test_wrong_credentials_are_a_clear_error_without_the_secret(s3_server, tmp_p
 
 
 def test_an_unreachable_endpoint_is_retried_then_named(s3_server, tmp_path):
-    from tests.support.s3server import _free_ports
+    from tests.support.s3server import free_ports
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     env = s3_server.env() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
     proc = _trainer_cli(tmp_path, env, "checkpoint.uri=s3://mfr-test/nowhere", "checkpoint.retries=2")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.s3server import _free_ports
+from tests.support.s3server import free_ports
 
 
 @dataclass
@@ -86,16 +86,16 @@ class Kubelet:
         for arg in container.get("args", []):  # each server port of the process gets a free local one
             match = re.match(r"^(-[\w.]+\.port)=(\d+)$", arg)
             if match:
-                local_ports[int(match[2])] = _free_ports(1)[0]
+                local_ports[int(match[2])] = free_ports(1)[0]
                 arg = f"{match[1]}={local_ports[int(match[2])]}"
             args.append(arg.replace("-ip.bind=0.0.0.0", "-ip.bind=127.0.0.1"))
         # weed mini's own servers not named in the args: free ports here, since all pods share one address
-        master, volume = _free_ports(2)
+        master, volume = free_ports(2)
         args += [f"-master.port={master}", f"-volume.port={volume}"]
         container = container | {"args": args}
         pod = self._start(name, spec, container, {})
         for port in container.get("ports", []):
-            local_ports.setdefault(port["containerPort"], _free_ports(1)[0])
+            local_ports.setdefault(port["containerPort"], free_ports(1)[0])
         named = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
         probe = container["readinessProbe"]["httpGet"]
         url = f"http://127.0.0.1:{local_ports[probe['port']]}{probe['path']}"

@@ -21,7 +21,7 @@ ACCESS_KEY, SECRET_KEY = "mfr-test-access", "mfr-test-secret-0123456789"
 BUCKET = "mfr-test"
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """n free ports whose +10000 gRPC companions are free too."""
     ports: list[int] = []
     while len(ports) < n:
@@ -45,7 +45,7 @@ def _is_free(port: int) -> bool:
 class SeaweedS3:
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.master, self.volume, self.filer, self.s3 = _free_ports(4)
+        self.master, self.volume, self.filer, self.s3 = free_ports(4)
         self.proc: subprocess.Popen | None = None
         config = workdir / "s3.json"
         config.write_text(json.dumps({"identities": [{
