@@ -18,21 +18,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mfr.ctl.memory_model import PlanSpec, format_bytes, plan_memory
-from mfr.trainer.config import load_config
-from mfr.trainer.dist import DistEnv
-from mfr.trainer.memory import measure_train_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
 
-COMMON = [
-    "data.images_per_identity=1", "data.num_workers=0", "eval.num_identities=2", "eval.images_per_identity=2",
-    "metrics.enabled=false", "checkpoint.every_steps=null", "run.steps=10", "optim.warmup_steps=0",
-]
+from mfr.ctl.memory_model import PlanSpec, format_bytes, plan_memory  # noqa: E402
+from mfr.trainer.config import load_config  # noqa: E402
+from mfr.trainer.dist import DistEnv  # noqa: E402
+from mfr.trainer.memory import measure_train_step  # noqa: E402
+from tests.support.configs import MEMORY_MEASURED  # noqa: E402
+
 BASES = {  # activation-bound, and parameter-bound (where ZeRO matters)
     "small": ["model.backbone=custom", "model.layers=[2,2,2,2]", "model.width=0.25", "model.embedding_size=128",
               "head.num_classes=50001", "data.batch_size=16"],
@@ -106,7 +107,7 @@ def main() -> None:
                 continue
             if "zero" in name and args.ranks < 2:
                 continue
-            overrides = [*COMMON, *BASES[args.base], *change, f"run.output_dir={run_dir}"]
+            overrides = [*MEMORY_MEASURED, *BASES[args.base], *change, f"run.output_dir={run_dir}"]
             if args.device == "cuda":
                 overrides.append("run.device=cuda")
             peaks = measure(overrides, args.ranks, args.device)

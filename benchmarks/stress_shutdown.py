@@ -48,13 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
 from mfr.ctl.launcher import LocalJob, free_port
 from mfr.trainer.config import load_config
 from mfr.trainer.progress import EVENTS_ENV
+from tests.support.configs import ASYNC_SAVES
 from tests.support.processes import kill_tree
 from tests.support.runs import read_events
 
-TINY = ["run.steps=12", "run.log_every=2", "optim.warmup_steps=0", "head.num_classes=16", "model.embedding_size=32",
-        "data.images_per_identity=4", "data.batch_size=8", "data.num_workers=0", "eval.num_identities=4",
-        "eval.images_per_identity=2", "eval.fprs=[0.1]", "eval.at_start=false", "checkpoint.every_steps=2",
-        "checkpoint.async_save=true", "metrics.address=127.0.0.1"]
+TINY = [*ASYNC_SAVES, "run.steps=12", "metrics.address=127.0.0.1"]
 RESUMED_STEPS = 20  # the second run trains on to here
 WHY = re.compile(r"terminate called|SIGABRT|Signal \d+|exitcode|Error|error:|Traceback")
 

@@ -13,22 +13,9 @@ import torch
 from mfr.trainer.config import load_config
 from mfr.trainer.distill import FeatureWriter, TeacherFeatures, distillation_loss
 from mfr.trainer.models import build_backbone
+from tests.support.configs import SMALL
 from tests.support.distributed import run_distributed
 
-SMALL = [
-    "head.num_classes=8",
-    "data.images_per_identity=4",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "eval.num_identities=4",
-    "eval.images_per_identity=2",
-    "eval.at_start=false",
-    "metrics.enabled=false",
-    "checkpoint.every_steps=null",
-    "model.embedding_size=16",
-    "run.steps=4",
-    "optim.warmup_steps=1",
-]
 TEACHER = ["distill.teacher.backbone=r18", "distill.teacher.width=0.0625", "distill.teacher.embedding_size=24"]
 
 

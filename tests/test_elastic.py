@@ -23,6 +23,7 @@ import pytest
 from mfr.ctl.launcher import LocalJob, _descendants, free_port
 from mfr.trainer.storage import MARKER, Storage
 from tests.support.cli import MFRCTL
+from tests.support.configs import TINY_RUN
 from tests.support.processes import agent_of, kill_tree, store_host
 from tests.support.runs import assert_learned, read_events
 
@@ -202,13 +203,8 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(tm
     assert not writing.exists()  # the interrupted save was cleaned up
 
 
-TINY_RUN = ("model.embedding_size=32", "head.num_classes=16", "data.images_per_identity=4", "data.batch_size=8",
-            "run.log_every=2", "optim.warmup_steps=0", "eval.num_identities=4", "eval.images_per_identity=2",
-            "eval.fprs=[0.1]", "eval.at_start=false", "checkpoint.every_steps=10")
-
-
 def _static_train(tmp_path: Path, steps: int, *args: str) -> subprocess.Popen:
-    sets = [a for s in (*TINY_RUN, f"run.steps={steps}") for a in ("--set", s)]
+    sets = [a for s in (*TINY_RUN, "checkpoint.every_steps=10", f"run.steps={steps}") for a in ("--set", s)]
     return subprocess.Popen([*MFRCTL, "train", "--nodes", "2", "--output-dir", str(tmp_path), "-o", "json", *args,
                              *sets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

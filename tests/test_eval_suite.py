@@ -37,6 +37,7 @@ from mfr.trainer.verification import (
     roc_curve,
     squared_distances,
 )
+from tests.support.configs import SMALL
 
 IDENTITIES, PHOTOS = 6, 4
 
@@ -437,12 +438,8 @@ def test_periodic_eval_emits_events_and_metrics(tmp_path, monkeypatch):
 
     events = tmp_path / "events.jsonl"
     monkeypatch.setenv(EVENTS_ENV, str(events))
-    cfg = load_config(None, [
-        "head.num_classes=8", "data.images_per_identity=4", "data.batch_size=8", "data.num_workers=0",
-        "eval.num_identities=4", "eval.images_per_identity=2", "eval.at_start=false", "eval.every_steps=2",
-        "model.embedding_size=16", "run.steps=5", "run.log_every=5", "optim.warmup_steps=1", "checkpoint.every_steps=null",
-        "metrics.enabled=false", f"run.output_dir={tmp_path}",
-    ])
+    overrides = [*SMALL, "run.steps=5", "run.log_every=5", "eval.every_steps=2", f"run.output_dir={tmp_path}"]
+    cfg = load_config(None, overrides)
     trainer = Trainer(cfg, init_distributed("cpu"))
     seen = []
     evaluate = trainer.evaluate

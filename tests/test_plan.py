@@ -23,6 +23,7 @@ from mfr.ctl.main import app
 from mfr.trainer import models
 from mfr.trainer.config import load_config
 from mfr.trainer.head import class_shard
+from tests.support.configs import MEMORY_MEASURED
 from tests.support.distributed import run_distributed
 
 WEBFACE42M = ["--nodes", "8", "--gpus-per-node", "8", "--classes", "2059906", "--embedding", "512"]
@@ -71,10 +72,6 @@ def _spec(overrides: list[str], world_size: int = 1) -> planner.PlanSpec:
     return planner.PlanSpec.from_config(load_config(None, overrides), nodes=1, gpus_per_node=world_size)
 
 
-MEASURE = [
-    "data.num_workers=0", "data.images_per_identity=1", "eval.num_identities=2", "eval.images_per_identity=2",
-    "metrics.enabled=false", "checkpoint.every_steps=null", "run.steps=10", "optim.warmup_steps=0",
-]
 CONFIGS = {
     "backbone-bound": ["head.num_classes=64", "data.batch_size=8", "model.embedding_size=16"],
     "deeper, block checkpointing": ["model.backbone=custom", "model.layers=[2,1,2,1]", "model.width=0.125",
@@ -108,7 +105,7 @@ def world_of_one():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_plan_matches_the_measured_peak_on_one_process(name, tmp_path, world_of_one):
-    overrides = [*MEASURE, *CONFIGS[name], f"run.output_dir={tmp_path}"]
+    overrides = [*MEMORY_MEASURED, *CONFIGS[name], f"run.output_dir={tmp_path}"]
     measured = _measure(0, 1, overrides)
     planned = planner.plan_memory(_spec(overrides)).peak
     assert abs(planned / measured - 1) <= TOLERANCE, f"{name}: planned {planned}, measured {measured}"
@@ -116,7 +113,7 @@ def test_plan_matches_the_measured_peak_on_one_process(name, tmp_path, world_of_
 
 def test_plan_matches_the_measured_peak_on_two_ranks(tmp_path):
     """Unequal head shards (10,001 and 10,000 classes), global batch rows, ZeRO-3 and checkpointing at world 2."""
-    overrides = [*MEASURE, "head.num_classes=20001", "data.batch_size=8", "model.embedding_size=128",
+    overrides = [*MEMORY_MEASURED, "head.num_classes=20001", "data.batch_size=8", "model.embedding_size=128",
                  "model.backbone=custom", "model.layers=[1,1,2,1]", "model.width=0.25",
                  "optim.zero=3", "model.activation_checkpointing=stage", f"run.output_dir={tmp_path}"]
     measured = run_distributed(_measure, 2, overrides)

@@ -14,13 +14,10 @@ import math
 import pytest
 import torch
 
+from tests.support.configs import SHARDED
 from tests.support.distributed import run_distributed
 
-BASE = [
-    "head.num_classes=12", "model.embedding_size=16", "data.images_per_identity=8", "data.batch_size=4",
-    "data.num_workers=0", "eval.num_identities=2", "eval.images_per_identity=2", "eval.at_start=false",
-    "run.steps=8", "optim.warmup_steps=1", "run.device=cpu", "checkpoint.every_steps=null", "metrics.enabled=false",
-]
+BASE = [*SHARDED, "head.num_classes=12", "run.steps=8", "metrics.enabled=false"]
 
 
 def _trainer(rank: int, world: int, overrides: list[str], uri: str = "unused"):
@@ -281,8 +278,7 @@ def test_the_seeds_large_backbones_train_and_checkpoint_at_a_small_width(name, t
 
 
 def test_large_backbones_are_the_seeds_depths():
-    from mfr.trainer.config import load_config
-    from mfr.trainer.config import BACKBONE_DEPTHS
+    from mfr.trainer.config import BACKBONE_DEPTHS, load_config
     from mfr.trainer.models import build_backbone, count_parameters
 
     assert BACKBONE_DEPTHS["r240"] == (3, 25, 88, 3)

@@ -17,14 +17,13 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from mfr.trainer.__main__ import train
 from mfr.trainer.config import load_config
 from mfr.trainer.loop import Trainer, TrainingAborted
+from tests.support.configs import ASYNC_SAVES
 
-TINY = ["run.steps=4", "run.log_every=2", "optim.warmup_steps=0", "head.num_classes=16", "model.embedding_size=32",
-        "data.images_per_identity=4", "data.batch_size=8", "data.num_workers=0", "eval.num_identities=4",
-        "eval.images_per_identity=2", "eval.fprs=[0.1]", "eval.at_start=false", "checkpoint.every_steps=2",
-        "checkpoint.async_save=true", "metrics.enabled=false"]
+TINY = [*ASYNC_SAVES, "run.steps=4", "metrics.enabled=false"]
 
 
 def _gloo_threads() -> set[int]:
