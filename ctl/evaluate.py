@@ -210,7 +210,8 @@ def _evaluate(
 
     from mfr.trainer.data.binsets import read_bin
     from mfr.trainer.data.sources import BadSample
-    from mfr.trainer.evaluate import Embedder, evaluate_pairs, load_backbone, read_pairs
+    from mfr.trainer.evaluate import Embedder, evaluate_pairs, read_pairs
+    from mfr.trainer.saved_models import load_backbone
     from mfr.trainer.features import Features
     from mfr.trainer.rocplot import plot_roc
     from mfr.trainer.score import embedding_folders

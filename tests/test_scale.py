@@ -179,7 +179,7 @@ def _resume_zero(rank, world, uri, overrides):
 
 def test_zero_checkpoint_saved_on_two_ranks_resumes_on_three_with_its_rows(tmp_path):
     """ZeRO-2 on 2 ranks -> ZeRO-3 and DDP on 3; and ``mfrctl export`` reads it."""
-    from mfr.trainer.export import load_tensors
+    from mfr.trainer.checkpoint_reader import load_tensors
     from mfr.trainer.models import build_backbone
     from mfr.trainer.storage import Storage
 
