@@ -50,7 +50,8 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from . import metrics
 from .checkpoint_reader import METADATA, CheckpointRefused, SafeLoadPlanner, SafeReader, flat_keys, refuse_pickled
 from .config import ConfigError, TrainConfig
-from .parallel import reshard
+from .parallel import broadcast_buffers, reshard
+from .progress import log
 from .storage import CheckpointInfo, Storage, StorageError, step_dir
 
 if TYPE_CHECKING:
@@ -326,7 +327,7 @@ class Checkpointer:
         if not decision.save or step == self.last_saved_step:
             return
         if decision.busy:
-            self.progress.log(f"checkpoint at step {step} skipped: the previous save is still being written")
+            log.info(f"checkpoint at step {step} skipped: the previous save is still being written")
             return
         self.save(blocking=not self.cfg.async_save)
 
@@ -335,7 +336,7 @@ class Checkpointer:
         self.poll(wait=True)
         step, started = self.trainer.step, time.monotonic()
         self.last_save_time = self.clock()
-        self._sync_buffers()
+        broadcast_buffers(self.trainer.backbone)  # rank 0's statistics: what DDP broadcasts before the next forward
         if step in self.existing_steps and not self._clear_old(step):
             return
         try:
@@ -413,7 +414,7 @@ class Checkpointer:
         metrics.CHECKPOINT_BYTES.labels(**self._label).set(size)
         took = time.monotonic() - pending.started
         self.progress.event("checkpoint", step=pending.step, url=self.storage.join(name), bytes=int(size), seconds=took)
-        self.progress.log(
+        log.info(
             f"checkpoint step {pending.step} committed to {self.storage.join(name)} "
             f"({size / 2**20:.1f} MiB, {took:.2f} s)" + (f"; removed {', '.join(removed)}" if removed else "")
         )
@@ -424,12 +425,7 @@ class Checkpointer:
         metrics.CHECKPOINT_FAILURES.labels(**self._label).inc()
         if self.env.is_main:
             self.progress.event("checkpoint_failed", step=step, message=message)
-            print(f"[mfr] WARNING: checkpoint of step {step} failed, training continues: {message}", flush=True)
-
-    def _sync_buffers(self) -> None:
-        """Rank 0's BatchNorm statistics: what DDP broadcasts before the next forward anyway."""
-        for buffer in self.trainer.backbone.buffers():
-            dist.broadcast(buffer, src=0)
+            log.warning(f"checkpoint of step {step} failed, training continues: {message}")
 
     def save_for_preemption(self) -> None:
         """Within ``preempt_budget_s`` of SIGTERM: finish the save in flight, then save this step."""
@@ -440,12 +436,12 @@ class Checkpointer:
         in_time = self.pending is None and time.monotonic() + expected < deadline
         (skip,) = self._any(not in_time)
         if step == self.last_saved_step:
-            self.progress.log(f"SIGTERM: step {step} is already checkpointed; exiting 143")
+            log.info(f"SIGTERM: step {step} is already checkpointed; exiting 143")
         elif skip:
-            self.progress.log(f"SIGTERM: no time left to checkpoint step {step} within the budget; exiting 143")
+            log.info(f"SIGTERM: no time left to checkpoint step {step} within the budget; exiting 143")
         else:
             self.save(blocking=True)
-            self.progress.log(f"SIGTERM: checkpointed step {step}; exiting 143")
+            log.info(f"SIGTERM: checkpointed step {step}; exiting 143")
 
     def finish(self) -> None:
         """At the end of training: the final state is committed before the process exits."""
@@ -460,7 +456,7 @@ class Checkpointer:
         committed = [c for c in found if c.committed]
         newest = committed[-1].step if committed else -1
         for stale in (c for c in found if not c.committed and c.step > newest):
-            self.progress.log(f"WARNING: skipping uncommitted checkpoint {stale.url} (an interrupted save); removing it")
+            log.warning(f"skipping uncommitted checkpoint {stale.url} (an interrupted save); removing it")
             self.storage.remove(stale.name)
         existing = {c.step for c in found if c.committed or c.step <= newest}
         spec = self.cfg.resume
@@ -524,11 +520,11 @@ class Checkpointer:
                 if self.env.is_main:
                     cause = err if isinstance(err, StorageError) else _root_cause(err)
                     message = str(cause) if isinstance(cause, StorageError) else self.storage.describe(cause)
-                    self.progress.log(f"WARNING: cannot load {info.url} ({message}); trying an older checkpoint")
+                    log.warning(f"cannot load {info.url} ({message}); trying an older checkpoint")
                 continue
             self.last_saved_step = info.step
             self.progress.event("resume", step=info.step, url=info.url, from_world_size=info.world_size)
-            self.progress.log(
+            log.info(
                 f"resumed from {info.url} at step {info.step} (saved by {info.world_size} ranks, now {self.env.world_size})"
                 + (f"; changed settings: {', '.join(notes)}" if notes else "")
             )

@@ -18,7 +18,7 @@ from .head import PartialFC
 from .models import build_backbone
 from .optim import build_optimizer, clip_global_grad_norm, set_lr
 from .parallel import gradient_sync, parallelize, reshard, unwrap
-from .progress import Progress
+from .progress import Progress, configure, log
 from .verification import ProtocolResult, format_fpr
 
 
@@ -31,6 +31,7 @@ class Trainer:
         if cfg.run.amp == "fp16" and env.device.type != "cuda":
             raise ConfigError("run.amp fp16 needs a CUDA device (GradScaler); use bf16 on cpu")
         self.cfg, self.env = cfg, env
+        configure(env.rank)
         torch.manual_seed(cfg.run.seed)  # same backbone init on every rank
         backbone = build_backbone(
             cfg.model.backbone,
@@ -150,7 +151,7 @@ class Trainer:
             points = " ".join(
                 f"{format_fpr(p.target_fpr)}={'n/a' if p.tpr is None else f'{p.tpr:.4f}'}" for p in result.points
             )
-            self.progress.log(f"eval {stage} {protocol} TPR@FPR {points}")
+            log.info(f"eval {stage} {protocol} TPR@FPR {points}")
         return report
 
     def fit(self) -> None:
@@ -164,7 +165,7 @@ class Trainer:
             restart_count=env.restart_count,
             metrics_url=self.metrics_url,
         )
-        self.progress.log(
+        log.info(
             f"world size {env.world_size} on {env.device}, global batch {self.global_batch}, "
             f"{cfg.head.num_classes} classes ({self.head.num_local} on rank 0), {cfg.run.steps} steps"
         )
@@ -193,7 +194,7 @@ class Trainer:
                     "step", step=self.step, loss=loss, lr=self.lr, samples_per_s=rate, epoch=self.data.epoch
                 )
                 shown = "non-finite (skipped)" if loss is None else f"{loss:.4f}"
-                self.progress.log(
+                log.info(
                     f"step {self.step}/{cfg.run.steps} loss {shown} lr {self.lr:.4g} "
                     f"grad_norm {self.last_grad_norm:.3g} {rate:.1f} samples/s"
                 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .progress import log
+
 CHECKPOINT_SAVE_SECONDS = Histogram(
     "mfr_checkpoint_save_seconds",
     "Wall time of a checkpoint save, from its start to its commit",
@@ -74,17 +76,14 @@ def serve(cfg, local_rank: int) -> str | None:
 
     port = int(os.environ.get(PORT_ENV) or cfg.port) + local_rank
     if not 0 < port < 65536:
-        print(f"[mfr] WARNING: metrics not served: port {port} is outside 1..65535; training continues", flush=True)
+        log.warning(f"metrics not served: port {port} is outside 1..65535; training continues")
         return None
     try:
         start_http_server(port, addr=cfg.address)
     except OSError as err:
         reason = "is already in use" if err.errno == 98 else f"cannot be opened ({err.strerror or err})"
-        print(
-            f"[mfr] WARNING: metrics not served: port {port} on {cfg.address} {reason}; training continues "
-            f"(set metrics.port to a free port)",
-            flush=True,
-        )
+        log.warning(f"metrics not served: port {port} on {cfg.address} {reason}; training continues "
+                    "(set metrics.port to a free port)")
         return None
     return f"http://{cfg.address}:{port}/metrics"
 

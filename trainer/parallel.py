@@ -32,8 +32,9 @@ from .dist import DistEnv
 from .models import IResNet
 
 
-def _broadcast_buffers(module: nn.Module, args) -> None:
-    """Rank 0's buffers to every rank in one broadcast per dtype (a deep iResNet has thousands)."""
+def broadcast_buffers(module: nn.Module, *_) -> None:
+    """Rank 0's buffers (BatchNorm statistics) to every rank, in one broadcast per dtype (a deep iResNet has
+    thousands): before each forward under ZeRO (DDP does its own), and before a checkpoint is written."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
         by_dtype.setdefault(buffer.dtype, []).append(buffer)
@@ -58,7 +59,7 @@ def parallelize(backbone: IResNet, zero: int, env: DistEnv) -> nn.Module:
     for unit in backbone.sharding_units():
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(backbone, mesh=mesh, reshard_after_forward=reshard)
-    backbone.register_forward_pre_hook(_broadcast_buffers)
+    backbone.register_forward_pre_hook(broadcast_buffers)
     return backbone
 
 

@@ -17,7 +17,6 @@ collectives of a step pair up.  The loader counts the replacements
 from __future__ import annotations
 
 import io
-import logging
 import os
 import warnings
 from collections import OrderedDict
@@ -29,11 +28,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
+from ..progress import log
 from ..storage import ProcessFS, open_url
 from . import recordio
 from .synthetic import SIZE, to_tensor
 
-log = logging.getLogger("mfr.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_REPLACEMENTS = 64  # consecutive bad samples before giving up on a batch slot
@@ -169,7 +168,7 @@ class IndexedFaces(Dataset):
             try:
                 image, label = self.load(i)
             except BadSample as err:
-                log.warning("mfr data: skipping bad sample %s", err)
+                log.warning("data: skipping bad sample %s", err)
                 continue
             return self.augment(image, epoch, index), label, bad
         raise ConfigError(
