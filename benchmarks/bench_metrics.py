@@ -108,7 +108,7 @@ def main() -> None:
         images, labels = next(batches)
         fetched = time.perf_counter()
         loss = trainer.train_step(images, labels)
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
         instruments.after_step(trainer.step, cfg.data.batch_size, loss, trainer.lr, trainer.last_grad_norm,
                                seconds=time.perf_counter() - started, data_wait=fetched - started)
         return time.perf_counter() - started

@@ -59,7 +59,7 @@ def _train(trainer, steps: int) -> None:
 def _train_and_save(rank, world, uri, overrides, steps):
     trainer = _trainer(rank, world, uri, overrides)
     _train(trainer, steps)
-    trainer.checkpointer.save(blocking=False)  # the async path, as in training
+    trainer.checkpointer.save(trainer.step, blocking=False)  # the async path, as in training
     trainer.checkpointer.close()
     return _snapshot(trainer)
 
@@ -115,7 +115,7 @@ def _straight_or_resumed(rank, world, uri, overrides, split):
         return _snapshot(trainer)
     first = _trainer(rank, world, uri, overrides)
     _train(first, split)
-    first.checkpointer.save(blocking=True)
+    first.checkpointer.save(first.step, blocking=True)
     del first
     second = _trainer(rank, world, uri, overrides)
     assert second.checkpointer.resume().step == split
@@ -170,8 +170,8 @@ def _save_steps(rank, world, uri, overrides, steps):
     batches = iter(trainer.data)
     while trainer.step < steps:
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
-    trainer.checkpointer.finish()  # the last step is saved even when its due save was skipped (one in flight)
+        trainer.checkpointer.after_step(trainer.step)
+    trainer.checkpointer.finish(trainer.step)  # the last step is saved even when its due save was skipped (one in flight)
     trainer.checkpointer.close()
     return trainer.step
 
@@ -180,7 +180,8 @@ def test_corrupt_and_uncommitted_checkpoints_are_skipped_for_the_previous_commit
     from mfr.trainer.storage import MARKER, Storage
 
     root = tmp_path / "ckpt"
-    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5"], 6)
+    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5",
+                                                 "checkpoint.async_save=false"], 6)  # every due save is taken
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     # step 6 committed but a shard lost; step 8 written but never committed
@@ -265,7 +266,7 @@ def _train_through_outage(rank, world, uri, signals):
             trainer.checkpointer.wait()  # step 2 is committed
             barrier_with_parent("stop")
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
         if step == 4:
             trainer.checkpointer.wait()  # the save of step 4 has failed by now
             barrier_with_parent("start")
@@ -362,7 +363,7 @@ def _timed_saves(rank, world, uri):
     for seconds in (30, 66, 90, 138):
         now[0] = seconds + 35 * rank
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
     trainer.checkpointer.close()
 
 

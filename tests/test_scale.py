@@ -144,7 +144,7 @@ def _save_zero(rank, world, uri, overrides, steps):
     batches = iter(trainer.data)
     for _ in range(steps):
         trainer.train_step(*next(batches))
-    trainer.checkpointer.save(blocking=False)
+    trainer.checkpointer.save(trainer.step, blocking=False)
     trainer.checkpointer.close()
     return _full_state(trainer)
 
