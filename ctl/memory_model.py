@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mfr.trainer.config import DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, TrainConfig, backbone_layers
+from mfr.trainer.partition import class_shard, sampled_classes
 
 FP32 = 4
 AMP_BYTES = {"none": 4, "bf16": 2, "fp16": 2}
@@ -197,12 +198,6 @@ def backbone_activations(arch: Architecture, checkpointing: str, every: int, ele
     return element * end_of_forward, int(most)
 
 
-def class_shard(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, num_local)``: the split of ``trainer/head.py``."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + (rank < extra)
-
-
 @dataclass(frozen=True)
 class PlanSpec:
     """Everything the per-GPU peak depends on."""
@@ -336,7 +331,7 @@ def plan_memory(spec: PlanSpec) -> Plan:
     act = AMP_BYTES[spec.precision]
     copies = {"sgd": 1 if spec.momentum > 0 else 0, "adamw": 2}[spec.optimizer]
     _, num_local = class_shard(spec.classes, world, 0)
-    sampled = min(num_local, math.ceil(spec.sample_rate * num_local))
+    sampled = sampled_classes(num_local, spec.sample_rate)  # the batch's positives assumed among them
     rows, e = world * micro, spec.embedding
     centres = FP32 * num_local * e
     optimizer_state = "momentum" if spec.optimizer == "sgd" else "exp_avg, exp_avg_sq"

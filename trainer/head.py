@@ -30,13 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .partition import class_shard
+
 _COS_EPS = 1e-7
-
-
-def class_shard(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, num_local)`` of ``rank``'s contiguous class block."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + (rank < extra)
 
 
 def combined_margin(cos_target: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
