@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, read_yaml, validate_config
+from mfr.trainer.config import ConfigError, TrainConfig, load_config, merge, parse_overrides, read_yaml, validate_config
 
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
@@ -191,17 +191,6 @@ def set_values(expression: str) -> dict[str, Any]:
         return parse_overrides([expression])
     except ConfigError as err:
         raise ChartError(str(err)) from None
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Helm's merge of user values: maps merge key by key, anything else is replaced."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def render(values: dict[str, Any], *, name: str, namespace: str) -> Rendered:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from mfr.trainer.config import ConfigError, merge
 
-from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, merge, render, set_values
+from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, render, set_values
+from .console import Output, OutputOpt, err, fail, print_columns, print_data
 from .doctor import api_checks, gpu_check, namespace_check, pod_security_check, preflight, report, storage_check
 from .kube import FINAL_STATES, MONITORING_API, SUCCEEDED, TRAINER_API, first_pod
-from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
 
 class Format(str, Enum):
@@ -106,7 +107,7 @@ def render_run(
         for expression in sets or []:
             values = merge(values, set_values(expression))
         return render(values, name=name, namespace=namespace)
-    except ChartError as e:
+    except (ChartError, ConfigError) as e:  # ConfigError: a map merged over a set value
         raise fail(str(e)) from None
 
 

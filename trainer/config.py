@@ -384,13 +384,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """``update`` laid over ``base``, as Helm merges values: maps key by key, anything else replaced.
+
+    A map never replaces a set value: that is a mistake (``head.num_classes.x=1``), a ConfigError naming it.
+    """
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value, f"{path}{key}.")
+            merged[key] = merge(merged[key], value, f"{path}{key}.")
         elif isinstance(value, dict) and key in merged and merged[key] is not None:
-            raise ConfigError(f"--set {path}{key}.…: {path}{key} is a value, not a section")
+            raise ConfigError(f"{path}{key}.{next(iter(value), '…')}: {path}{key} is a value, not a section")
         else:
             merged[key] = value
     return merged
@@ -430,8 +434,15 @@ def demo_config_path() -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load and validate; ``path=None`` means the built-in synthetic demo."""
-    data = read_yaml(path if path is not None else demo_config_path())
-    return validate_config(_merge(data, parse_overrides(overrides or [])))
+    return validate_config(apply_overrides(read_yaml(path if path is not None else demo_config_path()), overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``data`` with ``--set a.b=c`` overrides laid over it (not validated yet)."""
+    try:
+        return merge(data, parse_overrides(overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"--set {err}") from None
 
 
 def validate_config(data: dict[str, Any]) -> TrainConfig:
