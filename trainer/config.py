@@ -75,8 +75,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(_Section):
-    """The data-parallel backbone (iResNet family)."""
+class ArchitectureConfig(_Section):
+    """An iResNet's shape: what a checkpoint's backbone tensors must match (the student's, or the teacher's)."""
 
     backbone: Literal[BACKBONES] = Field("r50", description="iResNet depth, or 'custom' with layers")
     layers: list[int] | None = Field(
@@ -84,6 +84,16 @@ class ModelConfig(_Section):
     )
     width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
     embedding_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _layers_match_backbone(self) -> ArchitectureConfig:
+        backbone_layers(self.backbone, self.layers)
+        return self
+
+
+class ModelConfig(ArchitectureConfig):
+    """The data-parallel backbone (iResNet family) and how it trains."""
+
     dropout: float = Field(0.0, ge=0, lt=1)
     activation_checkpointing: Literal["none", "stage", "block"] = Field(
         "none",
@@ -101,11 +111,6 @@ class ModelConfig(_Section):
                 f"model.checkpoint_every ({self.checkpoint_every}) needs model.activation_checkpointing: block "
                 f"(it is {self.activation_checkpointing})"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _layers_match_backbone(self) -> ModelConfig:
-        backbone_layers(self.backbone, self.layers)
         return self
 
 
@@ -273,30 +278,15 @@ class MetricsConfig(_Section):
     address: str = Field("0.0.0.0", min_length=1, description="listen address; 127.0.0.1 keeps it on this machine")
 
 
-class TeacherConfig(_Section):
-    """The teacher of distillation: its architecture, and where its weights are."""
+class TeacherConfig(ArchitectureConfig):
+    """The distillation teacher: its iResNet (a projection maps the student's embedding to its size), its checkpoint."""
 
-    backbone: Literal[BACKBONES] = Field("r50", description="iResNet depth of the teacher, or 'custom' with layers")
-    layers: list[int] | None = Field(None, min_length=4, max_length=4, description="stage depths for backbone=custom")
-    width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
-    embedding_size: int = Field(512, ge=1, description="the teacher's embedding size (a projection maps the student's to it)")
     checkpoint: str | None = Field(
         None, description="a committed .../step-<N> checkpoint, or a checkpoint root (its newest); online mode"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the frozen teacher's forward (online mode); fp16 needs cuda"
     )
-
-    @model_validator(mode="after")
-    def _valid_architecture(self) -> TeacherConfig:
-        try:
-            self.as_model()
-        except ValidationError as err:
-            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        return self
-
-    def as_model(self) -> ModelConfig:
-        return ModelConfig(backbone=self.backbone, layers=self.layers, width=self.width, embedding_size=self.embedding_size)
 
 
 class DistillConfig(_Section):
