@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mfr.trainer.config import DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, TrainConfig, backbone_layers
+from mfr.trainer.config import DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, TrainConfig, backbone_layers, check_world_size
 from mfr.trainer.partition import class_shard, sampled_classes
 
 FP32 = 4
@@ -118,16 +118,9 @@ class Architecture:
 
     @classmethod
     def named(cls, backbone: str, layers=None, width=None, embedding: int = 512) -> Architecture:
-        try:
-            layers = backbone_layers(backbone, layers)
-        except ValueError as e:
-            raise PlanError(f"--backbone/--layers: {e}") from None
-        width = DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width
-        if not width > 0:
-            raise PlanError(f"--width must be > 0, got {width}")
-        if embedding < 1:
-            raise PlanError(f"--embedding must be >= 1, got {embedding}")
-        return cls(layers, width, embedding)
+        """The architecture of a validated ``model:`` (or ``distill.teacher:``) section's fields."""
+        return cls(backbone_layers(backbone, layers), DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width,
+                   embedding)
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -200,7 +193,7 @@ def backbone_activations(arch: Architecture, checkpointing: str, every: int, ele
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """Everything the per-GPU peak depends on."""
+    """Everything the per-GPU peak depends on: a validated TrainConfig's settings (``from_config``) on a cluster."""
 
     nodes: int = 1
     gpus_per_node: int = 1
@@ -237,30 +230,17 @@ class PlanSpec:
         return self.nodes * self.gpus_per_node
 
     def check(self) -> None:
-        """Raise PlanError naming the first impossible input."""
-        for name in ("nodes", "gpus_per_node", "classes", "embedding", "batch", "micro_batches", "checkpoint_every"):
+        """Raise PlanError (or ConfigError) naming the first impossible input of the cluster.
+
+        The training settings were validated by TrainConfig (``from_config``); what depends on the
+        number of GPUs is checked by the trainer's own rule (``check_world_size``).
+        """
+        for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
-                flag = "--" + name.replace("_", "-")
-                raise PlanError(f"{flag} must be >= 1, got {getattr(self, name)}")
-        if self.classes < self.world_size:
-            raise PlanError(f"--classes ({self.classes}) must be >= the number of GPUs ({self.world_size})")
-        if not 0 < self.sample_rate <= 1:
-            raise PlanError(f"--sample-rate must be in (0, 1], got {self.sample_rate}")
-        if self.precision not in AMP_BYTES:
-            raise PlanError(f"--precision {self.precision!r}: one of {', '.join(AMP_BYTES)}")
-        if self.zero not in (0, 2, 3):
-            raise PlanError(f"--zero {self.zero}: one of 0, 2, 3")
-        if self.zero and self.world_size == 1:
-            raise PlanError(f"--zero {self.zero} shards over data-parallel ranks: it needs more than one GPU")
-        if self.activation_checkpointing not in ("none", "stage", "block"):
-            raise PlanError(f"--activation-checkpointing {self.activation_checkpointing!r}: one of none, stage, block")
-        if self.batch % self.micro_batches:
-            raise PlanError(f"--batch ({self.batch}) must be divisible by --micro-batches ({self.micro_batches})")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise PlanError(f"optimizer {self.optimizer!r}: one of sgd, adamw")
+                raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.reserve < 0 or self.gpu_memory <= 0:
             raise PlanError("--gpu-memory must be > 0 and --reserve >= 0")
-        self.architecture()
+        check_world_size(self.world_size, num_classes=self.classes, zero=self.zero)
 
     def architecture(self) -> Architecture:
         return Architecture.named(self.backbone, self.layers, self.width, self.embedding)

@@ -435,6 +435,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         raise ConfigError(f"--set {err}") from None
 
 
+def check_world_size(world_size: int, *, num_classes: int | None = None, zero: int = 0) -> None:
+    """The config's rules that need the number of ranks, which a config alone does not know: a ConfigError naming
+    the first one broken.  The trainer checks them when it starts, ``mfrctl plan`` for the GPUs it plans."""
+    if num_classes is not None and num_classes < world_size:
+        raise ConfigError(f"head.num_classes ({num_classes}) must be >= the world size ({world_size})")
+    if zero and world_size < 2:
+        raise ConfigError(
+            f"optim.zero {zero} shards the backbone over data-parallel ranks, but the world size is {world_size}: "
+            "it needs more than one GPU or process; run on 2 or more ranks or set optim.zero=0"
+        )
+
+
 def validate_config(data: dict[str, Any]) -> TrainConfig:
     """Validate a config mapping (e.g. a chart's ``train:`` values); a mistake is a ConfigError."""
     try:
