@@ -58,6 +58,10 @@ def backbone_layers(name: str, layers: list[int] | tuple[int, ...] | None = None
         raise ValueError(f"layers is only used with backbone 'custom' (backbone is {name!r})")
     return BACKBONE_DEPTHS[name]
 DEMO_CONFIG = "synthetic-demo.yaml"
+# A checkpoint's directory under its root (trainer/storage.py writes and lists them); checkpoint.resume names one.
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# Overrides metrics.port for one pod: mfrctl train gives each emulated node its own (trainer/metrics.py reads it).
+METRICS_PORT_ENV = "MFR_METRICS_PORT"
 
 
 class ConfigError(ValueError):
@@ -239,7 +243,8 @@ class CheckpointConfig(_Section):
 
     @model_validator(mode="after")
     def _resume_is_known(self) -> CheckpointConfig:
-        if self.resume not in ("auto", "never") and not re.search(r"/step-\d+/?$", self.resume):
+        _, slash, name = self.resume.removesuffix("/").rpartition("/")
+        if self.resume not in ("auto", "never") and not (slash and STEP_DIR.match(name)):
             raise ValueError(f"resume must be auto, never or a .../step-<N> checkpoint URI, got {self.resume!r}")
         return self
 

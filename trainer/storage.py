@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,12 +29,11 @@ from typing import Any, TypeVar
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError
+from .config import STEP_DIR, ConfigError
 from .credentials import redact
 
 MARKER = "COMMITTED"
 LATEST = "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 T = TypeVar("T")
 
 
@@ -220,7 +218,7 @@ class Storage:
         found = []
         for entry in self.retry("listing checkpoints", listing):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            match = _STEP_DIR.match(name)
+            match = STEP_DIR.match(name)
             if match is None or entry.get("type") != "directory":
                 continue
             info = self._info(name, int(match.group(1)))
@@ -279,7 +277,7 @@ def find_checkpoint(
     committed one.  An interrupted save is refused unless ``committed=False`` (to inspect it);
     a name that finds nothing is a ``ConfigError`` pointing at ``mfrctl ckpt ls``."""
     root, _, name = url.rstrip("/").rpartition("/")
-    match = _STEP_DIR.match(name)
+    match = STEP_DIR.match(name)
     if step is None and root and match:
         step = int(match.group(1))
     else:
