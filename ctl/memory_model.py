@@ -146,7 +146,8 @@ class Architecture:
 
     def buffer_bytes(self) -> int:
         """BatchNorm running mean and variance (fp32) and step counter (int64)."""
-        norms = [self.channels[0], *(c for b in self.blocks() for c in b.batch_norms()), self.channels[-1], self.embedding]
+        inner = (c for b in self.blocks() for c in b.batch_norms())
+        norms = [self.channels[0], *inner, self.channels[-1], self.embedding]
         return sum(2 * FP32 * c + 8 for c in norms)
 
     def stem_saved(self) -> int:
@@ -334,9 +335,13 @@ def plan_memory(spec: PlanSpec) -> Plan:
         gathered = FP32 * (arch.parameters() - sum(b.parameters() for b in arch.blocks()) + 2 * _largest_block(arch))
         in_step.append(Item("backbone", "gathered parameters", gathered, "root unit and two blocks at a time"))
     if spec.precision != "none":
-        in_step.append(Item("backbone", "low-precision weights", act * params, f"{spec.precision} copies made by autocast"))
+        in_step.append(
+            Item("backbone", "low-precision weights", act * params, f"{spec.precision} copies made by autocast")
+        )
     if spec.micro_batches > 1:
-        in_step.append(Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last"))
+        in_step.append(
+            Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last")
+        )
         in_step.append(Item("head", "accumulated gradient", centres, "earlier micro-batches"))
     backbone_grads = Item("backbone", "gradients", full if spec.zero == 0 else shard,
                           "fp32" if spec.zero == 0 else f"reduce-scattered to 1/{world} per unit")
@@ -355,7 +360,8 @@ def plan_memory(spec: PlanSpec) -> Plan:
     centre_side += FP32 * rows * sampled  # the logits' gradient
     head_backward = [
         Item("backbone", "activations", micro * kept, f"saved for backward, {micro} samples{checkpointing}"),
-        Item("head", "logits and softmax" if logits >= centre_side else "centre gradients", int(max(logits, centre_side)),
+        Item("head", "logits and softmax" if logits >= centre_side else "centre gradients",
+             int(max(logits, centre_side)),
              f"{rows} rows x {sampled:,} classes" if logits >= centre_side
              else f"normalised centres and their gradients, {sampled:,} x {e}"),
         Item("head", "all-gathered embeddings", 3 * FP32 * rows * e, f"{rows} x {e}: gathered, normalised, gradient"),
@@ -453,5 +459,6 @@ def suggest(spec: PlanSpec) -> list[dict]:
             suggestions.append({"set": changes, "peak_bytes": plan_memory(combined).peak, "fits": True})
     nodes = _fewest_nodes(spec)
     if nodes is not None:
-        suggestions.append({"set": {"nodes": nodes}, "peak_bytes": plan_memory(replace(spec, nodes=nodes)).peak, "fits": True})
+        peak = plan_memory(replace(spec, nodes=nodes)).peak
+        suggestions.append({"set": {"nodes": nodes}, "peak_bytes": peak, "fits": True})
     return suggestions

@@ -71,7 +71,7 @@ def _table(result: Plan) -> None:
         title=f"Per-GPU memory at the peak ({result.peak_moment}): {spec.nodes} x {spec.gpus_per_node} GPUs, "
         f"{name}, batch {spec.batch}/GPU",
         caption=f"head shard: {result.classes_per_gpu:,} of {spec.classes:,} classes per GPU"
-        f"{f', {result.sampled_classes:,} sampled per step' if result.sampled_classes < result.classes_per_gpu else ''}",
+        + (f", {result.sampled_classes:,} sampled per step" if result.sampled_classes < result.classes_per_gpu else ""),
     )
     for column, justify in (("part", "left"), ("item", "left"), ("memory", "right"), ("what", "left")):
         table.add_column(column, justify=justify)
@@ -104,7 +104,9 @@ def plan(
     ] = None,
     nodes: Annotated[int, typer.Option(help="Nodes (pods).")] = 1,
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")] = 1,
-    gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU: 80GiB, 80Gi (binary) or 32GB (decimal).")] = "80GiB",
+    gpu_memory: Annotated[
+        str, typer.Option(help="Memory of one GPU: 80GiB, 80Gi (binary) or 32GB (decimal).")
+    ] = "80GiB",
     reserve: Annotated[
         str, typer.Option(help="Per-GPU memory not available to tensors (CUDA context, NCCL, cuDNN).")
     ] = "1.5GiB",

@@ -50,7 +50,9 @@ def backbone_layers(name: str, layers: list[int] | tuple[int, ...] | None = None
         if layers is None:
             raise ValueError("backbone 'custom' needs layers, e.g. layers: [3, 25, 88, 3]")
         if len(layers) != len(STAGE_WIDTHS) or min(layers) < 1:
-            raise ValueError(f"layers must be {len(STAGE_WIDTHS)} stage depths >= 1, e.g. [3, 25, 88, 3], got {list(layers)}")
+            raise ValueError(
+                f"layers must be {len(STAGE_WIDTHS)} stage depths >= 1, e.g. [3, 25, 88, 3], got {list(layers)}"
+            )
         return tuple(layers)
     if name not in BACKBONE_DEPTHS:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
@@ -232,7 +234,8 @@ class CheckpointConfig(_Section):
         "auto", description="auto = the newest committed checkpoint under uri, if any; never; or one step-<N> URI"
     )
     preempt_budget_s: float = Field(
-        25.0, gt=0, description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)"
+        25.0, gt=0,
+        description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)",
     )
     retries: int = Field(4, ge=0, description="retries, with exponential backoff, of transient storage errors")
     storage_options: StorageOptions = Field(
