@@ -47,7 +47,8 @@ def _broadcast_buffers(module: nn.Module, args) -> None:
 def parallelize(backbone: IResNet, zero: int, env: DistEnv) -> nn.Module:
     """The module the training step calls: DDP around ``backbone``, or ``backbone`` itself sharded in place."""
     if zero == 0:
-        return DistributedDataParallel(backbone, device_ids=[env.device.index] if env.device.index is not None else None)
+        device_ids = [env.device.index] if env.device.index is not None else None
+        return DistributedDataParallel(backbone, device_ids=device_ids)
     check_world_size(env.world_size, zero=zero)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     reshard = zero == 3

@@ -242,7 +242,8 @@ class Storage:
             size = sum(int(f.get("size") or 0) for f in files)
             return CheckpointInfo(name, url, step, False, max(times) if times else None, None, size)
         return CheckpointInfo(
-            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"), record.get("config")
+            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"),
+            record.get("config"),
         )
 
     def latest_committed(self) -> CheckpointInfo | None:
@@ -292,7 +293,9 @@ def find_checkpoint(
     if info is None:
         raise ConfigError(f"no checkpoint of step {step} under {root} (mfrctl ckpt ls {root})")
     if committed and not info.committed:
-        raise ConfigError(f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})")
+        raise ConfigError(
+            f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})"
+        )
     return info
 
 
@@ -311,7 +314,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *, what: s
     one-line error when the URL cannot be opened; ``fresh``: a filesystem of this process's own.
     """
     try:
-        return url_to_fs(url, **({"skip_instance_cache": True} if fresh else {}), **fsspec_options(url, storage_options))
+        fresh_options = {"skip_instance_cache": True} if fresh else {}
+        return url_to_fs(url, **fresh_options, **fsspec_options(url, storage_options))
     except (ImportError, ValueError, TypeError) as err:
         raise ConfigError(f"{what} {redact(url)}: cannot open it ({redact(str(err))})") from None
 
