@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, DataConfig, TeacherConfig, TrainConfig
+from .config import ArchitectureConfig, ConfigError, DataConfig, TeacherConfig, TrainConfig
 from .dist import DistEnv
 from .features import Features, FeatureWriter
 from .models import IResNet, build_backbone
@@ -65,7 +65,7 @@ def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = No
     problem = first_mismatch(state, model, prefix="backbone.", here="the configured teacher")
     if problem:
         model_cfg = (info.config or {}).get("model")
-        used = {k: model_cfg.get(k) for k in ("backbone", "layers", "width", "embedding_size")} if model_cfg else None
+        used = {k: model_cfg.get(k) for k in ArchitectureConfig.model_fields} if model_cfg else None
         hint = f" (that run's model: {json.dumps(used)})" if used else ""
         raise ConfigError(
             f"teacher checkpoint {info.url} does not match distill.teacher "
@@ -236,7 +236,7 @@ def extract(
             "teacher": {
                 "checkpoint": teacher.info.url,
                 "step": teacher.info.step,
-                **teacher_cfg.model_dump(include={"backbone", "layers", "width", "embedding_size"}),
+                **teacher_cfg.model_dump(include=set(ArchitectureConfig.model_fields)),
             },
         }
     )

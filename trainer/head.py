@@ -33,15 +33,11 @@ from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 
+from .partition import class_shard
+
 _COS_EPS = 1e-7
 # The head's checkpoint blocks are ShardedTensors on purpose (see ``sharded``).
 warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
-
-
-def class_shard(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, num_local)`` of ``rank``'s contiguous class block."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + (rank < extra)
 
 
 def combined_margin(cos_target: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:

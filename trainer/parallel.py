@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
+from .config import check_world_size
 from .dist import DistEnv
 from .models import IResNet
 
@@ -48,12 +48,9 @@ def broadcast_buffers(module: nn.Module, *_) -> None:
 def parallelize(backbone: IResNet, zero: int, env: DistEnv) -> nn.Module:
     """The module the training step calls: DDP around ``backbone``, or ``backbone`` itself sharded in place."""
     if zero == 0:
-        return DistributedDataParallel(backbone, device_ids=[env.device.index] if env.device.index is not None else None)
-    if env.world_size < 2:
-        raise ConfigError(
-            f"optim.zero {zero} shards the backbone over data-parallel ranks, but the world size is "
-            f"{env.world_size}; run on 2 or more ranks or set optim.zero=0"
-        )
+        device_ids = [env.device.index] if env.device.index is not None else None
+        return DistributedDataParallel(backbone, device_ids=device_ids)
+    check_world_size(env.world_size, zero=zero)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     reshard = zero == 3
     for unit in backbone.sharding_units():
