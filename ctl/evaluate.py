@@ -209,13 +209,11 @@ def _evaluate(
     import torch
 
     from mfr.trainer.data.binsets import read_bin
-    from mfr.trainer.data.sources import BadSample
+    from mfr.trainer.data.sources import BadSample, open_dataset
     from mfr.trainer.evaluate import Embedder, evaluate_pairs, load_backbone, read_pairs
     from mfr.trainer.features import Features
     from mfr.trainer.rocplot import plot_roc
     from mfr.trainer.score import embedding_folders
-
-    from .data import open_dataset
 
     device_name = settings.device
     if device_name == "auto":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -41,6 +42,7 @@ MAX_REPLACEMENTS = 64  # consecutive bad samples before giving up on a batch slo
 # An aligned crop is 112x112; even a loose, high-resolution face crop stays far below this.  Larger images
 # (a 164 KB PNG can announce 169 megapixels) are bad samples, refused before any pixel is decoded.
 MAX_PIXELS = 2048 * 2048
+UNLIMITED = sys.maxsize  # no head.num_classes bound: a data set read outside training
 
 
 class BadSample(ValueError):
@@ -239,6 +241,25 @@ def build(cfg, num_classes: int) -> IndexedFaces:
     if cfg.source == "shards":
         return ShardFaces(cfg.uri, cfg.storage_options, num_classes, augment, cfg.shard_chunk, cfg.seed)
     raise ConfigError(f"unknown data.source {cfg.source}")
+
+
+def open_dataset(uri: str) -> tuple[str, IndexedFaces]:
+    """The data set at ``uri`` and its kind (``data.source``), told by what is there: tar shards (index.json),
+    RecordIO (a .rec, or a folder holding train.rec), else an image folder.
+
+    Unaugmented and without a class bound: a data set to pack, inspect or evaluate (``load`` decodes).
+    """
+    from .shards import INDEX
+
+    fs, root = open_url(uri, what="data")
+    root = root.rstrip("/")
+    if uri.endswith(".rec") or fs.isfile(f"{root}/train.rec"):
+        return "recordio", RecordFaces(uri, None, UNLIMITED, None)
+    if fs.isfile(f"{root}/{INDEX}"):
+        return "shards", ShardFaces(uri, None, UNLIMITED, None)
+    if not fs.exists(root):
+        raise ConfigError(f"{uri}: no such file or folder")
+    return "folder", FolderFaces(uri, None, UNLIMITED, None)
 
 
 class ShardFaces(IndexedFaces):
