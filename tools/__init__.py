@@ -1,0 +1,1 @@
+"""Developer tooling, run from a checkout (``python -m tools.generate``); not part of the installed package."""
