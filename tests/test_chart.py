@@ -22,7 +22,7 @@ import yaml
 from mfr.ctl.chart import ChartError, chart_dir, parse_elastic, render
 from mfr.trainer.config import demo_config_path, read_yaml
 from tests.operator_rules import crd_errors, webhook_errors, with_change
-from tools.generate import schema_path, values_schema
+from charts.generate import schema_path, values_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE_VERSION = "1.29.0"
@@ -235,7 +235,7 @@ def test_credentials_have_no_place_in_values_or_config():
 
 
 def test_values_schema_train_part_matches_trainconfig():
-    """Fails when TrainConfig changed and `python -m tools.generate` was not run."""
+    """Fails when TrainConfig changed and `python -m charts.generate` was not run."""
     current = json.loads(schema_path().read_text())
     assert current == values_schema(current)
 

@@ -39,7 +39,7 @@ from tests.operator_rules import (
     trainjob_webhook_errors,
     webhook_errors,
 )
-from tools.generate import MANIFESTS, SECRET, manifests_dir
+from charts.generate import MANIFESTS, SECRET, manifests_dir
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from mfr.ctl.chart import render
 
 from tests.operator_rules import init_containers, operator_pod, replicas, trainjob_pods
 from tests.pod_security import restricted_violations
-from tools.generate import MANIFESTS, manifests_dir
+from charts.generate import MANIFESTS, manifests_dir
 
 INIT_TEMPLATE = (manifests_dir() / "operator" / "initContainer.yaml").read_text()
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}

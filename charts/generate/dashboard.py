@@ -1,6 +1,6 @@
 """The run's Grafana dashboard, as code (Grafana's grafana-foundation-sdk, a Grafana 11 build).
 
-``python -m tools.generate`` writes it as JSON to
+``python -m charts.generate`` writes it as JSON to
 charts/mfr-trainer/dashboards/mfr-training.json, which the chart's dashboard
 ConfigMap carries; a test fails when the two drift, and every panel query is
 run against a real Prometheus scraping a live run.  Only the generator and

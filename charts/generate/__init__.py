@@ -1,10 +1,10 @@
-"""Regenerate what is derived from the code: ``python -m tools.generate`` from the checkout's root.
+"""Regenerate what is derived from the code: ``python -m charts.generate`` from the checkout's root.
 
 * the ``train:`` part of charts/mfr-trainer/values.schema.json, from the
   TrainConfig model, so Helm validates training settings exactly as the
   trainer does (its cross-field rules are checked by mfrctl and the trainer);
 * charts/mfr-trainer/dashboards/mfr-training.json, the Grafana dashboard
-  built by tools/dashboard.py (needs the test extra's grafana-foundation-sdk);
+  built by charts/generate/dashboard.py (needs the test extra's grafana-foundation-sdk);
 * manifests/*.yaml, each the output of the ``mfrctl render`` command written
   in its header, for kubectl/kustomize users.
 
@@ -118,7 +118,7 @@ def manifest_text(args: list[str]) -> str:
     uri = args[args.index("--checkpoint") + 1]
     header = (
         f"# Rendered from charts/mfr-trainer by: mfrctl render {' '.join(args)}\n"
-        "# Do not edit: regenerate every manifest with `python -m tools.generate`.\n"
+        "# Do not edit: regenerate every manifest with `python -m charts.generate`.\n"
         f"# Checkpoints go to {uri}: replace {BUCKET} with your bucket.  The pods read the S3\n"
         f"# credentials from Secret {SECRET} (each key a variable); make it in the namespace first:\n"
         f"#   {SECRET_COMMAND}\n"
@@ -151,7 +151,3 @@ def main() -> None:
         target = manifests_dir() / name
         target.write_text(manifest_text(args))
         print(f"wrote {target}")
-
-
-if __name__ == "__main__":
-    main()

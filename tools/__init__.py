@@ -1,1 +1,0 @@
-"""Developer tooling, run from a checkout (``python -m tools.generate``); not part of the installed package."""
