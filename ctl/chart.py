@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, read_yaml, validate_config
+from mfr.trainer.config import ConfigError, TrainConfig, load_config, merge, parse_overrides, read_yaml, validate_config
 
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
@@ -100,11 +100,19 @@ def check_namespace(namespace: str) -> None:
         )
 
 
-def parse_elastic(value: str) -> tuple[int, int]:
-    low, sep, high = value.partition(":")
-    if not (sep and low.isdigit() and high.isdigit()) or not 1 <= int(low) <= int(high):
+def parse_elastic(value: str, nodes: int | None = None) -> tuple[int, int]:
+    """``--elastic MIN:MAX`` (``mfrctl train``, ``render``, ``submit``) as ``(MIN, MAX)``, with ``--nodes`` inside.
+
+    The chart states the same rule for ``elastic.minNodes``/``maxNodes`` and ``nodes`` (values.schema.json
+    and templates/pytorchjob.yaml), for helm install users; tests/test_chart.py holds the two to it.
+    """
+    text_low, sep, text_high = value.partition(":")
+    if not (sep and text_low.isdigit() and text_high.isdigit()) or not 1 <= int(text_low) <= int(text_high):
         raise ChartError(f"--elastic {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 4:8")
-    return int(low), int(high)
+    low, high = int(text_low), int(text_high)
+    if nodes is not None and not low <= nodes <= high:
+        raise ChartError(f"--nodes {nodes} is outside --elastic {value}")
+    return low, high
 
 
 def image_values(ref: str) -> dict[str, str]:
@@ -144,9 +152,7 @@ def flag_values(
             raise ChartError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
         values["nprocPerNode"] = nproc_per_node
     if elastic is not None:
-        low, high = parse_elastic(elastic)
-        if nodes is not None and not low <= nodes <= high:
-            raise ChartError(f"--nodes {nodes} is outside --elastic {elastic}")
+        low, high = parse_elastic(elastic, nodes)
         values["elastic"] = {"enabled": True, "minNodes": low, "maxNodes": high}
         values.setdefault("nodes", high)
     if image is not None:
@@ -191,17 +197,6 @@ def set_values(expression: str) -> dict[str, Any]:
         return parse_overrides([expression])
     except ConfigError as err:
         raise ChartError(str(err)) from None
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Helm's merge of user values: maps merge key by key, anything else is replaced."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def render(values: dict[str, Any], *, name: str, namespace: str) -> Rendered:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Annotated, Any, Optional
@@ -18,9 +17,9 @@ import typer
 
 from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
-data_app = typer.Typer(help="Pack and inspect training data (image folders, RecordIO, tar shards).", no_args_is_help=True)
-
-UNLIMITED = sys.maxsize  # no num_classes bound when packing or inspecting
+data_app = typer.Typer(
+    help="Pack and inspect training data (image folders, RecordIO, tar shards).", no_args_is_help=True
+)
 
 
 def _need_train_extra() -> None:
@@ -29,23 +28,13 @@ def _need_train_extra() -> None:
         raise fail(f"mfrctl data needs {', '.join(missing)}: pip install 'mfr[train]'")
 
 
-def open_dataset(uri: str):
-    """The dataset at ``uri``: tar shards (index.json), RecordIO (.rec or a folder with train.rec), or a folder."""
+def _open_dataset(uri: str):
+    """``sources.open_dataset``: the kind and the data set at ``uri``; a bad URI is one line, exit 2."""
     from mfr.trainer.config import ConfigError
-    from mfr.trainer.data import sources
-    from mfr.trainer.data.shards import INDEX
-    from mfr.trainer.storage import open_url
+    from mfr.trainer.data.sources import open_dataset
 
     try:
-        fs, root = open_url(uri, what="data")
-        root = root.rstrip("/")
-        if uri.endswith(".rec") or fs.isfile(f"{root}/train.rec"):
-            return "recordio", sources.RecordFaces(uri, None, UNLIMITED, None)
-        if fs.isfile(f"{root}/{INDEX}"):
-            return "shards", sources.ShardFaces(uri, None, UNLIMITED, None)
-        if not fs.exists(root):
-            raise ConfigError(f"{uri}: no such file or folder")
-        return "folder", sources.FolderFaces(uri, None, UNLIMITED, None)
+        return open_dataset(uri)
     except ConfigError as e:
         raise fail(str(e)) from None
 
@@ -80,7 +69,7 @@ def pack(
     from mfr.trainer.data.sources import BadSample, decode
     from mfr.trainer.storage import open_url
 
-    kind, dataset = open_dataset(src)
+    kind, dataset = _open_dataset(src)
     if kind == "shards":
         raise fail(f"{src} already holds shards (index.json)")
     try:
@@ -216,13 +205,15 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
 @data_app.command("inspect")
 def inspect(
     uri: Annotated[str, typer.Argument(metavar="URI", help="Image folder, RecordIO .rec/folder, or shard folder.")],
-    grid: Annotated[Optional[str], typer.Option("--grid", help="Write a PNG of samples with and without masks.")] = None,
+    grid: Annotated[
+        Optional[str], typer.Option("--grid", help="Write a PNG of samples with and without masks.")
+    ] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples in the grid.")] = 8,
     output: OutputOpt = Output.table,
 ) -> None:
     """Classes, images, shards, the class-size histogram; optionally a PNG grid of samples."""
     _need_train_extra()
-    kind, dataset = open_dataset(uri)
+    kind, dataset = _open_dataset(uri)
     counts = _class_counts(kind, dataset)
     info: dict[str, Any] = {
         "uri": uri,

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from mfr.trainer.config import ConfigError, merge
 
-from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, merge, render, set_values
+from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, render, set_values
+from .console import Output, OutputOpt, err, fail, print_columns, print_data
 from .doctor import api_checks, gpu_check, namespace_check, pod_security_check, preflight, report, storage_check
 from .kube import FINAL_STATES, MONITORING_API, SUCCEEDED, TRAINER_API, first_pod
-from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
 
 class Format(str, Enum):
@@ -45,7 +46,9 @@ class Api(str, Enum):
     trainjob = "trainjob"
 
 
-NameOpt = Annotated[str, typer.Option("--name", help="The run: its job's name (pods are <name>-worker-<i>, <name>-node-0-<i>).")]
+NameOpt = Annotated[
+    str, typer.Option("--name", help="The run: its job's name (pods are <name>-worker-<i>, <name>-node-0-<i>).")
+]
 NamespaceOpt = Annotated[
     Optional[str], typer.Option("--namespace", "-n", help="Namespace; default: the kubeconfig context's, else default.")
 ]
@@ -59,15 +62,16 @@ ElasticOpt = Annotated[
 ]
 ImageOpt = Annotated[Optional[str], typer.Option(help="Trainer image, e.g. registry.example.com/mfr-trainer:0.1.0.")]
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML for the run; default: the chart's (the demo).")
+    Optional[Path],
+    typer.Option("--config", "-c", help="TrainConfig YAML for the run; default: the chart's (the demo)."),
 ]
 CheckpointOpt = Annotated[
     Optional[str],
     typer.Option(
         "--checkpoint", metavar="URI",
-        help="Checkpoint storage every pod reaches: s3://bucket/prefix (credentials from --set s3.existingSecret=NAME), "
-             "any remote fsspec URL, or a path on --workspace-claim.  A job of several pods needs it, or the trial "
-             "store that demo runs get (values trialStore).",
+        help="Checkpoint storage every pod reaches: s3://bucket/prefix (credentials from --set "
+             "s3.existingSecret=NAME), any remote fsspec URL, or a path on --workspace-claim.  A job of several "
+             "pods needs it, or the trial store that demo runs get (values trialStore).",
     ),
 ]
 QueueOpt = Annotated[
@@ -78,7 +82,8 @@ QueueOpt = Annotated[
 ClaimOpt = Annotated[
     Optional[str],
     typer.Option("--workspace-claim", metavar="NAME",
-                 help="A ReadWriteMany PersistentVolumeClaim mounted at /workspace in every pod; checkpoints go there."),
+                 help="A ReadWriteMany PersistentVolumeClaim mounted at /workspace in every pod; checkpoints go "
+                      "there."),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -106,7 +111,7 @@ def render_run(
         for expression in sets or []:
             values = merge(values, set_values(expression))
         return render(values, name=name, namespace=namespace)
-    except ChartError as e:
+    except (ChartError, ConfigError) as e:  # ConfigError: a map merged over a set value
         raise fail(str(e)) from None
 
 
@@ -132,7 +137,8 @@ def render_cmd(
     values: ValuesOpt = None,
     output: Annotated[Format, typer.Option("--output", "-o", help="Output format.")] = Format.yaml,
 ) -> None:
-    """Print a run's Kubernetes objects (PyTorchJob or TrainJob, ConfigMap, ...) from the Helm chart; no cluster needed."""
+    """Print a run's Kubernetes objects (PyTorchJob or TrainJob, ConfigMap, ...) from the Helm chart; no cluster
+    needed."""
     if api == Api.auto:
         raise fail("--api auto asks the cluster which API it serves: render has no cluster; use pytorchjob or trainjob")
     rendered = render_run(
@@ -207,7 +213,9 @@ def submit_cmd(
                           "kube-prometheus-stack); default: when the cluster serves monitoring.coreos.com/v1."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish; exit 0 if it succeeded.")] = False,
-    follow: Annotated[bool, typer.Option("--follow", help="Stream rank 0's log until the job ends (implies --wait).")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Stream rank 0's log until the job ends (implies --wait).")
+    ] = False,
     timeout: Annotated[
         Optional[str], typer.Option(metavar="DURATION", help="With --wait/--follow: give up after this long (30s, 5m, "
                                                              "2h30m), exit 1 with the job's state.")
@@ -233,8 +241,8 @@ def submit_cmd(
     rendered = rendered_with(monitoring, Api.pytorchjob if api == Api.auto else api)  # every usage mistake, unsent
     if api == Api.auto and "elasticPolicy" not in rendered.job["spec"] and _cluster_call(cluster.serves, TRAINER_API):
         rendered = rendered_with(monitoring, Api.trainjob)
-    failed = [c for c in _cluster_call(preflight, cluster, rendered.job, queue=bool(rendered.job["metadata"]["labels"].get(
-        "kueue.x-k8s.io/queue-name"))) if c.status == "fail"]
+    queued = bool(rendered.job["metadata"]["labels"].get("kueue.x-k8s.io/queue-name"))
+    failed = [c for c in _cluster_call(preflight, cluster, rendered.job, queue=queued) if c.status == "fail"]
     if failed:
         raise fail(f"{failed[0].detail}: {failed[0].fix}", code=1)
     if monitoring is None and not _mentions_monitoring(set_, values) and _cluster_call(cluster.serves, MONITORING_API):
@@ -366,7 +374,9 @@ def logs_cmd(
     all_pods: Annotated[bool, typer.Option("--all-pods", help="Every pod of the run, each line prefixed.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the logs until the pods end.")] = False,
     tail: Annotated[Optional[int], typer.Option(min=0, help="Only the last N lines of each pod.")] = None,
-    since: Annotated[Optional[str], typer.Option(metavar="DURATION", help="Only lines newer than this (5m, 1h).")] = None,
+    since: Annotated[
+        Optional[str], typer.Option(metavar="DURATION", help="Only lines newer than this (5m, 1h).")
+    ] = None,
     previous: Annotated[
         bool, typer.Option("--previous", "-p", help="The log of the pod's previous run (before a container restart).")
     ] = False,
@@ -482,7 +492,8 @@ def doctor_cmd(
     nodes: Annotated[Optional[int], typer.Option(min=1, help="Pods the run will have.")] = None,
     gpus_per_node: GpusOpt = None,
     checkpoint: Annotated[
-        Optional[str], typer.Option("--checkpoint", metavar="URI", help="Probe this checkpoint URI (write, read, delete).")
+        Optional[str],
+        typer.Option("--checkpoint", metavar="URI", help="Probe this checkpoint URI (write, read, delete)."),
     ] = None,
     secret: Annotated[
         Optional[str], typer.Option(metavar="NAME", help="The run's S3 Secret, whose keys the probe uses.")

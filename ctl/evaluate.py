@@ -1,15 +1,18 @@
 """``mfrctl eval``: verification of a trained backbone on .bin sets, pair lists and galleries, at any scale.
 
-Needs the ``train`` extra (torch, numpy, Pillow, matplotlib); everything heavy
-is imported inside the command, so the rest of mfrctl works without it.
-Galleries and pair lists are embedded once into fp16 shards (``--embeddings``)
-and scored from them by ``mfr.trainer.score`` (``scoring``): exact TPR@FPR in
-bounded memory, on ``--nproc`` local ranks.
+The suite itself is ``mfr.trainer.evalsuite``: galleries and pair lists are
+embedded once into fp16 shards (``--embeddings``) and scored from them.  This
+module is the command around it: the arguments, the scorer (``scoring``:
+``mfr.trainer.score`` here or on ``--nproc`` local ranks), the progress bars,
+the table and the exit codes.  Needs the ``train`` extra (torch, numpy,
+Pillow, matplotlib), imported inside the command, so the rest of mfrctl works
+without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -156,21 +159,26 @@ def evaluate(
         pair_sets.append((data_url, list_url))
 
     from mfr.trainer.config import ConfigError
+    from mfr.trainer.evalsuite import EvalRequest, run, write_output
     from mfr.trainer.storage import StorageError
     from mfr.trainer.verification import DEFAULT_FPRS
 
-    settings = _Settings(tuple(fprs or DEFAULT_FPRS), flip, masks, mask_seed, folds, max_images, split, nproc,
-                         max_kept, batch_size, device)
+    request = EvalRequest(
+        model=model, bins=tuple(bins or ()), galleries=tuple(galleries or ()), pairs=tuple(pair_sets),
+        embedded=tuple(embedded or ()), embeddings=embeddings, roc=roc, fprs=tuple(fprs or DEFAULT_FPRS), flip=flip,
+        masks=masks, mask_seed=mask_seed, folds=folds, max_images=max_images, split=split, batch_size=batch_size,
+        device=device,
+    )
+    score = functools.partial(_score, fprs=request.fprs, nproc=nproc, max_kept=max_kept)
     try:
-        with _embeddings_root(embeddings) as root:
-            data = _evaluate(model, bins or [], galleries or [], pair_sets, embedded or [], root, settings, roc)
+        data = run(request, score, _progress, lambda line: err.print(f"mfr: {line}", highlight=False))
+        if report:
+            write_output(report, json.dumps(data, indent=1).encode())
+            err.print(f"mfr: report written to {report}", highlight=False)
     except ConfigError as e:
         raise fail(str(e)) from None
     except StorageError as e:
         raise fail(str(e), code=1) from None
-    if report:
-        _write(report, json.dumps(data, indent=1).encode())
-        err.print(f"mfr: report written to {report}", highlight=False)
     for entry in data["sets"]:
         for protocol in entry["protocols"]:
             protocol.pop("roc")
@@ -180,194 +188,25 @@ def evaluate(
         print_data(data, output)
 
 
-class _Settings:
-    """The command's settings that every set shares."""
-
-    def __init__(self, fprs: tuple[float, ...], flip: bool, masks: bool, mask_seed: int, folds: int,
-                 max_images: int | None, split: int, nproc: int | None, max_kept: int | None, batch_size: int,
-                 device: str):
-        self.fprs, self.flip, self.masks, self.mask_seed, self.folds = fprs, flip, masks, mask_seed, folds
-        self.max_images, self.split, self.nproc, self.max_kept = max_images, split, nproc, max_kept
-        self.batch_size, self.device = batch_size, device
-
-
-@contextlib.contextmanager
-def _embeddings_root(url: str | None) -> Iterator[str]:
-    """``--embeddings``, or a temporary folder removed afterwards."""
-    if url is not None:
-        yield url.rstrip("/")
-        return
-    with tempfile.TemporaryDirectory(prefix="mfr-eval-") as tmp:
-        yield tmp
-
-
-def _evaluate(
-    model_url: str | None, bins: list[str], galleries: list[str], pairs: list[tuple[str, str]], embedded: list[str],
-    root: str, settings: _Settings, roc: str | None,
-) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from mfr.trainer.data.binsets import read_bin
-    from mfr.trainer.data.sources import BadSample
-    from mfr.trainer.evaluate import Embedder, evaluate_pairs, load_backbone, read_pairs
-    from mfr.trainer.features import Features
-    from mfr.trainer.rocplot import plot_roc
-    from mfr.trainer.score import embedding_folders
-
-    from .data import open_dataset
-
-    device_name = settings.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device_name == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda: no CUDA device here")
-    # Every input is read and checked before the model: a mistake costs no embedding time.
-    binsets = [read_bin(url) for url in bins]
-    for binset in binsets:
-        if binset.num_pairs < settings.folds:
-            raise fail(f"{binset.url}: {binset.num_pairs} pairs cannot make {settings.folds} folds (--folds)")
-    pair_lists = []
-    for data_url, list_url in pairs:
-        _, dataset = open_dataset(data_url)
-        pair_lists.append((data_url, list_url, dataset, *read_pairs(list_url, dataset)))
-    gallery_sets = [(url, open_dataset(url)[1]) for url in galleries]
-    embedded_sizes = [Features(embedding_folders(url)[0]).count for url in embedded]
-    names = _Names()
-    model_info: dict[str, Any] | None = None
-    embedder = None
-    if model_url is not None:
-        backbone, model_info = load_backbone(model_url)
-        embedder = Embedder(backbone, torch.device(device_name), settings.batch_size, settings.flip)
-
-    def embed_set(name: str, meta: dict[str, Any], count: int, load) -> str:
-        """The set's embeddings under ``root``: reused when written before with the same settings."""
-        url = f"{root}/{name}"
-        meta = {**meta, "model": model_info, "flip": settings.flip, "masks": settings.masks,
-                "mask_seed": settings.mask_seed, "images": int(count)}
-        if _written_with(url, meta):
-            err.print(f"mfr: {name}: reusing the embeddings in {url}", highlight=False)
-            return url
-        try:
-            with _progress(name, count) as advance:
-                embedder.embed_to_shards(count, load, settings.masks, settings.mask_seed, url, meta, advance)
-        except BadSample as e:
-            raise fail(f"unreadable image: {e}") from None
-        return url
-
-    results = []
-    for binset in binsets:
-        unmasked, masked = embedder.embed(len(binset.images), binset.image, settings.masks, settings.mask_seed)
-        results.append(evaluate_pairs(binset.name, "bin", binset.url, unmasked, masked, binset.first, binset.second,
-                                      binset.issame, settings.fprs, settings.folds).to_dict())
-    to_score: list[tuple[str, str, int, int]] = []  # name, embeddings, split, pairs
-    for data_url, list_url, dataset, first, second, same in pair_lists:
-        used = np.unique(np.concatenate([first, second]))
-        name = names.take(list_url.rstrip("/").rsplit("/", 1)[-1])
-        url = embed_set(name, {"kind": "pairs", "data": f"{data_url}={list_url}"}, len(used),
-                        _loader(dataset, used))
-        rows = [np.searchsorted(used, first), np.searchsorted(used, second)]
-        if same is not None:
-            rows.append(same.astype(np.int64))
-        _write_pairs(f"{url}/pairs.npy", np.stack(rows, axis=1))
-        to_score.append((name, url, 0, len(first)))
-    for url, dataset in gallery_sets:
-        used = np.arange(len(dataset))
-        if settings.max_images is not None and len(used) > settings.max_images:
-            used = np.sort(np.random.default_rng(settings.mask_seed).choice(len(used), settings.max_images,
-                                                                            replace=False))
-            err.print(f"mfr: {url}: {len(dataset)} images, evaluating a seeded sample of {len(used)} (--max-images)",
-                      highlight=False)
-        name = names.take(url.rstrip("/").rsplit("/", 1)[-1])
-        meta = {"kind": "gallery", "data": url, "max_images": settings.max_images}
-        to_score.append((name, embed_set(name, meta, len(used), _loader(dataset, used)), settings.split,
-                         _pairs_hint(len(used))))
-    for url, size in zip(embedded, embedded_sizes):
-        to_score.append((names.take(url.rstrip("/").rsplit("/", 1)[-1]), url, settings.split, _pairs_hint(size)))
-    for name, url, split, hint in to_score:
-        results.append(_score(name, url, split, hint, settings))
-
-    data = {
-        "model": model_info,
-        "flip": settings.flip,
-        "masks": settings.masks,
-        "mask_seed": settings.mask_seed,
-        "fprs": list(settings.fprs),
-        "split": settings.split,
-        "sets": results,
-        "roc_plot": roc,
-    }
-    if roc:
-        plot_roc(results, lambda png: _write(roc, png))
-        err.print(f"mfr: ROC plot written to {roc}", highlight=False)
-    return data
-
-
-def _pairs_hint(images: int) -> int:
-    """About how many pairs a set of ``images`` has (all-vs-all, one protocol): picks the rank count."""
-    return images * (images - 1) // 2
-
-
-def _score(name: str, url: str, split: int, pairs_hint: int, settings: _Settings) -> dict[str, Any]:
+def _score(name: str, url: str, split: int, pairs_hint: int, *, fprs: tuple[float, ...], nproc: int | None,
+           max_kept: int | None) -> dict[str, Any]:
     """Score one embedded set here or on local ranks, with a progress bar; its report entry."""
     from .scoring import ScoringFailed, score_in_process, score_with_ranks
 
-    nproc = settings.nproc or (len(os.sched_getaffinity(0)) if pairs_hint >= RANKS_FROM_PAIRS else 1)
+    nproc = nproc or (len(os.sched_getaffinity(0)) if pairs_hint >= RANKS_FROM_PAIRS else 1)
     try:
         with _scoring_progress(name) as progress:
             if nproc == 1:
-                entry = score_in_process(url, name, settings.fprs, split, settings.max_kept, progress)
+                entry = score_in_process(url, name, fprs, split, max_kept, progress)
             else:
                 with tempfile.TemporaryDirectory(prefix="mfr-score-") as work:
-                    entry = score_with_ranks(url, name, settings.fprs, split, settings.max_kept, nproc, Path(work),
-                                             progress)
+                    entry = score_with_ranks(url, name, fprs, split, max_kept, nproc, Path(work), progress)
     except ScoringFailed as e:
         raise fail(f"{name}: {e}", code=e.code) from None
     scoring = entry["scoring"]
     err.print(f"mfr: {name}: {scoring['pairs']:,} pairs scored in {scoring['seconds']:.1f} s "
               f"({scoring['pairs_per_second']:,.0f} pairs/s, {scoring['world_size']} rank(s))", highlight=False)
     return entry
-
-
-def _written_with(url: str, meta: dict[str, Any]) -> bool:
-    """Does ``url`` hold finished embeddings of exactly these settings?  Other ones there are a mistake (exit 2)."""
-    from mfr.trainer.config import ConfigError
-    from mfr.trainer.features import Features
-
-    try:
-        written = Features(f"{url}/unmasked").index.get("eval", {})
-    except ConfigError:
-        return False
-    written = {k: v for k, v in written.items() if k != "condition"}
-    wanted = json.loads(json.dumps(meta))  # as index.json holds it
-    if written == wanted:
-        return True
-    differ = ", ".join(f"{k} {written.get(k)!r} there" for k in wanted if written.get(k) != wanted[k])
-    raise fail(f"{url} holds other embeddings ({differ}); choose another --embeddings folder or remove it")
-
-
-class _Names:
-    """Set names as folder names: the last part of a URL, made unique."""
-
-    def __init__(self) -> None:
-        self.taken: set[str] = set()
-
-    def take(self, name: str) -> str:
-        unique, n = name, 1
-        while unique in self.taken:
-            n += 1
-            unique = f"{name}-{n}"
-        self.taken.add(unique)
-        return unique
-
-
-def _loader(dataset, indices):
-    """``load(i)``: the decoded image and the label of sample ``indices[i]``."""
-
-    def load(i: int):
-        return dataset.load(int(indices[i]))
-
-    return load
 
 
 @contextlib.contextmanager
@@ -406,26 +245,6 @@ def _scoring_progress(name: str) -> Iterator[Callable[[str, int, int], None]]:
         yield progress
     finally:
         bar.stop()
-
-
-def _write(url: str, payload: bytes) -> None:
-    from mfr.trainer.storage import open_file
-
-    try:
-        with open_file(url, "wb") as f:
-            f.write(payload)
-    except Exception as e:
-        raise fail(f"{url}: cannot write ({type(e).__name__}: {str(e)[:200]})", code=1) from None
-
-
-def _write_pairs(url: str, pairs) -> None:
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, pairs)
-    _write(url, buffer.getvalue())
 
 
 def results_table(data: dict[str, Any]) -> Table:

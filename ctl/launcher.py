@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mfr.trainer import exitcodes
+from mfr.trainer.config import METRICS_PORT_ENV
 from mfr.trainer.progress import EVENTS_ENV
 
 LOOPBACK = "127.0.0.1"
 # torchrun with retryable exit codes on SIGTERM (see mfr.trainer.launch); the pod command too.
 LAUNCH = [sys.executable, "-m", "mfr.trainer.launch"]
 # Fast failure detection, so a lost node is noticed in seconds, not ~45 s.
-METRICS_PORT_ENV = "MFR_METRICS_PORT"  # = mfr.trainer.metrics.PORT_ENV (this module stays torch-free)
 RDZV_CONF = "join_timeout=120,last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=3,close_timeout=10"
 _PR_SET_PDEATHSIG = 1
 

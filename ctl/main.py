@@ -61,12 +61,9 @@ def _parse_elastic(value: str | None, nodes: int) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
-        low, high = parse_elastic(value)
+        return parse_elastic(value, nodes)
     except ChartError as e:
         raise fail(str(e)) from None
-    if not low <= nodes <= high:
-        raise fail(f"--nodes {nodes} is outside --elastic {value}")
-    return low, high
 
 
 @config_app.command("show")

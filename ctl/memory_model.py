@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mfr.trainer.config import DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, TrainConfig, backbone_layers
+from mfr.trainer.config import DEFAULT_WIDTHS, INPUT_SIZE, STAGE_WIDTHS, TrainConfig, backbone_layers, check_world_size
+from mfr.trainer.partition import class_shard, sampled_classes
 
 FP32 = 4
 AMP_BYTES = {"none": 4, "bf16": 2, "fp16": 2}
@@ -117,16 +118,9 @@ class Architecture:
 
     @classmethod
     def named(cls, backbone: str, layers=None, width=None, embedding: int = 512) -> Architecture:
-        try:
-            layers = backbone_layers(backbone, layers)
-        except ValueError as e:
-            raise PlanError(f"--backbone/--layers: {e}") from None
-        width = DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width
-        if not width > 0:
-            raise PlanError(f"--width must be > 0, got {width}")
-        if embedding < 1:
-            raise PlanError(f"--embedding must be >= 1, got {embedding}")
-        return cls(layers, width, embedding)
+        """The architecture of a validated ``model:`` (or ``distill.teacher:``) section's fields."""
+        return cls(backbone_layers(backbone, layers), DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width,
+                   embedding)
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -152,7 +146,8 @@ class Architecture:
 
     def buffer_bytes(self) -> int:
         """BatchNorm running mean and variance (fp32) and step counter (int64)."""
-        norms = [self.channels[0], *(c for b in self.blocks() for c in b.batch_norms()), self.channels[-1], self.embedding]
+        inner = (c for b in self.blocks() for c in b.batch_norms())
+        norms = [self.channels[0], *inner, self.channels[-1], self.embedding]
         return sum(2 * FP32 * c + 8 for c in norms)
 
     def stem_saved(self) -> int:
@@ -197,15 +192,9 @@ def backbone_activations(arch: Architecture, checkpointing: str, every: int, ele
     return element * end_of_forward, int(most)
 
 
-def class_shard(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, num_local)``: the split of ``trainer/head.py``."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + (rank < extra)
-
-
 @dataclass(frozen=True)
 class PlanSpec:
-    """Everything the per-GPU peak depends on."""
+    """Everything the per-GPU peak depends on: a validated TrainConfig's settings (``from_config``) on a cluster."""
 
     nodes: int = 1
     gpus_per_node: int = 1
@@ -242,30 +231,17 @@ class PlanSpec:
         return self.nodes * self.gpus_per_node
 
     def check(self) -> None:
-        """Raise PlanError naming the first impossible input."""
-        for name in ("nodes", "gpus_per_node", "classes", "embedding", "batch", "micro_batches", "checkpoint_every"):
+        """Raise PlanError (or ConfigError) naming the first impossible input of the cluster.
+
+        The training settings were validated by TrainConfig (``from_config``); what depends on the
+        number of GPUs is checked by the trainer's own rule (``check_world_size``).
+        """
+        for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
-                flag = "--" + name.replace("_", "-")
-                raise PlanError(f"{flag} must be >= 1, got {getattr(self, name)}")
-        if self.classes < self.world_size:
-            raise PlanError(f"--classes ({self.classes}) must be >= the number of GPUs ({self.world_size})")
-        if not 0 < self.sample_rate <= 1:
-            raise PlanError(f"--sample-rate must be in (0, 1], got {self.sample_rate}")
-        if self.precision not in AMP_BYTES:
-            raise PlanError(f"--precision {self.precision!r}: one of {', '.join(AMP_BYTES)}")
-        if self.zero not in (0, 2, 3):
-            raise PlanError(f"--zero {self.zero}: one of 0, 2, 3")
-        if self.zero and self.world_size == 1:
-            raise PlanError(f"--zero {self.zero} shards over data-parallel ranks: it needs more than one GPU")
-        if self.activation_checkpointing not in ("none", "stage", "block"):
-            raise PlanError(f"--activation-checkpointing {self.activation_checkpointing!r}: one of none, stage, block")
-        if self.batch % self.micro_batches:
-            raise PlanError(f"--batch ({self.batch}) must be divisible by --micro-batches ({self.micro_batches})")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise PlanError(f"optimizer {self.optimizer!r}: one of sgd, adamw")
+                raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.reserve < 0 or self.gpu_memory <= 0:
             raise PlanError("--gpu-memory must be > 0 and --reserve >= 0")
-        self.architecture()
+        check_world_size(self.world_size, num_classes=self.classes, zero=self.zero)
 
     def architecture(self) -> Architecture:
         return Architecture.named(self.backbone, self.layers, self.width, self.embedding)
@@ -336,7 +312,7 @@ def plan_memory(spec: PlanSpec) -> Plan:
     act = AMP_BYTES[spec.precision]
     copies = {"sgd": 1 if spec.momentum > 0 else 0, "adamw": 2}[spec.optimizer]
     _, num_local = class_shard(spec.classes, world, 0)
-    sampled = min(num_local, math.ceil(spec.sample_rate * num_local))
+    sampled = sampled_classes(num_local, spec.sample_rate)  # the batch's positives assumed among them
     rows, e = world * micro, spec.embedding
     centres = FP32 * num_local * e
     optimizer_state = "momentum" if spec.optimizer == "sgd" else "exp_avg, exp_avg_sq"
@@ -359,9 +335,13 @@ def plan_memory(spec: PlanSpec) -> Plan:
         gathered = FP32 * (arch.parameters() - sum(b.parameters() for b in arch.blocks()) + 2 * _largest_block(arch))
         in_step.append(Item("backbone", "gathered parameters", gathered, "root unit and two blocks at a time"))
     if spec.precision != "none":
-        in_step.append(Item("backbone", "low-precision weights", act * params, f"{spec.precision} copies made by autocast"))
+        in_step.append(
+            Item("backbone", "low-precision weights", act * params, f"{spec.precision} copies made by autocast")
+        )
     if spec.micro_batches > 1:
-        in_step.append(Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last"))
+        in_step.append(
+            Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last")
+        )
         in_step.append(Item("head", "accumulated gradient", centres, "earlier micro-batches"))
     backbone_grads = Item("backbone", "gradients", full if spec.zero == 0 else shard,
                           "fp32" if spec.zero == 0 else f"reduce-scattered to 1/{world} per unit")
@@ -380,7 +360,8 @@ def plan_memory(spec: PlanSpec) -> Plan:
     centre_side += FP32 * rows * sampled  # the logits' gradient
     head_backward = [
         Item("backbone", "activations", micro * kept, f"saved for backward, {micro} samples{checkpointing}"),
-        Item("head", "logits and softmax" if logits >= centre_side else "centre gradients", int(max(logits, centre_side)),
+        Item("head", "logits and softmax" if logits >= centre_side else "centre gradients",
+             int(max(logits, centre_side)),
              f"{rows} rows x {sampled:,} classes" if logits >= centre_side
              else f"normalised centres and their gradients, {sampled:,} x {e}"),
         Item("head", "all-gathered embeddings", 3 * FP32 * rows * e, f"{rows} x {e}: gathered, normalised, gradient"),
@@ -478,5 +459,6 @@ def suggest(spec: PlanSpec) -> list[dict]:
             suggestions.append({"set": changes, "peak_bytes": plan_memory(combined).peak, "fits": True})
     nodes = _fewest_nodes(spec)
     if nodes is not None:
-        suggestions.append({"set": {"nodes": nodes}, "peak_bytes": plan_memory(replace(spec, nodes=nodes)).peak, "fits": True})
+        peak = plan_memory(replace(spec, nodes=nodes)).peak
+        suggestions.append({"set": {"nodes": nodes}, "peak_bytes": peak, "fits": True})
     return suggestions

@@ -1,19 +1,20 @@
 """``mfrctl plan``: will a training configuration fit the GPUs, and what to switch on if not.
 
-The arithmetic is ctl/memory_model.py's; this is the command: flags (or a
-TrainConfig) in, a table or JSON/YAML out, and an exit status a script can
-test.
+The arithmetic is ctl/memory_model.py's; this is the command: a TrainConfig
+in (a file, ``--set`` overrides and the flags that stand for its settings,
+validated by TrainConfig's own rules), a table or JSON/YAML out, and an exit
+status a script can test.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-
-from mfr.trainer.config import BACKBONE_DEPTHS, ConfigError, load_config
+from mfr.trainer.config import BACKBONE_DEPTHS, ConfigError, TrainConfig, apply_overrides, read_yaml, validate_config
 
 from .console import Output, OutputOpt, fail, print_data
 from .memory_model import Plan, PlanError, PlanSpec, format_bytes, parse_memory, plan_memory, suggest
@@ -21,17 +22,39 @@ from .memory_model import Plan, PlanError, PlanSpec, format_bytes, parse_memory,
 # --- the command ---------------------------------------------------------------------------------
 
 FITS, DOES_NOT_FIT = 0, 3
+# The flags that stand for a TrainConfig setting: --batch 64 is --set data.batch_size=64.
+CONFIG_FLAGS = {
+    "classes": "head.num_classes", "embedding": "model.embedding_size", "backbone": "model.backbone",
+    "layers": "model.layers", "width": "model.width", "batch": "data.batch_size", "sample_rate": "head.sample_rate",
+    "precision": "run.amp", "zero": "optim.zero", "activation_checkpointing": "model.activation_checkpointing",
+    "checkpoint_every": "model.checkpoint_every", "micro_batches": "optim.micro_batches", "optimizer": "optim.name",
+}
 
 
-def _spec_from_config(path: Path) -> dict:
-    """The spec's fields of a TrainConfig file, validated by the config's own rules."""
-    spec = asdict(PlanSpec.from_config(load_config(path)))
-    return {k: v for k, v in spec.items() if k not in ("nodes", "gpus_per_node", "gpu_memory", "reserve")}
+def _config(path: Path | None, sets: list[str], flags: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig planned: the file (else TrainConfig's defaults, not the demo's), then --set, then ``flags``."""
+    if "layers" in flags:
+        flags = {"backbone": "custom", **flags}
+    elif "backbone" in flags:
+        flags = {**flags, "layers": None}  # a named backbone replaces the file's custom layers
+    overrides = [*sets, *(f"{CONFIG_FLAGS[name]}={json.dumps(value)}" for name, value in flags.items())]
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    head = data.get("head", {})
+    if isinstance(head, dict) and "num_classes" not in head:
+        raise PlanError("give --classes (or --config with head.num_classes)")
+    return validate_config(data)
 
 
-def _parse_layers(text: str) -> tuple[int, ...]:
+def _flag_names(message: str, flags: dict[str, Any]) -> str:
+    """A config error in the words the user typed: ``--batch (6) must be divisible by --micro-batches (4)``."""
+    for name in flags:
+        message = re.sub(rf"(?<![\w.]){re.escape(CONFIG_FLAGS[name])}(?!\w)", "--" + name.replace("_", "-"), message)
+    return message
+
+
+def _parse_layers(text: str) -> list[int]:
     try:
-        return tuple(int(part) for part in text.replace(" ", "").strip("[]").split(","))
+        return [int(part) for part in text.replace(" ", "").strip("[]").split(",")]
     except ValueError:
         raise PlanError(f"--layers {text!r}: expected 4 stage depths, e.g. 3,25,88,3") from None
 
@@ -48,7 +71,7 @@ def _table(result: Plan) -> None:
         title=f"Per-GPU memory at the peak ({result.peak_moment}): {spec.nodes} x {spec.gpus_per_node} GPUs, "
         f"{name}, batch {spec.batch}/GPU",
         caption=f"head shard: {result.classes_per_gpu:,} of {spec.classes:,} classes per GPU"
-        f"{f', {result.sampled_classes:,} sampled per step' if result.sampled_classes < result.classes_per_gpu else ''}",
+        + (f", {result.sampled_classes:,} sampled per step" if result.sampled_classes < result.classes_per_gpu else ""),
     )
     for column, justify in (("part", "left"), ("item", "left"), ("memory", "right"), ("what", "left")):
         table.add_column(column, justify=justify)
@@ -75,9 +98,15 @@ def plan(
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Start from this TrainConfig YAML; flags override it.")
     ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a setting, e.g. --set head.sample_rate=0.1 (repeatable); flags win."),
+    ] = None,
     nodes: Annotated[int, typer.Option(help="Nodes (pods).")] = 1,
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")] = 1,
-    gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU: 80GiB, 80Gi (binary) or 32GB (decimal).")] = "80GiB",
+    gpu_memory: Annotated[
+        str, typer.Option(help="Memory of one GPU: 80GiB, 80Gi (binary) or 32GB (decimal).")
+    ] = "80GiB",
     reserve: Annotated[
         str, typer.Option(help="Per-GPU memory not available to tensors (CUDA context, NCCL, cuDNN).")
     ] = "1.5GiB",
@@ -106,33 +135,30 @@ def plan(
     activations) and this GPU's head shard (weights, gradient, momentum,
     logits and softmax buffers, all-gathered embeddings).  When it does not
     fit, lists switches that lower the peak, each checked with the planner.
+    The configuration is a TrainConfig, validated as mfrctl train does:
+    --config FILE (else TrainConfig's defaults), then --set key=value, then
+    the flags below that stand for its settings.
 
     Exit status: 0 it fits, 3 it does not fit, 2 impossible input; so a
     script can run `mfrctl plan ... -o json >/dev/null && submit`.
     """
+    given = {
+        "classes": classes, "embedding": embedding, "backbone": backbone, "width": width, "batch": batch,
+        "sample_rate": sample_rate, "precision": precision, "zero": zero,
+        "activation_checkpointing": activation_checkpointing, "checkpoint_every": checkpoint_every,
+        "micro_batches": micro_batches, "optimizer": optimizer, "layers": layers,
+    }
+    flags = {name: value for name, value in given.items() if value is not None}
     try:
-        values = _spec_from_config(config) if config is not None else {}
-        flags = {
-            "classes": classes, "embedding": embedding, "backbone": backbone, "width": width, "batch": batch,
-            "sample_rate": sample_rate, "precision": precision, "zero": zero,
-            "activation_checkpointing": activation_checkpointing, "checkpoint_every": checkpoint_every,
-            "micro_batches": micro_batches, "optimizer": optimizer,
-        }
-        values.update({k: v for k, v in flags.items() if v is not None})
         if layers is not None:
-            values["layers"] = _parse_layers(layers)
-            values["backbone"] = backbone or "custom"
-        elif backbone is not None:
-            values["layers"] = None
-        if "classes" not in values:
-            raise PlanError("give --classes (or --config with head.num_classes)")
-        spec = PlanSpec(
-            nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory=parse_memory(gpu_memory),
-            reserve=_parse_reserve(reserve), **values,
+            flags["layers"] = _parse_layers(layers)
+        spec = PlanSpec.from_config(
+            _config(config, set_ or [], flags), nodes=nodes, gpus_per_node=gpus_per_node,
+            gpu_memory=parse_memory(gpu_memory), reserve=_parse_reserve(reserve),
         )
         result = plan_memory(spec)
     except (PlanError, ConfigError) as e:
-        raise fail(str(e)) from None
+        raise fail(_flag_names(str(e), flags)) from None
     if not result.fits:
         result.suggestions = suggest(spec)
     if output == Output.table:

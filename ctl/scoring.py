@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mfr.trainer.progress import EVENTS_ENV
+
 from .launcher import _die_with_parent, free_port
 from .progress import EventTail
 
@@ -56,7 +58,7 @@ def score_with_ranks(embeddings: str, name: str, fprs: tuple[float, ...], split:
     base = os.environ | {
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
         "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1", "MFR_EVENTS_FILE": str(events),
+        "PYTHONUNBUFFERED": "1", EVENTS_ENV: str(events),
     }
     ranks: list[subprocess.Popen] = []
     logs = [workdir / f"rank-{rank}.log" for rank in range(nproc)]

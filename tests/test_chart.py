@@ -19,11 +19,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mfr.ctl.chart import ChartError, chart_dir, render
-from mfr.ctl.generate import schema_path, values_schema
+from mfr.ctl.chart import ChartError, chart_dir, parse_elastic, render
 from mfr.trainer.config import demo_config_path, read_yaml
 from tests.support.chart import KUBE_VERSION
 from tests.support.operator_rules import crd_errors, webhook_errors, with_change
+from charts.generate import schema_path, values_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def test_credentials_have_no_place_in_values_or_config():
 
 
 def test_values_schema_train_part_matches_trainconfig():
-    """Fails when TrainConfig changed and `python -m mfr.ctl.generate` was not run."""
+    """Fails when TrainConfig changed and `python -m charts.generate` was not run."""
     current = json.loads(schema_path().read_text())
     assert current == values_schema(current)
 
@@ -292,6 +292,33 @@ def test_pod_command_runs_from_the_package_install():
 def test_render_error_from_the_chart_itself_is_one_line():
     with pytest.raises(ChartError, match=r"^nodes 9 is outside elastic.minNodes..maxNodes 1..4$"):
         _render({"nodes": 9, "elastic": {"enabled": True}})
+
+
+# Elastic ranges, MIN:MAX and nodes: which rule each breaks, as mfrctl (--elastic, --nodes) and the chart
+# (elastic.minNodes/maxNodes, nodes: schema, then the template) word it.
+ELASTIC_RULES = {
+    "range": (r"^--elastic '\d+:\d+': expected MIN:MAX with 1 <= MIN <= MAX",
+              r"^(values elastic\.minNodes: minimum: got 0, want 1|elastic\.minNodes\.\.maxNodes \d+\.\.\d+: "
+              r"expected 1 <= minNodes <= maxNodes)"),
+    "nodes": (r"^--nodes \d+ is outside --elastic \d+:\d+$", r"^nodes \d+ is outside elastic\.minNodes\.\.maxNodes"),
+}
+
+
+@pytest.mark.parametrize("low, high, nodes, rule", [
+    (3, 1, 2, "range"), (0, 2, 1, "range"), (2, 4, 5, "nodes"), (2, 4, 1, "nodes"), (2, 4, 3, None), (3, 3, 3, None),
+])
+def test_mfrctl_and_the_chart_reject_the_same_elastic_ranges(low, high, nodes, rule):
+    values = {"nodes": nodes, "elastic": {"enabled": True, "minNodes": low, "maxNodes": high}}
+    if rule is None:
+        assert parse_elastic(f"{low}:{high}", nodes) == (low, high)
+        policy = _job(_render(values))["spec"]["elasticPolicy"]
+        assert (policy["minReplicas"], policy["maxReplicas"]) == (low, high)
+        return
+    python, chart = ELASTIC_RULES[rule]
+    with pytest.raises(ChartError, match=python):
+        parse_elastic(f"{low}:{high}", nodes)
+    with pytest.raises(ChartError, match=chart):
+        _render(values)
 
 
 def test_notes_say_where_checkpoints_go():

@@ -70,7 +70,7 @@ def _straight_or_resumed(rank, world, uri, overrides, split):
         return snapshot(trainer)
     first = make_trainer(rank, world, uri, overrides)
     train(first, split)
-    first.checkpointer.save(blocking=True)
+    first.checkpointer.save(first.step, blocking=True)
     del first
     second = make_trainer(rank, world, uri, overrides)
     assert second.checkpointer.resume().step == split
@@ -125,8 +125,8 @@ def _save_steps(rank, world, uri, overrides, steps):
     batches = iter(trainer.data)
     while trainer.step < steps:
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
-    trainer.checkpointer.finish()  # the last step is saved even when its due save was skipped (one in flight)
+        trainer.checkpointer.after_step(trainer.step)
+    trainer.checkpointer.finish(trainer.step)  # the last step is saved even when its due save was skipped (one in flight)
     trainer.checkpointer.close()
     return trainer.step
 
@@ -135,7 +135,8 @@ def test_corrupt_and_uncommitted_checkpoints_are_skipped_for_the_previous_commit
     from mfr.trainer.storage import MARKER, Storage
 
     root = tmp_path / "ckpt"
-    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5"], 6)
+    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5",
+                                                 "checkpoint.async_save=false"], 6)  # every due save is taken
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     # step 6 committed but a shard lost; step 8 written but never committed
@@ -220,7 +221,7 @@ def _train_through_outage(rank, world, uri, signals):
             trainer.checkpointer.wait()  # step 2 is committed
             barrier_with_parent("stop")
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
         if step == 4:
             trainer.checkpointer.wait()  # the save of step 4 has failed by now
             barrier_with_parent("start")
@@ -317,7 +318,7 @@ def _timed_saves(rank, world, uri):
     for seconds in (30, 66, 90, 138):
         now[0] = seconds + 35 * rank
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
     trainer.checkpointer.close()
 
 

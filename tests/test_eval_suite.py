@@ -202,7 +202,7 @@ def test_pair_list_scores_and_tpr_match_loops_and_sklearn(protocol):
 
 @pytest.mark.parametrize(("layers", "width"), [((1, 2, 1, 1), 0.3), ((2, 1, 3, 1), 0.0625)])
 def test_an_exported_state_dict_rebuilds_its_architecture(layers, width):
-    from mfr.trainer.evaluate import backbone_from_state
+    from mfr.trainer.saved_models import backbone_from_state
     from mfr.trainer.models import build_backbone
 
     torch.manual_seed(0)

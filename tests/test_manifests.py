@@ -1,4 +1,4 @@
-"""manifests/ is exactly what `mfrctl render` prints today (regenerate: python -m mfr.ctl.generate)."""
+"""manifests/ is exactly what `mfrctl render` prints today (regenerate: python -m charts.generate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mfr.ctl.generate import MANIFESTS, manifest_text, manifests_dir
+from charts.generate import MANIFESTS, manifest_text, manifests_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_no_stray_manifests():
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_manifest_has_not_drifted_from_the_chart(name):
     assert (manifests_dir() / name).read_text() == manifest_text(MANIFESTS[name]), (
-        f"manifests/{name} is stale: run python -m mfr.ctl.generate"
+        f"manifests/{name} is stale: run python -m charts.generate"
     )
 
 

@@ -165,8 +165,8 @@ def _dashboard_expr(expr: str) -> str:
 def test_every_dashboard_panel_query_returns_data_from_the_live_run(live_run):
     import json
 
-    from mfr.ctl.dashboard import panel_queries
-    from mfr.ctl.generate import dashboard_path
+    from charts.generate.dashboard import panel_queries
+    from charts.generate import dashboard_path
 
     queries = panel_queries(json.loads(dashboard_path().read_text()))
     assert len(queries) >= 20

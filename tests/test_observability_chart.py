@@ -198,9 +198,9 @@ def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
 
 # --- the dashboard ------------------------------------------------------------------------------------------------
 def test_dashboard_json_in_the_chart_is_the_generated_one():
-    """Fails when mfr.ctl.dashboard changed and `python -m mfr.ctl.generate` was not run."""
-    from mfr.ctl.dashboard import dashboard_json
-    from mfr.ctl.generate import dashboard_path
+    """Fails when charts/generate/dashboard.py changed and `python -m charts.generate` was not run."""
+    from charts.generate.dashboard import dashboard_json
+    from charts.generate import dashboard_path
 
     assert dashboard_path().read_text() == dashboard_json()
 
@@ -210,7 +210,7 @@ def test_dashboard_json_reads_back_into_the_sdk_model():
 
     from grafana_foundation_sdk.models.dashboard import Dashboard
 
-    from mfr.ctl.dashboard import UID, dashboard_json
+    from charts.generate.dashboard import UID, dashboard_json
 
     data = json.loads(dashboard_json())
     model = Dashboard.from_json(data)
@@ -220,7 +220,7 @@ def test_dashboard_json_reads_back_into_the_sdk_model():
 def test_dashboard_has_the_run_variables_and_every_panel_selects_the_run():
     import json
 
-    from mfr.ctl.dashboard import dashboard_json, panel_queries
+    from charts.generate.dashboard import dashboard_json, panel_queries
 
     data = json.loads(dashboard_json())
     assert [v["name"] for v in data["templating"]["list"]] == ["datasource", "namespace", "job"]
@@ -236,7 +236,7 @@ def test_dashboard_has_the_run_variables_and_every_panel_selects_the_run():
 def test_dashboard_configmap_carries_the_json_with_the_sidecar_label():
     import json
 
-    from mfr.ctl.dashboard import UID
+    from charts.generate.dashboard import UID
 
     values = {"monitoring": {"dashboard": {"enabled": True, "namespace": "monitoring",
                                            "annotations": {"grafana_folder": "ML"}}}}

@@ -27,7 +27,6 @@ import pytest
 import s3fs
 import yaml
 from mfr.ctl.chart import merge, render
-from mfr.ctl.generate import MANIFESTS, SECRET, manifests_dir
 from mfr.ctl.launcher import free_port
 
 from tests.support.apiserver import ApiServer
@@ -40,6 +39,7 @@ from tests.support.operator_rules import (
     trainjob_webhook_errors,
     webhook_errors,
 )
+from charts.generate import MANIFESTS, SECRET, manifests_dir
 
 pytestmark = pytest.mark.e2e
 

@@ -162,16 +162,24 @@ def test_config_file_is_the_starting_point(tmp_path):
     data = json.loads(_plan("--config", str(config), "--gpus-per-node", "4", "--batch", "32", "-o", "json").stdout)
     assert data["inputs"]["backbone"] == "r50" and data["inputs"]["micro_batches"] == 2
     assert data["inputs"]["batch"] == 32 and data["head_classes_per_gpu"] == 25_000
+    # --set as in mfrctl train, over the file; the flags win over both
+    args = ["--config", str(config), "--set", "optim.micro_batches=4", "--set", "data.batch_size=8", "--batch", "32"]
+    data = json.loads(_plan(*args, "-o", "json").stdout)
+    assert data["inputs"]["micro_batches"] == 4 and data["inputs"]["batch"] == 32
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--gpus-per-node", "0", "--classes", "10"], "--gpus-per-node must be >= 1"),
-        (["--classes", "-5"], "--classes must be >= 1"),
+        (["--classes", "-5"], "--classes: Input should be greater than or equal to 1"),
         (["--classes", "10", "--gpu-memory", "lots"], "--gpu-memory 'lots'"),
         (["--classes", "10", "--gpu-memory", "80"], "with a unit"),
-        (["--classes", "10", "--backbone", "r7"], "unknown backbone 'r7'"),
+        (["--classes", "10", "--backbone", "r7"], "--backbone: Input should be 'tiny', 'r18'"),
+        (["--classes", "10", "--checkpoint-every", "2"], "--checkpoint-every (2) needs model.activation_checkpointing"),
+        (["--classes", "10", "--set", "head.sample_rate=2"], "head.sample_rate: Input should be less than or equal"),
+        (["--classes", "10", "--set", "oops"], "--set 'oops': expected section.key=value"),
+        (["--classes", "4", "--gpus-per-node", "8"], "--classes (4) must be >= the world size (8)"),
         (["--classes", "10", "--batch", "6", "--micro-batches", "4"], "divisible by --micro-batches"),
         (["--classes", "10", "--zero", "2"], "more than one GPU"),
     ],

@@ -207,12 +207,12 @@ def test_dense_sharded_and_dtensor_entries_written_by_dcp_save_are_read(single_p
         load_tensors(str(tmp_path / "ck"), ("backbone",))
 
 
-def test_the_trainer_saves_tensors_only_and_the_grad_scaler_survives_as_tensors(checkpoints, tmp_path):
+def test_the_trainer_saves_tensors_only_and_the_grad_scaler_survivesas_tensors(checkpoints, tmp_path):
     """What mfr writes loads without unpickling anything: no pickled entry in a trainer's checkpoint, and the
     GradScaler state (fp16 on CUDA only, so not in that run) goes through DCP as 0-dim tensors, exactly."""
     import torch.distributed.checkpoint as dcp
 
-    from mfr.trainer.checkpoint import _as_numbers, _as_tensors
+    from mfr.trainer.checkpoint import as_numbers, as_tensors
     from mfr.trainer.checkpoint_reader import SafeLoadPlanner, SafeReader, tensor_shapes
 
     shapes = tensor_shapes(str(checkpoints["base"] / "good" / "checkpoints" / "step-00000001"))
@@ -222,11 +222,11 @@ def test_the_trainer_saves_tensors_only_and_the_grad_scaler_survives_as_tensors(
     saved = torch.amp.GradScaler("cpu", init_scale=2.0**13, growth_interval=7)
     saved.scale(torch.tensor(1.0))
     saved.update(4096.0)
-    dcp.save({"scaler": _as_tensors(saved.state_dict())}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
-    state = {"scaler": _as_tensors(torch.amp.GradScaler("cpu").state_dict())}
+    dcp.save({"scaler": as_tensors(saved.state_dict())}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+    state = {"scaler": as_tensors(torch.amp.GradScaler("cpu").state_dict())}
     dcp.load(state, storage_reader=SafeReader(str(tmp_path / "ck")), planner=SafeLoadPlanner(), no_dist=True)
     loaded = torch.amp.GradScaler("cpu")
-    loaded.load_state_dict(_as_numbers(state["scaler"]))
+    loaded.load_state_dict(as_numbers(state["scaler"]))
     assert loaded.state_dict() == saved.state_dict() == {
         "scale": 4096.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 7, "_growth_tracker": 0
     }

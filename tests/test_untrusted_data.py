@@ -19,7 +19,8 @@ from PIL import Image
 
 from mfr.trainer.config import ConfigError
 from mfr.trainer.data import recordio, shards
-from mfr.trainer.data.sources import Augment, BadSample, RecordFaces, ShardFaces, decode
+from mfr.trainer.data.augment import Augment
+from mfr.trainer.data.sources import BadSample, RecordFaces, ShardFaces, decode
 from tests.support.datasets import samples, tagged_image, write_folder
 
 MiB = 2**20

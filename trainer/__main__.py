@@ -26,7 +26,7 @@ import traceback
 
 from . import exitcodes
 from .config import ConfigError, TrainConfig, load_config
-from .progress import Progress
+from .progress import Progress, log
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> None:
 def _fail(kind: str, message: str, code: int) -> int:
     """One line on stderr; rank 0 also tells ``mfrctl train`` through its events."""
     Progress(enabled=os.environ.get("RANK", "0") == "0").event("error", kind=kind, message=message)
-    print(f"mfr: {'config error' if kind == 'config' else 'training aborted'}: {message}", file=sys.stderr)
+    log.error(f"{'config error' if kind == 'config' else 'training aborted'}: {message}")
     return code
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as err:
         return _fail("aborted", str(err), exitcodes.ABORTED)
     except Preempted as err:
-        print(f"mfr: {err}", file=sys.stderr)
+        log.error(str(err))
         return exitcodes.PREEMPTED
     except Exception as err:
         if not is_peer_loss(err):
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _unavailable(why: str) -> int:
     """Something outside this process is gone; a restart of the job resumes from the last commit."""
-    print(
-        f"mfr: {why}; exiting {exitcodes.UNAVAILABLE} so the job is restarted from its last checkpoint",
-        file=sys.stderr, flush=True,
-    )
+    log.error(f"{why}; exiting {exitcodes.UNAVAILABLE} so the job is restarted from its last checkpoint")
     return exitcodes.UNAVAILABLE
 
 

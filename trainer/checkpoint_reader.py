@@ -13,7 +13,7 @@ whatever the file asks for.  Here:
   checkpoint directory), so a small file cannot make a reader allocate
   more than the checkpoint's files hold;
 - non-tensor ("bytes") entries are never read: mfr saves only tensors
-  (``checkpoint.training_state``), and a bytes entry under a key being
+  (``Trainer.state_dict``), and a bytes entry under a key being
   loaded refuses the checkpoint.  (Tensor entries are read by DCP with
   ``torch.load(weights_only=True)``, torch's own allow-list.)
 
@@ -53,6 +53,8 @@ from .config import ConfigError
 from .storage import Storage, StorageError, fsspec_options
 
 METADATA = ".metadata"
+# The top-level entries of a checkpoint, as ``Trainer.state_dict`` writes them; readers load by these names.
+BACKBONE, HEAD, OPTIM, PROGRESS, SCALER, DISTILL, RNG = "backbone", "head", "optim", "progress", "scaler", "distill", "rng"
 # Every class a torch 2.13 dcp.save writes into .metadata (dense, ShardedTensor and DTensor entries alike).
 _ALLOWED_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)

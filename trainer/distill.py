@@ -31,10 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, DataConfig, TeacherConfig, TrainConfig
+from .config import ArchitectureConfig, ConfigError, DataConfig, TeacherConfig, TrainConfig
 from .dist import DistEnv
 from .features import Features, FeatureWriter
 from .models import IResNet, build_backbone
+from .saved_models import first_mismatch
 from .storage import CheckpointInfo, find_checkpoint
 
 _PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,19 +51,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 # -- the teacher checkpoint -------------------------------------------------------
 
 
-def _shape(t: torch.Tensor) -> str:
-    return " x ".join(str(n) for n in t.shape) or "scalar"
-
-
-def _first_mismatch(saved: dict[str, str], expected: dict[str, str]) -> str | None:
-    """The first tensor whose shape differs between a checkpoint and an architecture, in words."""
-    for name, shape in expected.items():
-        if saved.get(name) != shape:
-            return f"backbone.{name} is {saved.get(name, 'missing')} there, {shape} in the configured teacher"
-    extra = [name for name in saved if name not in expected]
-    return f"backbone.{extra[0]} ({saved[extra[0]]}) there is not in the configured teacher" if extra else None
-
-
 def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = None) -> tuple[IResNet, CheckpointInfo]:
     """The configured teacher architecture with the checkpoint's backbone weights, frozen, on the CPU.
 
@@ -74,11 +62,10 @@ def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = No
     info = find_checkpoint(cfg.checkpoint or "", storage_options=storage_options)
     model = build_backbone(cfg.backbone, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
     state = load_tensors(info.url, ("backbone",), storage_options).get("backbone", {})
-    saved = {k: _shape(v) for k, v in state.items()}
-    problem = _first_mismatch(saved, {k: _shape(v) for k, v in model.state_dict().items()})
+    problem = first_mismatch(state, model, prefix="backbone.", here="the configured teacher")
     if problem:
         model_cfg = (info.config or {}).get("model")
-        used = {k: model_cfg.get(k) for k in ("backbone", "layers", "width", "embedding_size")} if model_cfg else None
+        used = {k: model_cfg.get(k) for k in ArchitectureConfig.model_fields} if model_cfg else None
         hint = f" (that run's model: {json.dumps(used)})" if used else ""
         raise ConfigError(
             f"teacher checkpoint {info.url} does not match distill.teacher "
@@ -249,7 +236,7 @@ def extract(
             "teacher": {
                 "checkpoint": teacher.info.url,
                 "step": teacher.info.step,
-                **teacher_cfg.model_dump(include={"backbone", "layers", "width", "embedding_size"}),
+                **teacher_cfg.model_dump(include=set(ArchitectureConfig.model_fields)),
             },
         }
     )

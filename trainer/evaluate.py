@@ -14,8 +14,6 @@ crop plus that of its mirror image.
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,57 +84,6 @@ class HeldOutEvaluator:
         finally:
             backbone.train(was_training)
         return verification_report(unmasked, masked, self.labels, fprs=tuple(self.cfg.fprs))
-
-
-def backbone_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """An eval-mode iResNet holding a plain state dict, its architecture read off the tensors.
-
-    An exported state dict carries no config: the blocks per stage come from
-    the keys, the width from the last (widest) stage, the embedding size from
-    the head.
-    """
-    from .config import STAGE_WIDTHS
-    from .models import build_backbone
-
-    try:
-        blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}
-        layers = [1 + max((b for s, b in blocks if s == stage), default=-1) for stage in range(len(STAGE_WIDTHS))]
-        width = state["head.0.weight"].shape[0] / STAGE_WIDTHS[-1]  # the widest stage pins it closest
-        backbone = build_backbone("custom", layers=layers, width=width, embedding_size=state["head.3.weight"].shape[0])
-        backbone.load_state_dict(state, strict=True)
-    except (KeyError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{source}: not an iResNet backbone state dict ({reason[:200]})") from None
-    return backbone.eval()
-
-
-def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone at ``url`` and what it is.
-
-    ``url`` is a committed ``step-<N>`` directory, a checkpoint root (its
-    newest committed step), or an exported torch state dict (``.pt``; with or
-    without ``--head``); local or ``s3://``.
-    """
-    from .checkpoint_reader import load_tensors
-    from .export import checkpoint_backbone
-    from .storage import find_checkpoint, open_url
-
-    fs, path = open_url(url, what="the model")
-    if fs.isfile(path):
-        try:
-            loaded = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConfigError(f"{url}: not a torch.save file ({type(err).__name__}); pass a checkpoint or an "
-                              "exported backbone state dict (.pt)") from None
-        if isinstance(loaded, dict) and isinstance(loaded.get("backbone"), dict):
-            loaded = loaded["backbone"]  # an export with --head
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{url}: holds a {type(loaded).__name__}, not a backbone state dict")
-        return backbone_from_state(loaded, url), {"url": url, "kind": "exported", "step": None}
-
-    info = find_checkpoint(url)
-    backbone = checkpoint_backbone(info, load_tensors(info.url, ("backbone",))["backbone"])
-    return backbone, {"url": info.url, "kind": "checkpoint", "step": info.step}
 
 
 class Embedder:

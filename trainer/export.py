@@ -32,7 +32,8 @@ from torch import nn
 
 from .checkpoint_reader import load_tensors
 from .config import INPUT_SIZE, ConfigError
-from .models import IResNet, build_backbone
+from .models import IResNet
+from .saved_models import checkpoint_backbone
 from .storage import CheckpointInfo
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "embeddings"
@@ -43,36 +44,6 @@ PROTOBUF_LIMIT = 2**31 - 2**24  # an ONNX file is one protobuf message; the grap
 
 class ExportMismatch(RuntimeError):
     """The ONNX model's embeddings differ from torch's by more than ``MAX_ABS_DIFF``."""
-
-
-def checkpoint_backbone(info: CheckpointInfo, state: dict[str, torch.Tensor]) -> IResNet:
-    """The eval-mode backbone that ``info``'s training config describes, holding ``state``.
-
-    A config that does not describe these tensors is a ``ConfigError`` naming the first difference.
-    """
-    model_cfg = (info.config or {}).get("model")
-    if not isinstance(model_cfg, dict):
-        raise ConfigError(f"{info.url}: its commit record has no model config to build the backbone from")
-    try:
-        model = build_backbone(
-            model_cfg["backbone"], layers=model_cfg.get("layers"), width=model_cfg.get("width"),
-            embedding_size=model_cfg["embedding_size"],
-        )
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"{info.url}: its model config cannot build a backbone ({err})") from None
-    expected = model.state_dict()
-    problem = next(
-        (
-            f"{k} is {tuple(state[k].shape) if k in state else 'missing'}, the config gives {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k not in state or state[k].shape != v.shape
-        ),
-        next((f"{k} is not in the configured backbone" for k in state if k not in expected), None),
-    )
-    if problem:
-        raise ConfigError(f"{info.url}: the backbone tensors do not match the run's model config: {problem}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:

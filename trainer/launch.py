@@ -34,6 +34,7 @@ import sys
 import time
 
 from . import exitcodes
+from .progress import configure, log
 
 TRAINER_MODULE = "mfr.trainer"
 MODULES = (TRAINER_MODULE, "mfr.trainer.score")  # what a pod may run: training, or scoring embedded sets
@@ -67,7 +68,7 @@ def wait_for(endpoints: list[str], timeout: float = WAIT_TIMEOUT_S, pause: float
                 if time.monotonic() >= deadline:
                     return False
                 if time.monotonic() - said >= 30:
-                    print(f"mfr: waiting for {endpoint} ({err})", file=sys.stderr, flush=True)
+                    log.warning(f"waiting for {endpoint} ({err})")
                     said = time.monotonic()
                 time.sleep(pause)
     return True
@@ -80,33 +81,35 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
 
+    configure(None)  # this process is the pod's agent, not a training rank (RANK is the node's here)
+
     args = sys.argv[1:] if argv is None else argv
     module = TRAINER_MODULE
     if args[:1] == ["--module"]:
         module, args = (args[1] if len(args) > 1 else ""), args[2:]
         if module not in MODULES:
-            print(f"mfr: --module {module!r}: one of {', '.join(MODULES)}", file=sys.stderr)
+            log.error(f"--module {module!r}: one of {', '.join(MODULES)}")
             return exitcodes.CONFIG_ERROR
     endpoints = [e.strip() for e in os.environ.get(WAIT_FOR_ENV, "").split(",") if e.strip()]
     if endpoints and not wait_for(endpoints):
-        print(f"mfr: {', '.join(endpoints)} not reachable after {WAIT_TIMEOUT_S:.0f} s; "
-              f"exiting {exitcodes.UNAVAILABLE} so the pod is retried", file=sys.stderr, flush=True)
+        log.error(f"{', '.join(endpoints)} not reachable after {WAIT_TIMEOUT_S:.0f} s; "
+                  f"exiting {exitcodes.UNAVAILABLE} so the pod is retried")
         return exitcodes.UNAVAILABLE
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         torchrun(["-m", module, *args])
     except SignalException as err:
-        print(f"mfr: stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
+        log.error(f"stopped by signal {err.sigval.name}")
         return exitcodes.from_signal(int(err.sigval))
     except ChildFailedError as err:
         code = worker_exit_code([(f.timestamp, f.exitcode) for f in err.failures.values()])
         ranks = ", ".join(f"rank {rank} {f.exitcode if f.exitcode >= 0 else f.signal_name()}"
                           for rank, f in sorted(err.failures.items()))
-        print(f"mfr: worker(s) failed ({ranks}); pod exit code {exitcodes.describe(code)}", file=sys.stderr, flush=True)
+        log.error(f"worker(s) failed ({ranks}); pod exit code {exitcodes.describe(code)}")
         return code
     except (RendezvousError, DistError) as err:
-        print(f"mfr: rendezvous failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
-              f"exiting {exitcodes.UNAVAILABLE} so the pod is retried", file=sys.stderr, flush=True)
+        log.error(f"rendezvous failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                  f"exiting {exitcodes.UNAVAILABLE} so the pod is retried")
         return exitcodes.UNAVAILABLE
     return exitcodes.DONE
 

@@ -38,7 +38,7 @@ from . import exitcodes
 from .config import ConfigError
 from .features import INDEX, Features, open_features
 from .pairsets import TILE, ListedPairs, MatrixPairs, one_blas_thread, unit_rows
-from .progress import Progress
+from .progress import Progress, log
 from .tail import Bracket, ImpostorTail, TailState, allowed_false_accepts, brackets_from_sample, finish, merge
 from .verification import DEFAULT_FPRS, PROTOCOLS, ProtocolResult, is_supported
 
@@ -410,8 +410,8 @@ class _Reporter:
             self.progress.event("score", protocol=protocol, done=done, total=total, pairs_per_second=rate, eta_s=eta)
         if now - self.last_log >= self.log_every or done >= total:
             self.last_log = now
-            self.progress.log(f"scoring {protocol}: {done:,} of {total:,} pairs, {rate:,.0f} pairs/s"
-                              + (f", ETA {eta:,.0f} s" if eta is not None else ""))
+            log.info(f"scoring {protocol}: {done:,} of {total:,} pairs, {rate:,.0f} pairs/s"
+                     + (f", ETA {eta:,.0f} s" if eta is not None else ""))
 
 
 def _write(url: str, payload: bytes) -> None:
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 plot_roc([entry], lambda png: _write(args.roc, png))
             progress.event("scored", report=args.report)
-            progress.log(f"report written to {args.report}")
+            log.info(f"report written to {args.report}")
     except ConfigError as err:
         return _fail(progress, str(err))
     except StorageError as err:
@@ -465,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(progress: Progress, message: str) -> int:
     progress.event("error", kind="config", message=message)
-    print(f"mfr: score: {message}", file=sys.stderr, flush=True)
+    log.error(f"score: {message}")
     return exitcodes.CONFIG_ERROR
 
 
 def _unavailable(why: str) -> int:
-    print(f"mfr: score: {why}; exiting {exitcodes.UNAVAILABLE} so the job is retried", file=sys.stderr, flush=True)
+    log.error(f"score: {why}; exiting {exitcodes.UNAVAILABLE} so the job is retried")
     return exitcodes.UNAVAILABLE
 
 

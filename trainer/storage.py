@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,12 +29,11 @@ from typing import Any, TypeVar
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError
+from .config import STEP_DIR, ConfigError
 from .credentials import redact
 
 MARKER = "COMMITTED"
 LATEST = "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 T = TypeVar("T")
 
 
@@ -220,7 +218,7 @@ class Storage:
         found = []
         for entry in self.retry("listing checkpoints", listing):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            match = _STEP_DIR.match(name)
+            match = STEP_DIR.match(name)
             if match is None or entry.get("type") != "directory":
                 continue
             info = self._info(name, int(match.group(1)))
@@ -244,7 +242,8 @@ class Storage:
             size = sum(int(f.get("size") or 0) for f in files)
             return CheckpointInfo(name, url, step, False, max(times) if times else None, None, size)
         return CheckpointInfo(
-            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"), record.get("config")
+            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"),
+            record.get("config"),
         )
 
     def latest_committed(self) -> CheckpointInfo | None:
@@ -279,7 +278,7 @@ def find_checkpoint(
     committed one.  An interrupted save is refused unless ``committed=False`` (to inspect it);
     a name that finds nothing is a ``ConfigError`` pointing at ``mfrctl ckpt ls``."""
     root, _, name = url.rstrip("/").rpartition("/")
-    match = _STEP_DIR.match(name)
+    match = STEP_DIR.match(name)
     if step is None and root and match:
         step = int(match.group(1))
     else:
@@ -294,7 +293,9 @@ def find_checkpoint(
     if info is None:
         raise ConfigError(f"no checkpoint of step {step} under {root} (mfrctl ckpt ls {root})")
     if committed and not info.committed:
-        raise ConfigError(f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})")
+        raise ConfigError(
+            f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})"
+        )
     return info
 
 
@@ -313,7 +314,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *, what: s
     one-line error when the URL cannot be opened; ``fresh``: a filesystem of this process's own.
     """
     try:
-        return url_to_fs(url, **({"skip_instance_cache": True} if fresh else {}), **fsspec_options(url, storage_options))
+        fresh_options = {"skip_instance_cache": True} if fresh else {}
+        return url_to_fs(url, **fresh_options, **fsspec_options(url, storage_options))
     except (ImportError, ValueError, TypeError) as err:
         raise ConfigError(f"{what} {redact(url)}: cannot open it ({redact(str(err))})") from None
 

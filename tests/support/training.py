@@ -45,7 +45,7 @@ def train_and_save(rank, world, uri, overrides, steps):
     """Train ``steps`` steps, save asynchronously as in training, wait for the commit; the rank's snapshot."""
     trainer = make_trainer(rank, world, uri, overrides)
     train(trainer, steps)
-    trainer.checkpointer.save(blocking=False)  # the async path, as in training
+    trainer.checkpointer.save(trainer.step, blocking=False)  # the async path, as in training
     trainer.checkpointer.close()
     return snapshot(trainer)
 

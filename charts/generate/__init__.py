@@ -1,10 +1,10 @@
-"""Regenerate what is derived from the code: ``python -m mfr.ctl.generate`` (from a checkout).
+"""Regenerate what is derived from the code: ``python -m charts.generate`` from the checkout's root.
 
 * the ``train:`` part of charts/mfr-trainer/values.schema.json, from the
   TrainConfig model, so Helm validates training settings exactly as the
   trainer does (its cross-field rules are checked by mfrctl and the trainer);
 * charts/mfr-trainer/dashboards/mfr-training.json, the Grafana dashboard
-  built by mfr.ctl.dashboard (needs the test extra's grafana-foundation-sdk);
+  built by charts/generate/dashboard.py (needs the test extra's grafana-foundation-sdk);
 * manifests/*.yaml, each the output of the ``mfrctl render`` command written
   in its header, for kubectl/kustomize users.
 
@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mfr.ctl.chart import chart_dir
 from mfr.trainer.config import TrainConfig
-
-from .chart import chart_dir
 
 # Every manifest names real checkpoint storage: an S3 URI to replace, and the Secret the pods
 # read the S3 credentials from (made with the command in the manifest's header).
@@ -119,7 +118,7 @@ def manifest_text(args: list[str]) -> str:
     uri = args[args.index("--checkpoint") + 1]
     header = (
         f"# Rendered from charts/mfr-trainer by: mfrctl render {' '.join(args)}\n"
-        "# Do not edit: regenerate every manifest with `python -m mfr.ctl.generate`.\n"
+        "# Do not edit: regenerate every manifest with `python -m charts.generate`.\n"
         f"# Checkpoints go to {uri}: replace {BUCKET} with your bucket.  The pods read the S3\n"
         f"# credentials from Secret {SECRET} (each key a variable); make it in the namespace first:\n"
         f"#   {SECRET_COMMAND}\n"
@@ -128,7 +127,7 @@ def manifest_text(args: list[str]) -> str:
 
 
 def manifests_dir() -> Path:
-    """manifests/ of the checkout this package runs from (not part of an installed package)."""
+    """manifests/ of the checkout (not part of an installed package)."""
     return chart_dir().parent.parent / "manifests"
 
 
@@ -152,7 +151,3 @@ def main() -> None:
         target = manifests_dir() / name
         target.write_text(manifest_text(args))
         print(f"wrote {target}")
-
-
-if __name__ == "__main__":
-    main()
