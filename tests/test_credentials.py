@@ -52,7 +52,7 @@ def test_mfrctl_render_refuses_a_nested_secret_instead_of_rendering_it():
 
 def test_user_info_of_urls_is_redacted_wherever_errors_and_logs_are_printed(monkeypatch, tmp_path, capsys):
     from mfr.ctl.console import Output, fail, print_data
-    from mfr.trainer.progress import EVENTS_ENV, Progress
+    from mfr.trainer.progress import EVENTS_ENV, Progress, configure, log
     from mfr.trainer.storage import Storage, StorageError
 
     endpoint = f"http://minio:{SECRET}@127.0.0.1:9"
@@ -65,7 +65,9 @@ def test_user_info_of_urls_is_redacted_wherever_errors_and_logs_are_printed(monk
 
     monkeypatch.setenv(EVENTS_ENV, str(tmp_path / "events.jsonl"))
     progress = Progress(enabled=True)
-    progress.log(f"checkpoint committed to {endpoint}/ckpt")
+    configure(None)  # the handler a launcher process has, writing to the streams capsys holds
+    log.info(f"checkpoint committed to {endpoint}/ckpt")
+    log.error(f"cannot write {endpoint}/ckpt")
     progress.event("checkpoint", url=f"{endpoint}/ckpt")
     progress.close()
     fail(f"cannot reach {endpoint}")
@@ -74,5 +76,6 @@ def test_user_info_of_urls_is_redacted_wherever_errors_and_logs_are_printed(monk
     events = (tmp_path / "events.jsonl").read_text()
     assert SECRET not in printed.out + printed.err + events
     assert "committed to http://***@127.0.0.1:9/ckpt" in printed.out and "cannot reach http://***@" in printed.err
+    assert "mfr: cannot write http://***@127.0.0.1:9/ckpt" in printed.err
     assert json.loads(events)["url"] == "http://***@127.0.0.1:9/ckpt"
     assert str(ConfigError(f"{endpoint}: no such folder")) == "http://***@127.0.0.1:9: no such folder"

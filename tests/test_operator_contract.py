@@ -66,6 +66,9 @@ def _shrink(objects: list[dict]) -> dict:
             (container,) = rspec["template"]["spec"]["containers"]
             next(p for p in container["ports"] if p["name"] == "pytorchjob-port")["containerPort"] = port
             container.get("resources", {}).get("limits", {}).pop("nvidia.com/gpu", None)
+    else:  # one process per pod, as for the PyTorchJob: 2 CPU cores run the whole job
+        job["spec"]["trainer"]["numProcPerNode"] = 1
+        job["spec"]["trainer"].get("resourcesPerNode", {}).get("limits", {}).pop("nvidia.com/gpu", None)
     for configmap in (o for o in objects if o["kind"] == "ConfigMap"):
         config = yaml.safe_load(configmap["data"]["config.yaml"])
         configmap["data"]["config.yaml"] = yaml.safe_dump(merge(config, TINY))

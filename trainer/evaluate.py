@@ -60,7 +60,9 @@ class HeldOutEvaluator:
         images = [
             to_tensor(self.faces.render(i // per_id, i % per_id, masked=masked)) for i in mine if i < n
         ]
-        images += [torch.zeros_like(images[0])] * (len(mine) - len(images))
+        if len(images) < len(mine):  # the share runs past the last photo (or past all: more ranks than photos)
+            blank = torch.zeros_like(to_tensor(self.faces.render(0, 0, masked=masked)))
+            images += [blank] * (len(mine) - len(images))
         return torch.stack(images)
 
     @torch.no_grad()
