@@ -93,17 +93,19 @@ def _sharded(rank: int, world_size: int, margins, sample_rate: float):
     loss = head(emb, y)
     loss.backward()
 
-    sampled = None
+    sampled, grad = None, head.weight.grad
     if sample_rate < 1:  # replay the head's draw to learn which classes it kept
         head.sampler.set_state(sampler_state)
         local = labels - head.start
         target = torch.where((local >= 0) & (local < head.num_local), local, -1)
         index, _ = head.sample_classes(target)
         sampled = index + head.start
+        assert grad.is_sparse and torch.equal(grad.coalesce().indices()[0], index), "a gradient row per sampled class"
+        grad = grad.to_dense()
     return {
         "loss": loss.detach(),
         "emb_grad": emb.grad,
-        "head_grad": head.weight.grad,
+        "head_grad": grad,
         "start": head.start,
         "num_local": head.num_local,
         "sampled": sampled,

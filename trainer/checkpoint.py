@@ -6,7 +6,8 @@ by the protocol of ``storage``.  It holds:
 - the backbone and its optimizer state (replicated: DCP writes them once;
   under ZeRO, DTensor shards under the same names, so a checkpoint moves
   between ``optim.zero`` settings and world sizes like any other);
-- the head's class rows and their optimizer state, each rank its own block
+- the head's class rows and their optimizer state, up to date (``row_optim``
+  catches up lazily stepped rows first), each rank its own block
   with the block's global row offset, so that on load DCP hands every rank
   exactly the rows it owns in the *new* world (2 -> 3 ranks, 3 -> 1, ...);
 - the step, the data position (world-size independent, see data.loader),
@@ -99,6 +100,7 @@ def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
     """The DCP state dict of ``trainer``: views of the live tensors (load writes in place)."""
     model, head, opt = trainer.backbone, trainer.head, trainer.optimizer
     reshard(model)  # ZeRO: parameters as the DTensor shards the optimizer state is keyed by
+    opt.catch_up()  # head rows that SGD stepped lazily: every row and its momentum up to date (row_optim)
     names = {p: n for n, p in model.named_parameters()}
     head_slots = {
         k: _rows(v, head.start, head.num_classes, head.group) if v.shape == head.weight.shape else v
