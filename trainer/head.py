@@ -39,6 +39,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .scratch import Scratch
+
 _COS_EPS = 1e-7
 _NORM_EPS = 1e-12  # F.normalize's floor on a norm
 
@@ -112,8 +114,8 @@ class _MarginSoftmax(torch.autograd.Function):
     the cosines are ``(x W^T) / |w|``, and the normalisation's backward has
     the closed form ``dL/dw = (g - (w.g / |w|^2) w) / |w|`` with ``g`` the
     gradient w.r.t. the normalised row.  The rows' gradient goes straight to
-    ``weight.grad``: into ``grad_buffer`` when there is one (all rows), or as a
-    sparse COO tensor of the sampled rows.
+    ``weight.grad`` (written into ``grad_buffer`` unless it accumulates there):
+    dense for all rows, a sparse COO tensor of the sampled rows otherwise.
     """
 
     @staticmethod
@@ -213,7 +215,7 @@ class PartialFC(nn.Module):
         # What a step reads as the current values of the rows ``index`` (all rows: None).  An optimizer
         # that steps rows lazily installs its own reader, which brings them up to date (row_optim).
         self.read_rows: Callable[[torch.Tensor | None], torch.Tensor] = self._stored_rows
-        self._grad: torch.Tensor | None = None
+        self._scratch = Scratch()
 
     def _stored_rows(self, index: torch.Tensor | None) -> torch.Tensor:
         return self.weight if index is None else self.weight[index]
@@ -243,22 +245,14 @@ class PartialFC(nn.Module):
         dtype = torch.promote_types(torch.promote_types(global_embeddings.dtype, self.weight.dtype), torch.float32)
         with torch.no_grad():
             rows = self.read_rows(index)
+        grad_buffer = None  # where the backward writes the rows' gradient (see scratch)
+        if dtype == self.weight.dtype:
+            grad_buffer = self._scratch("grad", len(rows), self.weight)
         with torch.autocast(embeddings.device.type, enabled=False):
             normalised = F.normalize(global_embeddings.to(dtype))
             return _MarginSoftmax.apply(
-                normalised, self.weight, rows, index, target, valid, self.margins, self.scale, self.group,
-                self._grad_buffer(dtype) if index is None else None,
+                normalised, self.weight, rows, index, target, valid, self.margins, self.scale, self.group, grad_buffer
             )
-
-    def _grad_buffer(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Where the backward writes the gradient of all rows, kept from step to step: a block this
-        large would otherwise be mapped anew, and page-faulted in, every step (glibc, CUDA's allocator
-        keeps it anyway).  None when the gradient is computed in another dtype."""
-        if dtype != self.weight.dtype:
-            return None
-        if self._grad is None or self._grad.shape != self.weight.shape or self._grad.device != self.weight.device:
-            self._grad = torch.empty_like(self.weight)
-        return self._grad
 
     def sample_classes(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep every local positive class plus uniformly random negatives.

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from .scratch import Scratch
+
 _CATCH_UP_ROWS = 8192  # rows per block when every row is caught up (bounds the temporary)
 
 
@@ -102,6 +104,7 @@ class LazySGD(torch.optim.SGD):
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self._lags: dict[torch.Tensor, _Lag] = {}
+        self._scratch = Scratch()  # the gathered rows and their momentum
         # torch's own state_dict()/load_state_dict() see, and restore, up-to-date rows too
         self.register_state_dict_pre_hook(lambda optimizer: optimizer.catch_up())
         self.register_load_state_dict_post_hook(lambda optimizer: optimizer._lags.clear())
@@ -112,15 +115,18 @@ class LazySGD(torch.optim.SGD):
         if index is None:
             self._catch_up(p)
             return p
-        rows = p[index]
+        rows = torch.index_select(p, 0, index, out=self._scratch("rows", len(index), p))
         lag = self._lags.get(p)
         if lag is not None and not lag.current:
             owed = lag.owed(index).to(p.dtype)[:, :, :, None]
             rows.mul_(owed[:, 0, 0])
             buf = self.state[p].get("momentum_buffer")
             if buf is not None:
-                rows.addcmul_(buf[index], owed[:, 0, 1])
+                rows.addcmul_(self._gather(buf, index), owed[:, 0, 1])
         return rows
+
+    def _gather(self, buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(buf, 0, index, out=self._scratch("buf_rows", len(index), buf))
 
     def step(self, closure=None):
         with torch.no_grad():
@@ -154,11 +160,11 @@ class LazySGD(torch.optim.SGD):
         owed = lag.owed(rows)
         both = (skipped @ owed).to(p.dtype)[:, :, :, None]
         owed = owed.to(p.dtype)[:, :, :, None]
-        weight = p[rows]
+        weight = torch.index_select(p, 0, rows, out=self._scratch("rows", len(rows), p))  # the forward's are done
         if buf is None:
             weight.mul_(both[:, 0, 0]).add_(grad, alpha=-lr)
         else:
-            rows_buf = buf[rows]
+            rows_buf = self._gather(buf, rows)
             new_buf = grad.addcmul_(weight, both[:, 1, 0]).addcmul_(rows_buf, both[:, 1, 1])
             weight.mul_(owed[:, 0, 0]).addcmul_(rows_buf, owed[:, 0, 1]).add_(new_buf, alpha=-lr)
             buf.index_copy_(0, rows, new_buf)
