@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -48,7 +49,7 @@ def _bench(rank: int, world: int, uri: str, classes: int, embedding: int, repeat
         f"checkpoint.uri={json.dumps(uri)}",
     ])
     trainer = Trainer(cfg, DistEnv(rank, 0, world, world, 0, torch.device("cpu")))
-    trainer.progress.enabled = False
+    logging.getLogger("mfr").setLevel(logging.WARNING)  # no progress lines in the timings
     batches = iter(trainer.data)
     cp = trainer.checkpointer
     result: dict[str, list[float]] = {"sync": [], "stall": [], "async": [], "restore": []}
@@ -56,13 +57,13 @@ def _bench(rank: int, world: int, uri: str, classes: int, embedding: int, repeat
         trainer.train_step(*next(batches))
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        cp.save(blocking=True)
+        cp.save(trainer.step, blocking=True)
         result["sync"].append(time.perf_counter() - t0)
 
         trainer.train_step(*next(batches))
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        cp.save(blocking=False)
+        cp.save(trainer.step, blocking=False)
         result["stall"].append(time.perf_counter() - t0)
         cp.poll(wait=True)
         result["async"].append(time.perf_counter() - t0)

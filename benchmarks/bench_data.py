@@ -5,7 +5,7 @@
 1. Decode + mask augmentation + flip + normalise, one core (``torch.set_num_threads(1)``),
    on 112x112 JPEGs of synthetic faces (quality 90), as images/s:
 
-   * mfr: ``sources.decode`` (PIL with JPEG draft) then ``sources.Augment`` (MaskAugment at
+   * mfr: ``sources.decode`` (PIL with JPEG draft) then ``augment.Augment`` (MaskAugment at
      p = 0.35, flip, normalise in numpy), exactly what a DataLoader worker runs per sample;
    * baseline: PIL ``open().convert("RGB")``, the same MaskAugment, then the
      torchvision-transforms pipeline written out with torch ops (RandomHorizontalFlip,
@@ -47,8 +47,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.s3server
 
+from mfr.trainer.data.augment import Augment  # noqa: E402
 from mfr.trainer.data.masks import MaskAugment  # noqa: E402
-from mfr.trainer.data.sources import Augment, decode  # noqa: E402
+from mfr.trainer.data.sources import decode  # noqa: E402
 from mfr.trainer.data.synthetic import SyntheticFaces  # noqa: E402
 from tests.s3server import SeaweedS3  # noqa: E402
 
@@ -100,7 +101,8 @@ def bench_cpu(n: int, repeats: int) -> dict:
     for p in (0.35, 0.0):
         ours = max(mfr_pipeline(jpegs, p) for _ in range(repeats))
         base = max(baseline_pipeline(jpegs, p) for _ in range(repeats))
-        result[f"mask_p={p}"] = {"mfr_img_s": round(ours), "baseline_img_s": round(base), "speedup": round(ours / base, 2)}
+        result[f"mask_p={p}"] = {"mfr_img_s": round(ours), "baseline_img_s": round(base),
+                                 "speedup": round(ours / base, 2)}
     return result
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mfr.ctl.plan import PlanSpec, format_bytes, plan_memory
+from mfr.ctl.memory_model import PlanSpec, format_bytes, plan_memory
 from mfr.trainer.config import load_config
 from mfr.trainer.dist import DistEnv
 from mfr.trainer.memory import measure_train_step
@@ -75,13 +75,7 @@ def measure(overrides: list[str], ranks: int, device: str) -> list[int]:
 
 def planned(overrides: list[str], ranks: int) -> int:
     cfg = load_config(None, overrides)
-    spec = PlanSpec(
-        nodes=1, gpus_per_node=ranks, classes=cfg.head.num_classes, embedding=cfg.model.embedding_size,
-        backbone=cfg.model.backbone, layers=tuple(cfg.model.layers) if cfg.model.layers else None,
-        width=cfg.model.width, batch=cfg.data.batch_size, sample_rate=cfg.head.sample_rate, precision=cfg.run.amp,
-        zero=cfg.optim.zero, activation_checkpointing=cfg.model.activation_checkpointing,
-        checkpoint_every=cfg.model.checkpoint_every, micro_batches=cfg.optim.micro_batches, optimizer=cfg.optim.name,
-    )
+    spec = PlanSpec.from_config(cfg, nodes=1, gpus_per_node=ranks)
     return plan_memory(spec).peak
 
 

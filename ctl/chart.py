@@ -16,18 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from mfr.trainer.config import ConfigError, TrainConfig, load_config, parse_overrides, read_yaml, validate_config
+from mfr.trainer.config import ConfigError, TrainConfig, load_config, merge, parse_overrides, read_yaml, validate_config
 
 CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
 # that what its pods mount already exists.
-KIND_ORDER = ("ServiceAccount", "ConfigMap", "PyTorchJob")
+KIND_ORDER = (
+    "NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "PodMonitor", "PrometheusRule",
+    "TrainingRuntime", "ClusterTrainingRuntime", "PyTorchJob", "TrainJob",
+)
+JOB_KINDS = ("PyTorchJob", "TrainJob")
 # The operator names pods and Services <job>-<type>-<index>, which must stay a
 # DNS-1035 label (<= 63 characters): room for "-worker-NNNN" is kept.
 MAX_NAME = 50
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # Docker's reference grammar: [host[:port]/]path[:tag][@digest].
 _IMAGE = re.compile(
     r"^(?P<repository>(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
@@ -65,7 +69,8 @@ class Rendered:
 
     @property
     def job(self) -> dict[str, Any]:
-        return next(o for o in self.objects if o["kind"] == "PyTorchJob")
+        """The PyTorchJob or TrainJob."""
+        return next(o for o in self.objects if o["kind"] in JOB_KINDS)
 
     def to_yaml(self) -> str:
         docs = [
@@ -95,11 +100,19 @@ def check_namespace(namespace: str) -> None:
         )
 
 
-def parse_elastic(value: str) -> tuple[int, int]:
-    low, sep, high = value.partition(":")
-    if not (sep and low.isdigit() and high.isdigit()) or not 1 <= int(low) <= int(high):
+def parse_elastic(value: str, nodes: int | None = None) -> tuple[int, int]:
+    """``--elastic MIN:MAX`` (``mfrctl train``, ``render``, ``submit``) as ``(MIN, MAX)``, with ``--nodes`` inside.
+
+    The chart states the same rule for ``elastic.minNodes``/``maxNodes`` and ``nodes`` (values.schema.json
+    and templates/pytorchjob.yaml), for helm install users; tests/test_chart.py holds the two to it.
+    """
+    text_low, sep, text_high = value.partition(":")
+    if not (sep and text_low.isdigit() and text_high.isdigit()) or not 1 <= int(text_low) <= int(text_high):
         raise ChartError(f"--elastic {value!r}: expected MIN:MAX with 1 <= MIN <= MAX, e.g. 4:8")
-    return int(low), int(high)
+    low, high = int(text_low), int(text_high)
+    if nodes is not None and not low <= nodes <= high:
+        raise ChartError(f"--nodes {nodes} is outside --elastic {value}")
+    return low, high
 
 
 def image_values(ref: str) -> dict[str, str]:
@@ -118,6 +131,11 @@ def flag_values(
     elastic: str | None = None,
     image: str | None = None,
     config: Path | None = None,
+    checkpoint: str | None = None,
+    workspace_claim: str | None = None,
+    queue: str | None = None,
+    monitoring: bool | None = None,
+    api: str | None = None,
 ) -> dict[str, Any]:
     """The chart values mfrctl's flags stand for (None = leave the chart's value)."""
     values: dict[str, Any] = {}
@@ -134,9 +152,7 @@ def flag_values(
             raise ChartError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
         values["nprocPerNode"] = nproc_per_node
     if elastic is not None:
-        low, high = parse_elastic(elastic)
-        if nodes is not None and not low <= nodes <= high:
-            raise ChartError(f"--nodes {nodes} is outside --elastic {elastic}")
+        low, high = parse_elastic(elastic, nodes)
         values["elastic"] = {"enabled": True, "minNodes": low, "maxNodes": high}
         values.setdefault("nodes", high)
     if image is not None:
@@ -146,6 +162,21 @@ def flag_values(
             values["train"] = load_config(config).model_dump(mode="json")
         except ConfigError as err:
             raise ChartError(f"config: {err}") from None
+    if checkpoint is not None:
+        values.setdefault("train", {}).setdefault("checkpoint", {})["uri"] = checkpoint
+    if workspace_claim is not None:
+        if not _DNS1123_SUBDOMAIN.match(workspace_claim) or len(workspace_claim) > 253:
+            raise ChartError(f"--workspace-claim {workspace_claim!r}: not a PersistentVolumeClaim name "
+                             "(lowercase letters, digits, '-' and '.')")
+        values["workspace"] = {"existingClaim": workspace_claim}
+    if queue is not None:
+        if len(queue) > 63 or not _DNS1123.match(queue):
+            raise ChartError(f"--queue {queue!r}: not a Kueue LocalQueue name (a DNS-1123 label)")
+        values["queue"] = queue
+    if monitoring is not None:
+        values["monitoring"] = {"podMonitor": {"enabled": monitoring}, "prometheusRule": {"enabled": monitoring}}
+    if api is not None:
+        values["api"] = api
     return values
 
 
@@ -168,17 +199,6 @@ def set_values(expression: str) -> dict[str, Any]:
         raise ChartError(str(err)) from None
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Helm's merge of user values: maps merge key by key, anything else is replaced."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def render(values: dict[str, Any], *, name: str, namespace: str) -> Rendered:
     """Render the chart, after checking everything that can be checked without a cluster."""
     import helm_python
@@ -186,18 +206,39 @@ def render(values: dict[str, Any], *, name: str, namespace: str) -> Rendered:
     check_name(name)
     check_namespace(namespace)
     with helm_python.Chart.load(chart_dir()) as chart:
+        manifests = _render_chart(chart, values, name, namespace)
+        merged = chart.merge_values(values)
         try:
-            manifests = chart.render(values, name=name, namespace=namespace, is_install=True)
-        except helm_python.HelmValuesError as err:
-            raise ChartError(_schema_message(str(err), values)) from None
-        except helm_python.HelmRenderError as err:
-            raise ChartError(_render_message(str(err))) from None
-        train = chart.merge_values(values)["train"]
-    try:
-        validate_config(train)
-    except ConfigError as err:
-        raise ChartError(f"config: {err}") from None
+            train = validate_config(merged["train"])
+        except ConfigError as err:
+            raise ChartError(f"config: {err}") from None
+        # The chart's requests are the demo's: size them for this run; the ones the user set win.
+        wanted = requests_for(train, merged) | ((values.get("resources") or {}).get("requests") or {})
+        if wanted != merged["resources"].get("requests"):
+            values = merge(values, {"resources": {"requests": wanted}})
+            manifests = _render_chart(chart, values, name, namespace)
     return _collect(manifests)
+
+
+def requests_for(train: TrainConfig, values: dict[str, Any]) -> dict[str, str]:
+    """The pods' CPU and memory requests for a run of ``train`` with chart ``values`` (ctl/resources.py)."""
+    from .resources import pod_requests
+
+    gpus = int(values["gpusPerNode"])
+    nproc = int(values["nprocPerNode"]) or max(gpus, 1)
+    nodes = int(values["elastic"]["maxNodes"] if values["elastic"]["enabled"] else values["nodes"])
+    return pod_requests(train, nodes=nodes, nproc=nproc, gpus=gpus, shm=str(values["shm"].get("sizeLimit") or ""))
+
+
+def _render_chart(chart, values: dict[str, Any], name: str, namespace: str) -> dict[str, str]:
+    import helm_python
+
+    try:
+        return chart.render(values, name=name, namespace=namespace, is_install=True)
+    except helm_python.HelmValuesError as err:
+        raise ChartError(_schema_message(str(err), values)) from None
+    except helm_python.HelmRenderError as err:
+        raise ChartError(_render_message(str(err))) from None
 
 
 def _collect(manifests: dict[str, str]) -> Rendered:

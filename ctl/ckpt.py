@@ -35,6 +35,13 @@ def _list(storage: Storage) -> list[CheckpointInfo]:
         raise fail(str(e), code=1) from None
 
 
+def _exists(storage: Storage) -> bool:
+    try:
+        return storage.exists()
+    except StorageError as e:
+        raise fail(str(e), code=1) from None
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
@@ -64,12 +71,15 @@ def ckpt_ls(uri: UriArg, output: OutputOpt = Output.table) -> None:
     Only committed checkpoints are ever loaded; an uncommitted one is an
     interrupted save (or one being written now).
     """
-    found = _list(_storage(uri))
+    storage = _storage(uri)
+    found = _list(storage)
+    if not found and not _exists(storage):
+        raise fail(f"{uri}: no such folder (or prefix)")
     if output != Output.table:
         print_data([_summary(c) for c in found], output)
         return
     if not found:
-        err.print(f"no checkpoints under {uri}", highlight=False)
+        err.print(f"no checkpoints under {uri}", highlight=False, soft_wrap=True)
         return
     newest = max((c.step for c in found if c.committed), default=None)
     rows = [
@@ -101,10 +111,12 @@ def ckpt_inspect(uri: UriArg, step: StepOpt = None, output: OutputOpt = Output.y
     info = resolve_checkpoint(uri, step, committed=False)
     data = info.to_dict()
     if importlib.util.find_spec("torch") is not None:
-        from mfr.trainer.export import tensor_shapes
+        from mfr.trainer.checkpoint_reader import CheckpointRefused, tensor_shapes
 
         try:
             data["tensors"] = tensor_shapes(info.url)
+        except CheckpointRefused as e:  # code or impossible shapes in the metadata: nothing is shown from it
+            raise fail(str(e)) from None
         except Exception as e:  # a corrupt or half-written directory: show what there is
             data["tensors"] = f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     print_data(data, Output.json if output == Output.json else Output.yaml)

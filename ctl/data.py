@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Annotated, Any, Optional
@@ -18,9 +17,9 @@ import typer
 
 from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
-data_app = typer.Typer(help="Pack and inspect training data (image folders, RecordIO, tar shards).", no_args_is_help=True)
-
-UNLIMITED = sys.maxsize  # no num_classes bound when packing or inspecting
+data_app = typer.Typer(
+    help="Pack and inspect training data (image folders, RecordIO, tar shards).", no_args_is_help=True
+)
 
 
 def _need_train_extra() -> None:
@@ -29,22 +28,13 @@ def _need_train_extra() -> None:
         raise fail(f"mfrctl data needs {', '.join(missing)}: pip install 'mfr[train]'")
 
 
-def open_dataset(uri: str):
-    """The dataset at ``uri``: tar shards (index.json), RecordIO (.rec or a folder with train.rec), or a folder."""
+def _open_dataset(uri: str):
+    """``sources.open_dataset``: the kind and the data set at ``uri``; a bad URI is one line, exit 2."""
     from mfr.trainer.config import ConfigError
-    from mfr.trainer.data import sources
-    from mfr.trainer.data.shards import INDEX
+    from mfr.trainer.data.sources import open_dataset
 
     try:
-        fs, root = sources.open_fs(uri)
-        root = root.rstrip("/")
-        if uri.endswith(".rec") or fs.isfile(f"{root}/train.rec"):
-            return "recordio", sources.RecordFaces(uri, None, UNLIMITED, None)
-        if fs.isfile(f"{root}/{INDEX}"):
-            return "shards", sources.ShardFaces(uri, None, UNLIMITED, None)
-        if not fs.exists(root):
-            raise ConfigError(f"{uri}: no such file or folder")
-        return "folder", sources.FolderFaces(uri, None, UNLIMITED, None)
+        return open_dataset(uri)
     except ConfigError as e:
         raise fail(str(e)) from None
 
@@ -62,21 +52,28 @@ def pack(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Samples per shard.")] = 10000,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Shards written in parallel.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the global shuffle before sharding.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every skipped sample and why.")] = False,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Convert an image folder or a RecordIO pair into WebDataset tar shards plus index.json."""
+    """Convert an image folder or a RecordIO pair into WebDataset tar shards plus index.json.
+
+    Every image is decoded while it is packed: one that does not decode, is larger than a face crop
+    needs, or (in a folder) resolves outside the folder is skipped and counted (-v lists them).
+    """
     _need_train_extra()
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mfr.trainer.credentials import redact
     from mfr.trainer.data import shards
-    from mfr.trainer.data.sources import BadSample, open_fs
+    from mfr.trainer.data.sources import BadSample, decode
+    from mfr.trainer.storage import open_url
 
-    kind, dataset = open_dataset(src)
+    kind, dataset = _open_dataset(src)
     if kind == "shards":
         raise fail(f"{src} already holds shards (index.json)")
     try:
-        fs, root = open_fs(dst)
+        fs, root = open_url(dst, what="the shard folder")
         root = root.rstrip("/")
         if fs.exists(f"{root}/{shards.INDEX}"):
             raise fail(f"{dst}/{shards.INDEX} exists: pack into an empty folder")
@@ -95,6 +92,7 @@ def pack(
         for j, i in enumerate(ids):
             try:
                 data, label = dataset.read(i)
+                decode(data, dataset.key(i))  # the check only: shards keep the original bytes
             except BadSample as e:
                 with lock:
                     bad.append(str(e))
@@ -130,7 +128,7 @@ def pack(
     counts = np.bincount(np.array(all_labels, dtype=np.int64), minlength=len(classes)).tolist()
     index = {
         "format": shards.FORMAT,
-        "source": src,
+        "source": redact(src),
         "seed": seed,
         "images": len(all_labels),
         "classes": classes,
@@ -140,8 +138,10 @@ def pack(
     fs.pipe_file(f"{root}/{shards.INDEX}", json.dumps(index).encode())
     summary = {"source": src, "destination": dst, "images": len(all_labels), "classes": len(classes),
                "shards": len(groups), "bad_samples_skipped": len(bad)}
-    for line in bad[:20]:
+    for line in sorted(bad) if verbose else ():
         err.print(f"skipped bad sample {line}", highlight=False, soft_wrap=True)
+    if bad and not verbose:
+        err.print(f"mfr: skipped {len(bad)} bad samples (-v lists them)", highlight=False)
     if output != Output.table:
         print_data(summary, output)
     else:
@@ -182,7 +182,8 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
     from PIL import Image
 
     from mfr.trainer.data.masks import apply_mask
-    from mfr.trainer.data.sources import BadSample, open_fs
+    from mfr.trainer.data.sources import BadSample
+    from mfr.trainer.storage import open_url
 
     picks = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int).tolist()
     images = []
@@ -195,7 +196,7 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
         raise fail("no readable samples for the grid")
     rng = np.random.default_rng(seed)
     rows = [np.concatenate(images, axis=1), np.concatenate([apply_mask(im, rng) for im in images], axis=1)]
-    fs, target = open_fs(path)
+    fs, target = open_url(path, what="--grid")
     with fs.open(target, "wb") as f:
         Image.fromarray(np.concatenate(rows, axis=0)).save(f, "PNG")
     return len(images)
@@ -204,13 +205,15 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
 @data_app.command("inspect")
 def inspect(
     uri: Annotated[str, typer.Argument(metavar="URI", help="Image folder, RecordIO .rec/folder, or shard folder.")],
-    grid: Annotated[Optional[str], typer.Option("--grid", help="Write a PNG of samples with and without masks.")] = None,
+    grid: Annotated[
+        Optional[str], typer.Option("--grid", help="Write a PNG of samples with and without masks.")
+    ] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples in the grid.")] = 8,
     output: OutputOpt = Output.table,
 ) -> None:
     """Classes, images, shards, the class-size histogram; optionally a PNG grid of samples."""
     _need_train_extra()
-    kind, dataset = open_dataset(uri)
+    kind, dataset = _open_dataset(uri)
     counts = _class_counts(kind, dataset)
     info: dict[str, Any] = {
         "uri": uri,

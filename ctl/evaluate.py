@@ -1,42 +1,60 @@
-"""``mfrctl eval``: verification of a trained backbone on .bin sets, pair lists and galleries.
+"""``mfrctl eval``: verification of a trained backbone on .bin sets, pair lists and galleries, at any scale.
 
-Needs the ``train`` extra (torch, numpy, Pillow, matplotlib); everything heavy
-is imported inside the command, so the rest of mfrctl works without it.
+The suite itself is ``mfr.trainer.evalsuite``: galleries and pair lists are
+embedded once into fp16 shards (``--embeddings``) and scored from them.  This
+module is the command around it: the arguments, the scorer (``scoring``:
+``mfr.trainer.score`` here or on ``--nproc`` local ranks), the progress bars,
+the table and the exit codes.  Needs the ``train`` extra (torch, numpy,
+Pillow, matplotlib), imported inside the command, so the rest of mfrctl works
+without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 from .console import Output, OutputOpt, err, fail, out, print_data
 
+# Below this many pairs one rank in this process beats starting ranks (a few seconds each).
+RANKS_FROM_PAIRS = 100_000_000
+
+
 def evaluate(
     model: Annotated[
-        str,
+        Optional[str],
         typer.Argument(
-            metavar="MODEL",
+            metavar="[MODEL]",
             help="A committed checkpoint step-<N> directory, a checkpoint root (its newest committed step), "
-            "or an exported backbone state dict (.pt, torch.save); local or s3://.",
+            "or an exported backbone state dict (.pt, torch.save); local or s3://.  Not needed for --embedded.",
         ),
-    ],
+    ] = None,
     bins: Annotated[
         Optional[list[str]],
-        typer.Option("--bin", metavar="URL", help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); repeatable."),
+        typer.Option(
+            "--bin", metavar="URL",
+            help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); repeatable.",
+        ),
     ] = None,
     galleries: Annotated[
         Optional[list[str]],
         typer.Option(
             "--gallery",
             metavar="DATA",
-            help="Data set (image folder, RecordIO or shards) whose images are all compared with each other; "
-            "repeatable.",
+            help="Data set (image folder, RecordIO or shards) whose images are all compared with each other "
+            "(or probes with the gallery, --split); any size; repeatable.",
         ),
     ] = None,
     pairs: Annotated[
@@ -48,10 +66,30 @@ def evaluate(
             "in a folder); without the 0|1 column identities decide; repeatable.",
         ),
     ] = None,
-    fprs: Annotated[
-        Optional[list[float]], typer.Option("--fpr", metavar="FPR", help="Target FPR (repeatable); default 1e-1 .. 1e-6.")
+    embedded: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--embedded",
+            metavar="URL",
+            help="Embeddings already written (a set folder of --embeddings, or one folder of fp16 shards): "
+            "scored without a model, as its pair list when it holds one (pairs.npy), else as a gallery; repeatable.",
+        ),
     ] = None,
-    flip: Annotated[bool, typer.Option(help="Embed each crop plus its mirror image (insightface's evaluation).")] = True,
+    split: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="G",
+            help="Galleries: each identity's first G images are its gallery, the others probes, and every probe is "
+            "compared with every gallery image; 0: all-vs-all.",
+        ),
+    ] = 0,
+    fprs: Annotated[
+        Optional[list[float]],
+        typer.Option("--fpr", metavar="FPR", help="Target FPR (repeatable); default 1e-1 .. 1e-6."),
+    ] = None,
+    flip: Annotated[
+        bool, typer.Option(help="Embed each crop plus its mirror image (insightface's evaluation).")
+    ] = True,
     masks: Annotated[
         bool,
         typer.Option(help="Also the masked-unmasked and masked-masked protocols (a mask drawn on each image)."),
@@ -59,13 +97,33 @@ def evaluate(
     mask_seed: Annotated[int, typer.Option(min=0, help="Seed of the masks: image i wears the mask of (seed, i).")] = 0,
     folds: Annotated[int, typer.Option(min=2, help="Folds of the .bin accuracy (threshold from the others).")] = 10,
     max_images: Annotated[
-        int,
+        Optional[int],
         typer.Option(
-            min=2,
-            help="A larger gallery is subsampled (seeded by --mask-seed): pairs and memory grow as n^2 "
-            "(3000 images: 4.5M same-condition pairs, ~1 GB).",
+            min=2, help="Score a seeded sample (--mask-seed) of this many images of each gallery; default all."
         ),
-    ] = 3000,
+    ] = None,
+    embeddings: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="DIR",
+            help="Keep the embeddings here (DIR/<set>/unmasked and masked: fp16 shards, local or s3://): a later "
+            "run with the same model and settings scores them without embedding again, and so can "
+            "python -m mfr.trainer.score on a cluster.  Default: a temporary folder.",
+        ),
+    ] = None,
+    nproc: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Scoring processes (gloo ranks, one BLAS thread each); results are identical for any count.  "
+            f"Default: 1 below {RANKS_FROM_PAIRS:,} pairs, else the CPU cores.",
+        ),
+    ] = None,
+    max_kept: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Impostor scores kept per protocol (default 16,777,216: 64 MB); FPRs beyond are "
+                     "bracketed from a sample (galleries only)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     report: Annotated[Optional[str], typer.Option(help="Write the JSON report here (local or s3://).")] = None,
@@ -74,16 +132,21 @@ def evaluate(
 ) -> None:
     """Verify a backbone: TPR@FPR per masked/unmasked protocol, and insightface's k-fold accuracy on .bin sets.
 
-    An FPR is reported only where the set has enough impostor pairs to resolve
-    it (at least 1/FPR); others show n/a.  -o json|yaml prints the report
-    without its ROC curves (--report writes them too).  Exit 2 for a bad
-    input (a .bin in the wrong format, a missing model), 1 when storage fails.
+    Galleries and pair lists are embedded into fp16 shards, then every pair is
+    scored tile by tile (exact at every FPR, in bounded memory, on --nproc
+    ranks).  An FPR is reported only where the set has enough impostor pairs
+    to resolve it (at least 1/FPR); others show n/a.  -o json|yaml prints the
+    report without its ROC curves (--report writes them too).  Exit 2 for a
+    bad input (a .bin in the wrong format, a missing model), 1 when storage
+    or scoring fails.
     """
     missing = [m for m in ("torch", "numpy", "PIL", "fsspec", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise fail(f"mfrctl eval needs {', '.join(missing)}: pip install 'mfr[train]'")
-    if not (bins or galleries or pairs):
-        raise fail("nothing to evaluate: give --bin, --gallery or --pairs")
+    if not (bins or galleries or pairs or embedded):
+        raise fail("nothing to evaluate: give --bin, --gallery, --pairs or --embedded")
+    if model is None and (bins or galleries or pairs):
+        raise fail("--bin, --gallery and --pairs embed images: give the MODEL")
     if any(not 0 < f < 1 for f in fprs or ()):
         raise fail(f"--fpr must be in (0, 1), got {[f for f in fprs if not 0 < f < 1]}")
     if device not in ("auto", "cpu", "cuda"):
@@ -96,19 +159,26 @@ def evaluate(
         pair_sets.append((data_url, list_url))
 
     from mfr.trainer.config import ConfigError
+    from mfr.trainer.evalsuite import EvalRequest, run, write_output
     from mfr.trainer.storage import StorageError
     from mfr.trainer.verification import DEFAULT_FPRS
 
+    request = EvalRequest(
+        model=model, bins=tuple(bins or ()), galleries=tuple(galleries or ()), pairs=tuple(pair_sets),
+        embedded=tuple(embedded or ()), embeddings=embeddings, roc=roc, fprs=tuple(fprs or DEFAULT_FPRS), flip=flip,
+        masks=masks, mask_seed=mask_seed, folds=folds, max_images=max_images, split=split, batch_size=batch_size,
+        device=device,
+    )
+    score = functools.partial(_score, fprs=request.fprs, nproc=nproc, max_kept=max_kept)
     try:
-        data = _evaluate(model, bins or [], galleries or [], pair_sets, tuple(fprs or DEFAULT_FPRS), flip, masks, mask_seed, folds,
-                         max_images, batch_size, device, roc)
+        data = run(request, score, _progress, lambda line: err.print(f"mfr: {line}", highlight=False))
+        if report:
+            write_output(report, json.dumps(data, indent=1).encode())
+            err.print(f"mfr: report written to {report}", highlight=False)
     except ConfigError as e:
         raise fail(str(e)) from None
     except StorageError as e:
         raise fail(str(e), code=1) from None
-    if report:
-        _write(report, json.dumps(data, indent=1).encode())
-        err.print(f"mfr: report written to {report}", highlight=False)
     for entry in data["sets"]:
         for protocol in entry["protocols"]:
             protocol.pop("roc")
@@ -118,100 +188,25 @@ def evaluate(
         print_data(data, output)
 
 
-def _evaluate(
-    model_url: str, bins: list[str], galleries: list[str], pairs: list[tuple[str, str]], fprs: tuple[float, ...],
-    flip: bool, masks: bool, mask_seed: int, folds: int, max_images: int, batch_size: int, device_name: str,
-    roc: str | None,
-) -> dict[str, Any]:
-    import numpy as np
-    import torch
+def _score(name: str, url: str, split: int, pairs_hint: int, *, fprs: tuple[float, ...], nproc: int | None,
+           max_kept: int | None) -> dict[str, Any]:
+    """Score one embedded set here or on local ranks, with a progress bar; its report entry."""
+    from .scoring import ScoringFailed, score_in_process, score_with_ranks
 
-    from mfr.trainer.data.binsets import read_bin
-    from mfr.trainer.data.sources import BadSample
-    from mfr.trainer.evaluate import Embedder, evaluate_gallery, evaluate_pairs, load_backbone, plot_roc, read_pairs
-
-    from .data import open_dataset
-
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device_name == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda: no CUDA device here")
-    # Every input is read and checked before the model: a mistake costs no embedding time.
-    binsets = [read_bin(url) for url in bins]
-    for binset in binsets:
-        if binset.num_pairs < folds:
-            raise fail(f"{binset.url}: {binset.num_pairs} pairs cannot make {folds} folds (--folds)")
-    pair_lists = []
-    for data_url, list_url in pairs:
-        _, dataset = open_dataset(data_url)
-        pair_lists.append((data_url, list_url, dataset, *read_pairs(list_url, dataset)))
-    gallery_sets = [(url, open_dataset(url)[1]) for url in galleries]
-    backbone, model_info = load_backbone(model_url)
-    embedder = Embedder(backbone, torch.device(device_name), batch_size, flip)
-
-    def embed(what: str, count: int, load):
-        try:
-            with _progress(what, count) as advance:
-                return embedder.embed(count, load, masks, mask_seed, advance)
-        except BadSample as e:
-            raise fail(f"unreadable image: {e}") from None
-
-    results = []
-    for binset in binsets:
-        unmasked, masked = embed(binset.name, len(binset.images), binset.image)
-        results.append(evaluate_pairs(binset.name, "bin", binset.url, unmasked, masked, binset.first, binset.second,
-                                      binset.issame, fprs, folds))
-    for data_url, list_url, dataset, first, second, same in pair_lists:
-        used = np.unique(np.concatenate([first, second]))
-        labels = np.empty(len(used), dtype=np.int64)
-        unmasked, masked = embed(list_url, len(used), _loader(dataset, used, labels))
-        a, b = np.searchsorted(used, first), np.searchsorted(used, second)
-        same = labels[a] == labels[b] if same is None else same
-        name = list_url.rstrip("/").rsplit("/", 1)[-1]
-        results.append(_checked(list_url, evaluate_pairs, name, "pairs", f"{data_url}={list_url}", unmasked, masked,
-                                a, b, same, fprs, 0))
-    for url, dataset in gallery_sets:
-        used = np.arange(len(dataset))
-        if len(used) > max_images:
-            used = np.sort(np.random.default_rng(mask_seed).choice(len(used), max_images, replace=False))
-            err.print(f"mfr: {url}: {len(dataset)} images, evaluating a seeded sample of {max_images} (--max-images)",
-                      highlight=False)
-        labels = np.empty(len(used), dtype=np.int64)
-        unmasked, masked = embed(url, len(used), _loader(dataset, used, labels))
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        results.append(_checked(url, evaluate_gallery, name, url, unmasked, masked, labels, fprs))
-
-    data = {
-        "model": model_info,
-        "flip": flip,
-        "masks": masks,
-        "mask_seed": mask_seed,
-        "fprs": list(fprs),
-        "sets": [r.to_dict() for r in results],
-        "roc_plot": roc,
-    }
-    if roc:
-        plot_roc(results, lambda png: _write(roc, png))
-        err.print(f"mfr: ROC plot written to {roc}", highlight=False)
-    return data
-
-
-def _loader(dataset, indices, labels):
-    """``load(i)``: the decoded image of sample ``indices[i]``, recording its label in ``labels[i]``."""
-
-    def load(i: int):
-        image, labels[i] = dataset.load(int(indices[i]))
-        return image
-
-    return load
-
-
-def _checked(source: str, evaluate, *args):
-    """A set without genuine or impostor pairs is a data mistake: one line naming it, exit 2."""
+    nproc = nproc or (len(os.sched_getaffinity(0)) if pairs_hint >= RANKS_FROM_PAIRS else 1)
     try:
-        return evaluate(*args)
-    except ValueError as e:
-        raise fail(f"{source}: {e}") from None
+        with _scoring_progress(name) as progress:
+            if nproc == 1:
+                entry = score_in_process(url, name, fprs, split, max_kept, progress)
+            else:
+                with tempfile.TemporaryDirectory(prefix="mfr-score-") as work:
+                    entry = score_with_ranks(url, name, fprs, split, max_kept, nproc, Path(work), progress)
+    except ScoringFailed as e:
+        raise fail(f"{name}: {e}", code=e.code) from None
+    scoring = entry["scoring"]
+    err.print(f"mfr: {name}: {scoring['pairs']:,} pairs scored in {scoring['seconds']:.1f} s "
+              f"({scoring['pairs_per_second']:,.0f} pairs/s, {scoring['world_size']} rank(s))", highlight=False)
+    return entry
 
 
 @contextlib.contextmanager
@@ -225,14 +220,31 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
-def _write(url: str, payload: bytes) -> None:
-    from mfr.trainer.storage import open_file
+class _PairsPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} pairs/s" if task.speed else "- pairs/s")
+
+
+@contextlib.contextmanager
+def _scoring_progress(name: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient bar per protocol (pairs, pairs/s, ETA), started at the first report; yields ``progress``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("scoring {task.description}"), BarColumn(),
+                   TextColumn("{task.completed:,.0f}/{task.total:,.0f} pairs"), _PairsPerSecond(),
+                   TimeRemainingColumn(), console=err, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def progress(protocol: str, done: int, total: int) -> None:
+        if protocol not in tasks:
+            bar.start()  # only now: ranks are started before the bar's refresh thread exists
+            tasks[protocol] = bar.add_task(f"{name} {protocol}", total=total)
+        bar.update(tasks[protocol], completed=done, total=total)
 
     try:
-        with open_file(url, "wb") as f:
-            f.write(payload)
-    except Exception as e:
-        raise fail(f"{url}: cannot write ({type(e).__name__}: {str(e)[:200]})", code=1) from None
+        yield progress
+    finally:
+        bar.stop()
 
 
 def results_table(data: dict[str, Any]) -> Table:
@@ -244,7 +256,8 @@ def results_table(data: dict[str, Any]) -> Table:
     shown = [i for i in range(len(fprs)) if any(p["points"][i]["supported"] for _, p in rows)]
     with_accuracy = any("accuracy" in p for _, p in rows)
     model = data["model"]
-    title = f"TPR @ FPR of {model['url']}" + (f" (step {model['step']})" if model["step"] is not None else "")
+    step = f" (step {model['step']})" if model is not None and model["step"] is not None else ""
+    title = f"TPR @ FPR of {'embeddings' if model is None else model['url']}{step}"
     caption = "n/a: too few impostor pairs to resolve that FPR"
     if with_accuracy:
         caption += "; accuracy: k-fold mean ± std (insightface)"

@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 
 import typer
 import yaml
-
 from mfr.trainer.config import ConfigError, TrainConfig, load_config
 
 from .chart import ChartError, parse_elastic
@@ -23,7 +22,7 @@ from .deploy import add_commands as add_kubernetes_commands
 from .distill import distill_app
 from .evaluate import evaluate
 from .export import export
-from .launcher import LaunchError, LocalJob, RunningJob, check_port_free, free_port
+from .launcher import LOOPBACK, LaunchError, LocalJob, RunningJob, check_port_free, free_port
 from .plan import plan
 from .progress import EventTail, TrainProgress, results_table
 
@@ -62,12 +61,9 @@ def _parse_elastic(value: str | None, nodes: int) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
-        low, high = parse_elastic(value)
+        return parse_elastic(value, nodes)
     except ChartError as e:
         raise fail(str(e)) from None
-    if not low <= nodes <= high:
-        raise fail(f"--nodes {nodes} is outside --elastic {value}")
-    return low, high
 
 
 @config_app.command("show")
@@ -93,23 +89,42 @@ def train(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Start over, ignoring checkpoints already in the run's checkpoint.uri.")
     ] = False,
+    backoff_limit: Annotated[
+        int, typer.Option(min=0, help="Pod failures with a retryable exit code (>= 128) that are restarted, "
+                                      "as the operator's runPolicy.backoffLimit; 0 fails the job on the first.")
+    ] = 6,
+    api: Annotated[
+        str, typer.Option(metavar="pytorchjob|trainjob",
+                          help="Whose environment contract the pods get: the v1 operator's PyTorchJob "
+                               "(MASTER_ADDR, RANK, WORLD_SIZE, PET_*) or Kubeflow Trainer v2's TrainJob (PET_* only).")
+    ] = "pytorchjob",
     output: OutputOpt = Output.table,
 ) -> None:
     """Train on this machine as an N-node job, with the pods' exact environment.
 
     Each emulated node is a torchrun agent that sees what the Kubeflow operator
-    gives a pod, so this runs the real multi-node code path.  Like a pod, the
-    run resumes from the newest committed checkpoint in its checkpoint.uri
-    (by default <output-dir>/checkpoints) unless --fresh is given.  Exit code 0
-    when training finished, 2 for a usage or config error, 1 when training failed.
+    gives a pod, so this runs the real multi-node code path; the operator's
+    restart policy is played too: a pod that exits 128 or more (killed, lost
+    peer, preempted) is restarted and resumes from the newest committed
+    checkpoint, up to --backoff-limit times.  Like a pod, the run resumes from
+    checkpoints already in its checkpoint.uri (by default
+    <output-dir>/checkpoints) unless --fresh is given.  Exit code 0 when
+    training finished, 2 for a usage or config error, 1 when training failed.
     """
     elastic_range = _parse_elastic(elastic, nodes)
+    if api not in ("pytorchjob", "trainjob"):
+        raise fail(f"--api {api!r}: pytorchjob or trainjob")
+    if api == "trainjob" and elastic_range:
+        raise fail("--api trainjob --elastic: elastic training runs as a PyTorchJob (Kubeflow Trainer v2.2 removed "
+                   "ElasticPolicy); drop one")
     overrides = list(set_ or [])
     if fresh:
         overrides.append("checkpoint.resume=never")
     if output_dir is not None:
         overrides.append(f"run.output_dir={json.dumps(str(output_dir))}")  # a JSON string is YAML too
     cfg = _load(config, overrides)
+    if "address" not in cfg.metrics.model_fields_set:  # emulated pods share this machine: keep them off the network
+        cfg = _load(config, [*overrides, f"metrics.address={LOOPBACK}"])
     if importlib.util.find_spec("torch") is None:
         raise fail("mfrctl train runs the trainer, which needs torch: pip install 'mfr[train]'")
     try:
@@ -131,6 +146,8 @@ def train(
         elastic=elastic_range,
         run_id=run_dir.resolve().name,
         metrics_port=cfg.metrics.port if cfg.metrics.enabled else None,
+        backoff_limit=backoff_limit,
+        api=api,
     )
     mode = f"elastic {elastic_range[0]}:{elastic_range[1]}" if elastic_range else "static"
     err.print(
@@ -140,32 +157,32 @@ def train(
     for node, local, url in job.metrics_endpoints(cfg.metrics.address):
         rank = "" if elastic_range else f" (rank {node * nproc_per_node + local})"
         err.print(f"mfr: metrics of node {node} process {local}{rank}: {url}", highlight=False)
-    code, events, failure_log = _run(job, cfg.run.steps)
+    code, events, running = _run(job, cfg.run.steps)
     if code != 0:
         error = events.error()
         if error is not None and error["kind"] == "config":
             raise fail(f"config: {error['message']}")
         if error is None:
-            err.print(failure_log, highlight=False, markup=False)
-        raise fail(error["message"] if error else f"training failed (exit code {code})", code=1)
-    _print_results(events.evals, output)
+            err.print(running.log_tail(), highlight=False, markup=False)
+        raise fail(error["message"] if error else f"training failed: {running.failure_message()}", code=1)
+    _print_results(events, running, output)
 
 
-def _run(job: LocalJob, steps: int) -> tuple[int, EventTail, str]:
+def _run(job: LocalJob, steps: int) -> tuple[int, EventTail, RunningJob]:
     """Run the job to its end, following its events; nothing outlives this.
 
-    Returns the exit code, the events, and the failed node's log tail ("" on success).
+    Returns the job's exit code, the events, and the job (its pod failures and logs).
     """
     events = EventTail(job.events_path)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    running = RunningJob.start(job)
+    running = RunningJob.start(job, say=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
     try:
         with TrainProgress(err, steps) as progress:
             while (code := running.finished()) is None:
                 progress.update_all(events.read())
                 time.sleep(0.2)
             progress.update_all(events.read())
-        return code, events, running.log_tail() if code else ""
+        return code, events, running
     except KeyboardInterrupt:
         err.print("mfr: interrupted, stopping every node", highlight=False)
         raise typer.Exit(130) from None
@@ -178,11 +195,20 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _print_results(evals: dict[str, dict], output: Output) -> None:
+def _print_results(events: EventTail, running: RunningJob, output: Output) -> None:
+    restarted = [str(f) for f in running.failures]
     if output == Output.table:
-        out.print(results_table(evals))
+        if restarted:
+            err.print(f"mfr: {running.restarts} pod restart(s): {'; '.join(restarted)}", highlight=False)
+        out.print(results_table(events.evals))
         return
-    print_data({stage: ev["results"] for stage, ev in evals.items()}, output)
+    print_data({
+        "steps": events.last_step,
+        "restarts": running.restarts,
+        "pod_failures": [{"pod": f.pod, "node": f.node, "exit_code": f.code} for f in running.failures],
+        "resumed_at": [e["step"] for e in events.resumes],
+        "eval": {stage: ev["results"] for stage, ev in events.evals.items()},
+    }, output)
 
 
 add_kubernetes_commands(app)  # render, submit, status, logs, delete, list

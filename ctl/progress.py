@@ -21,6 +21,8 @@ class EventTail:
         self._partial = ""
         self.evals: dict[str, dict[str, Any]] = {}
         self.errors: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []
+        self.last_step = 0
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -37,6 +39,10 @@ class EventTail:
                 self.evals[event["stage"]] = event
             elif event["event"] == "error":
                 self.errors.append(event)
+            elif event["event"] == "resume":
+                self.resumes.append(event)
+            elif event["event"] == "step":
+                self.last_step = event["step"]
         return events
 
     def error(self) -> dict[str, Any] | None:

@@ -4,7 +4,18 @@ Written from the operator's own code, independently of ctl/ and the chart:
 * the CRD schema (../shared/crds), made strict so a misspelled field fails;
 * the validating webhook (pkg/webhooks/pytorch/pytorchjob_webhook.go);
 * the environment it gives each replica's container (../shared/design.md,
-  "The operator's environment contract"; pkg/controller.v1/pytorch).
+  "The operator's environment contract"; pkg/controller.v1/pytorch);
+* the pod it creates for a replica (pkg/controller.v1/common/pod.go
+  createNewPod, pytorch/initcontainer.go): the template with that
+  environment, restartPolicy ExitCode turned into the pod's Never, and, in
+  every Worker pod of a job that has a Master, the init container
+  ``init-pytorch`` appended to the template's own (never replacing one).
+  Its spec comes from the file the operator's
+  ``--pytorch-init-container-template-file`` names (default
+  /etc/config/initContainer.yaml) when that file exists, else from a
+  built-in one: image ``--pytorch-init-container-image`` (alpine:3.10),
+  50m/10Mi requests, 100m/20Mi limits, a shell loop of ``nslookup`` of the
+  master's Service, and no securityContext at all.
 """
 
 from __future__ import annotations
@@ -141,6 +152,46 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
     return env
 
 
+INIT_IMAGE = "alpine:3.10"  # --pytorch-init-container-image's default
+INIT_MAX_TRIES = 100  # --pytorch-init-container-max-tries's default
+
+
+def init_containers(master_addr: str, template: str | None = None, image: str = INIT_IMAGE,
+                    max_tries: int = INIT_MAX_TRIES) -> list[dict[str, Any]]:
+    """What the operator appends to a Worker pod: its template file filled in (Go template
+    fields .MasterAddr, .InitContainerImage, .MaxTries), or its built-in container."""
+    if template is None:
+        return [{
+            "name": "init-pytorch", "image": image, "imagePullPolicy": "IfNotPresent",
+            "resources": {"limits": {"cpu": "100m", "memory": "20Mi"}, "requests": {"cpu": "50m", "memory": "10Mi"}},
+            "command": ["sh", "-c", f"err=1;for i in $(seq {max_tries}); do if nslookup {master_addr}; then err=0 "
+                                    "&& break; fi;echo waiting for master; sleep 2; done; exit $err"],
+        }]
+    fields = {"MasterAddr": master_addr, "InitContainerImage": image, "MaxTries": str(max_tries)}
+    text = re.sub(r"{{\s*\.(\w+)\s*}}", lambda m: fields[m[1]], template)
+    return yaml.safe_load(text)
+
+
+def operator_pod(job: dict[str, Any], rtype: str, index: int, init_template: str | None = None) -> dict[str, Any]:
+    """The Pod the operator creates for replica ``rtype`` ``index`` (init_template: its template file, if any)."""
+    name, specs = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
+    template = copy.deepcopy(specs[rtype]["template"])
+    spec = template["spec"]
+    env = [{"name": k, "value": v} for k, v in operator_env(job, rtype, index).items()]
+    for container in spec["containers"]:
+        container["env"] = container.get("env", []) + env
+    if specs[rtype].get("restartPolicy") == "ExitCode":
+        spec["restartPolicy"] = "Never"
+    if rtype == "Worker" and "Master" in specs:
+        spec["initContainers"] = spec.get("initContainers", []) + init_containers(f"{name}-master-0", init_template)
+    labels = template.get("metadata", {}).get("labels", {}) | {
+        "training.kubeflow.org/job-name": name, "training.kubeflow.org/replica-type": rtype.lower(),
+        "training.kubeflow.org/replica-index": str(index),
+    }
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{name}-{rtype.lower()}-{index}", "labels": labels}, "spec": spec}
+
+
 def replicas(job: dict[str, Any]) -> list[tuple[str, int]]:
     """Every pod of the job as (replica type, index), Master first."""
     specs = job["spec"]["pytorchReplicaSpecs"]
@@ -159,3 +210,91 @@ def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     else:
         node[leaf] = value
     return changed
+
+
+# -- Kubeflow Trainer v2.3.0: the TrainJob ------------------------------------------------------------------
+# Written from the Trainer's code at v2.3.0 and its CRDs (../shared/crds/trainer-v2.3.0, and the README there):
+# pkg/runtime/framework/plugins/torch (the environment of the container "node"), pkg/constants (port 29500,
+# the reserved names), the JobSet it builds (one replicated job "node", an Indexed Job of numNodes pods named
+# <trainjob>-node-0-<index>, the index in the label batch.kubernetes.io/job-completion-index), and its webhook.
+
+TRAINER_CRDS = CRDS / "trainer-v2.3.0"
+TRAINER_MASTER_PORT = 29500
+TRAINER_RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+@cache
+def trainer_validator(kind: str):
+    """A strict jsonschema validator of a Trainer v2.3.0 CRD (TrainJob, TrainingRuntime, ClusterTrainingRuntime)."""
+    import jsonschema
+
+    plural = {"TrainJob": "trainjobs", "TrainingRuntime": "trainingruntimes",
+              "ClusterTrainingRuntime": "clustertrainingruntimes"}[kind]
+    crd = yaml.safe_load((TRAINER_CRDS / f"trainer.kubeflow.org_{plural}.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def trainer_crd_errors(obj: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+            for e in trainer_validator(obj["kind"]).iter_errors(obj)]
+
+
+def trainjob_webhook_errors(trainjob: dict[str, Any], runtime: dict[str, Any] | None) -> list[str]:
+    """The Trainer's validating webhook and the TrainJob CRD's CEL rules, for what a run can get wrong."""
+    errors = []
+    name = trainjob["metadata"]["name"]
+    if len(name) > 63 or not _DNS1035.match(name):
+        errors.append("metadata.name must match RFC 1035 DNS label format (and be no more than 63 characters)")
+    trainer = trainjob["spec"].get("trainer") or {}
+    for var in trainer.get("env") or []:
+        if var["name"] in TRAINER_RESERVED_ENV:
+            errors.append(f"spec.trainer.env: must not have reserved envs, invalid envs configured: {var['name']}")
+    ref = trainjob["spec"]["runtimeRef"]
+    if runtime is None or (ref.get("kind", "ClusterTrainingRuntime"), ref["name"]) != (runtime["kind"],
+                                                                                    runtime["metadata"]["name"]):
+        errors.append(f"spec.runtimeRef: {ref.get('kind')} {ref['name']} not found")
+    elif runtime["spec"].get("mlPolicy", {}).get("torch") is None:
+        errors.append("the runtime has no torch mlPolicy")
+    else:
+        jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        if not any(j["name"] == "node" for j in jobs):
+            errors.append("the runtime has no replicated job named node")
+    return errors
+
+
+def trainjob_env(trainjob: dict[str, Any], runtime: dict[str, Any], index: int) -> dict[str, str]:
+    """What the torch plugin gives the container "node" of pod ``index`` (no MASTER_ADDR, RANK or WORLD_SIZE)."""
+    name, trainer = trainjob["metadata"]["name"], trainjob["spec"].get("trainer") or {}
+    nodes = trainer.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes", 1)
+    return {
+        "PET_NNODES": str(nodes),
+        "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", "auto")),
+        "PET_NODE_RANK": str(index),
+        "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+        "PET_MASTER_PORT": str(TRAINER_MASTER_PORT),
+    }
+
+
+def trainjob_pods(trainjob: dict[str, Any], runtime: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, pod) of every pod the TrainJob's JobSet creates: the runtime's template, with the TrainJob's
+    resourcesPerNode on the container "node", the plugin's environment and JobSet's labels."""
+    name, trainer = trainjob["metadata"]["name"], trainjob["spec"].get("trainer") or {}
+    (node,) = [j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == "node"]
+    nodes = trainer.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes", 1)
+    pods = []
+    for index in range(nodes):
+        template = copy.deepcopy(node["template"]["spec"]["template"])
+        (container,) = [c for c in template["spec"]["containers"] if c["name"] == "node"]
+        if "resourcesPerNode" in trainer:
+            container["resources"] = trainer["resourcesPerNode"]
+        container["env"] = container.get("env", []) + [
+            {"name": k, "value": v} for k, v in trainjob_env(trainjob, runtime, index).items()]
+        labels = template.get("metadata", {}).get("labels", {}) | {
+            "jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            JOB_COMPLETION_INDEX: str(index)}
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": f"{name}-node-0-{index}", "labels": labels}, "spec": template["spec"]}
+        pods.append((pod["metadata"]["name"], pod))
+    return pods

@@ -19,10 +19,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mfr.ctl.chart import ChartError, chart_dir, render
-from mfr.ctl.generate import schema_path, values_schema
+from mfr.ctl.chart import ChartError, chart_dir, parse_elastic, render
 from mfr.trainer.config import demo_config_path, read_yaml
 from tests.operator_rules import crd_errors, webhook_errors, with_change
+from charts.generate import schema_path, values_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE_VERSION = "1.29.0"
@@ -58,6 +58,7 @@ MATRIX = {
     "s3-keys-and-env": {
         "s3": {"existingSecret": "mfr-s3", "secretKeys": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"}},
         "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
+        "train": {"checkpoint": {"uri": "s3://bucket/runs/b"}},
     },
     "service-account-pvc": {
         "serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/mfr"}},
@@ -87,7 +88,7 @@ def test_helm_lint_is_clean(case):
 @pytest.mark.parametrize("case", MATRIX)
 def test_core_objects_and_pod_templates_pass_kubernetes_strict_schemas(case):
     objects = _render(MATRIX[case])
-    core = [o for o in objects if o["apiVersion"] == "v1"]
+    core = [o for o in objects if o["apiVersion"] in ("v1", "apps/v1", "networking.k8s.io/v1")]
     assert {o["kind"] for o in core} >= {"ConfigMap"}
     for obj in core:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -234,7 +235,7 @@ def test_credentials_have_no_place_in_values_or_config():
 
 
 def test_values_schema_train_part_matches_trainconfig():
-    """Fails when TrainConfig changed and `python -m mfr.ctl.generate` was not run."""
+    """Fails when TrainConfig changed and `python -m charts.generate` was not run."""
     current = json.loads(schema_path().read_text())
     assert current == values_schema(current)
 
@@ -293,8 +294,40 @@ def test_render_error_from_the_chart_itself_is_one_line():
         _render({"nodes": 9, "elastic": {"enabled": True}})
 
 
-def test_notes_warn_when_checkpoints_would_die_with_the_pods():
-    warning = "Warning: checkpoints go to <run.output_dir>/checkpoints in each pod's own emptyDir"
-    assert warning in render({}, name="mfr", namespace="ml").notes
-    for safe in ({"train": {"checkpoint": {"uri": "s3://bucket/runs"}}}, {"workspace": {"existingClaim": "runs"}}):
-        assert "Warning" not in render(safe, name="mfr", namespace="ml").notes
+# Elastic ranges, MIN:MAX and nodes: which rule each breaks, as mfrctl (--elastic, --nodes) and the chart
+# (elastic.minNodes/maxNodes, nodes: schema, then the template) word it.
+ELASTIC_RULES = {
+    "range": (r"^--elastic '\d+:\d+': expected MIN:MAX with 1 <= MIN <= MAX",
+              r"^(values elastic\.minNodes: minimum: got 0, want 1|elastic\.minNodes\.\.maxNodes \d+\.\.\d+: "
+              r"expected 1 <= minNodes <= maxNodes)"),
+    "nodes": (r"^--nodes \d+ is outside --elastic \d+:\d+$", r"^nodes \d+ is outside elastic\.minNodes\.\.maxNodes"),
+}
+
+
+@pytest.mark.parametrize("low, high, nodes, rule", [
+    (3, 1, 2, "range"), (0, 2, 1, "range"), (2, 4, 5, "nodes"), (2, 4, 1, "nodes"), (2, 4, 3, None), (3, 3, 3, None),
+])
+def test_mfrctl_and_the_chart_reject_the_same_elastic_ranges(low, high, nodes, rule):
+    values = {"nodes": nodes, "elastic": {"enabled": True, "minNodes": low, "maxNodes": high}}
+    if rule is None:
+        assert parse_elastic(f"{low}:{high}", nodes) == (low, high)
+        policy = _job(_render(values))["spec"]["elasticPolicy"]
+        assert (policy["minReplicas"], policy["maxReplicas"]) == (low, high)
+        return
+    python, chart = ELASTIC_RULES[rule]
+    with pytest.raises(ChartError, match=python):
+        parse_elastic(f"{low}:{high}", nodes)
+    with pytest.raises(ChartError, match=chart):
+        _render(values)
+
+
+def test_notes_say_where_checkpoints_go():
+    notes = render({}, name="mfr", namespace="ml").notes
+    assert "Checkpoints: s3://mfr/ml/mfr/checkpoints on the trial S3 store mfr-s3" in notes
+    assert "not for production data" in notes
+    on_s3 = render({"train": {"checkpoint": {"uri": "s3://bucket/runs"}}}, name="mfr", namespace="ml").notes
+    assert "Checkpoints: s3://bucket/runs (every pod resumes" in on_s3 and "trial" not in on_s3
+    on_claim = render({"workspace": {"existingClaim": "runs"}}, name="mfr", namespace="ml").notes
+    assert "Checkpoints: /workspace/checkpoints/mfr" in on_claim
+    single = render({"nodes": 1, "trialStore": {"enabled": False}}, name="mfr", namespace="ml").notes
+    assert "Warning: checkpoints go to <run.output_dir>/checkpoints in the pod's own emptyDir" in single

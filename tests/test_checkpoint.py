@@ -60,7 +60,7 @@ def _train(trainer, steps: int) -> None:
 def _train_and_save(rank, world, uri, overrides, steps):
     trainer = _trainer(rank, world, uri, overrides)
     _train(trainer, steps)
-    trainer.checkpointer.save(blocking=False)  # the async path, as in training
+    trainer.checkpointer.save(trainer.step, blocking=False)  # the async path, as in training
     trainer.checkpointer.close()
     return _snapshot(trainer)
 
@@ -113,7 +113,7 @@ def _straight_or_resumed(rank, world, uri, overrides, resume):
     """6 steps with a save after step 4, in one process or resumed from that save in a new one."""
     first = _trainer(rank, world, uri, overrides)
     _train(first, 4)
-    first.checkpointer.save(blocking=True)
+    first.checkpointer.save(first.step, blocking=True)
     if not resume:
         _train(first, 2)
         return _snapshot(first)
@@ -179,7 +179,7 @@ def _lazy_and_dense(rank, world, uris, overrides, resume_from):
             continue
         _train(trainer, 4)
         stored = trainer.head.weight.detach().clone()
-        trainer.checkpointer.save(blocking=True)
+        trainer.checkpointer.save(trainer.step, blocking=True)
         runs[kind] = {**_snapshot(trainer), "stored_before_save": stored}
     return runs
 
@@ -251,7 +251,8 @@ def _save_steps(rank, world, uri, overrides, steps):
     batches = iter(trainer.data)
     while trainer.step < steps:
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
+    trainer.checkpointer.finish(trainer.step)  # the last step is saved even when its due save was skipped (one in flight)
     trainer.checkpointer.close()
     return trainer.step
 
@@ -260,7 +261,8 @@ def test_corrupt_and_uncommitted_checkpoints_are_skipped_for_the_previous_commit
     from mfr.trainer.storage import MARKER, Storage
 
     root = tmp_path / "ckpt"
-    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5"], 6)
+    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5",
+                                                 "checkpoint.async_save=false"], 6)  # every due save is taken
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     # step 6 committed but a shard lost; step 8 written but never committed
@@ -345,7 +347,7 @@ def _train_through_outage(rank, world, uri, signals):
             trainer.checkpointer.wait()  # step 2 is committed
             barrier_with_parent("stop")
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
         if step == 4:
             trainer.checkpointer.wait()  # the save of step 4 has failed by now
             barrier_with_parent("start")
@@ -408,7 +410,7 @@ def test_an_unreachable_endpoint_is_retried_then_named(s3_server, tmp_path):
     env = s3_server.env() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     started = time.monotonic()
     proc = _trainer_cli(tmp_path, env, "checkpoint.uri=s3://mfr-test/nowhere", "checkpoint.retries=2")
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 129, proc.stderr[-2000:]  # the store may come back: the operator retries the pod
     line = proc.stderr.strip().splitlines()[-1]
     assert f"127.0.0.1:{port}" in line and "s3://mfr-test/nowhere" in line and "Traceback" not in proc.stderr
     assert time.monotonic() - started > 0.5 + 1.0  # two backoffs happened
@@ -442,7 +444,7 @@ def _timed_saves(rank, world, uri):
     for seconds in (30, 66, 90, 138):
         now[0] = seconds + 35 * rank
         trainer.train_step(*next(batches))
-        trainer.checkpointer.after_step()
+        trainer.checkpointer.after_step(trainer.step)
     trainer.checkpointer.close()
 
 

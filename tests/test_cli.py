@@ -130,4 +130,5 @@ def test_several_processes_per_node(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")
     assert start["world_size"] == 4 and start["global_batch"] == 32
-    assert list(json.loads(proc.stdout)) == ["trained"]
+    result = json.loads(proc.stdout)
+    assert list(result["eval"]) == ["trained"] and result["steps"] == 2 and result["restarts"] == 0

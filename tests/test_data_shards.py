@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from mfr.trainer.data import shards
+from mfr.trainer.data.augment import Augment
 from mfr.trainer.data.loader import EpochStream
-from mfr.trainer.data.sources import Augment, ShardFaces, decode
+from mfr.trainer.data.sources import ShardFaces, decode
 from mfr.trainer.metrics import BAD_SAMPLES
 from tests.distributed import run_distributed
 from tests.test_data import config, samples, tag_of, write_folder, write_recordio

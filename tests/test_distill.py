@@ -94,7 +94,7 @@ def test_online_step_trains_student_and_projection_only(teacher, tmp_path, singl
     after = [*trainer.model.parameters(), projection.weight]
     assert all(not torch.equal(b, a) for b, a in zip(student, after)), "student or projection did not train"
 
-    trainer.checkpointer.save(blocking=True)  # the projection and its momentum are checkpointed ...
+    trainer.checkpointer.save(trainer.step, blocking=True)  # the projection and its momentum are checkpointed ...
     trained = projection.weight.detach().clone()
     resumed = Trainer(cfg, DistEnv(0, 0, 1, 1, 0, torch.device("cpu")))
     assert not torch.equal(resumed.distillation.projection.weight, trained)

@@ -201,7 +201,7 @@ def test_pair_list_scores_and_tpr_match_loops_and_sklearn(protocol):
 
 @pytest.mark.parametrize(("layers", "width"), [((1, 2, 1, 1), 0.3), ((2, 1, 3, 1), 0.0625)])
 def test_an_exported_state_dict_rebuilds_its_architecture(layers, width):
-    from mfr.trainer.evaluate import backbone_from_state
+    from mfr.trainer.saved_models import backbone_from_state
     from mfr.trainer.models import build_backbone
 
     torch.manual_seed(0)
@@ -366,6 +366,25 @@ def test_an_exported_backbone_and_s3_give_the_checkpoints_numbers(workspace, s3_
     protocols = [r["sets"][0]["protocols"] for r in reports.values()]
     assert [p["protocol"] for p in protocols[0]] == ["unmasked-unmasked"]
     assert protocols[0] == protocols[1] == protocols[2]
+
+
+def test_embeddings_are_kept_reused_and_never_mixed(workspace, tmp_path):
+    root, _ = workspace
+    keep = tmp_path / "embeddings"
+    args = (str(root / "backbone.pt"), "--gallery", str(root / "faces"), "--embeddings", str(keep), "-o", "json")
+    first = eval_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (keep / "faces").iterdir()) == ["masked", "unmasked"]
+    again = eval_cli(*args)
+    assert again.returncode == 0 and "reusing the embeddings" in again.stderr, again.stderr
+    without_timing = [{k: v for k, v in json.loads(p.stdout)["sets"][0].items() if k != "scoring"} for p in (first, again)]
+    assert without_timing[0] == without_timing[1]
+    embedded = eval_cli("--embedded", str(keep / "faces"), "-o", "json")  # no model needed
+    assert embedded.returncode == 0, embedded.stderr
+    assert json.loads(embedded.stdout)["sets"][0]["protocols"] == without_timing[0]["protocols"]
+    other = eval_cli(*args, "--no-flip")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert "holds other embeddings (flip True there)" in other.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""manifests/ is exactly what `mfrctl render` prints today (regenerate: python -m mfr.ctl.generate)."""
+"""manifests/ is exactly what `mfrctl render` prints today (regenerate: python -m charts.generate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mfr.ctl.generate import MANIFESTS, manifest_text, manifests_dir
+from charts.generate import MANIFESTS, manifest_text, manifests_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,13 +23,13 @@ def test_no_stray_manifests():
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_manifest_has_not_drifted_from_the_chart(name):
     assert (manifests_dir() / name).read_text() == manifest_text(MANIFESTS[name]), (
-        f"manifests/{name} is stale: run python -m mfr.ctl.generate"
+        f"manifests/{name} is stale: run python -m charts.generate"
     )
 
 
 def test_manifests_are_plain_kubectl_yaml():
     docs = [d for name in MANIFESTS for d in yaml.safe_load_all((manifests_dir() / name).read_text()) if d]
-    assert {d["kind"] for d in docs} == {"ConfigMap", "PyTorchJob"}
+    assert {d["kind"] for d in docs} == {"NetworkPolicy", "ConfigMap", "PyTorchJob", "TrainingRuntime", "TrainJob"}
     assert all("namespace" not in d["metadata"] for d in docs)  # kubectl apply -n <ns> decides
     static = next(d for d in yaml.safe_load_all((manifests_dir() / "static-8x8gpu.yaml").read_text()) if d and d["kind"] == "PyTorchJob")
     assert static["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 7 and static["spec"]["nprocPerNode"] == "8"

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.prometheus import PROMTOOL, Prometheus, free_port_range
+from mfr.ctl.launcher import free_port
+from tests.prometheus import PROMTOOL, Prometheus
 
 NAMESPACE, RELEASE = "ml", "mfr"
 JOB = f"{NAMESPACE}/{RELEASE}"  # the job label prometheus-operator gives a PodMonitor's targets
@@ -67,7 +68,7 @@ def _get(url: str) -> str:
 @pytest.fixture(scope="module")
 def live_run(prometheus_factory, tmp_path_factory) -> LiveRun:
     run_dir = tmp_path_factory.mktemp("live-run")
-    port = free_port_range(2)
+    port = free_port(2)
     pods = [f"{RELEASE}-master-0", f"{RELEASE}-worker-0"]
     prometheus = prometheus_factory(
         {JOB: [(f"127.0.0.1:{port + i}", {"namespace": NAMESPACE, "pod": pod}) for i, pod in enumerate(pods)]}
@@ -167,8 +168,8 @@ def _dashboard_expr(expr: str) -> str:
 def test_every_dashboard_panel_query_returns_data_from_the_live_run(live_run):
     import json
 
-    from mfr.ctl.dashboard import panel_queries
-    from mfr.ctl.generate import dashboard_path
+    from charts.generate.dashboard import panel_queries
+    from charts.generate import dashboard_path
 
     queries = panel_queries(json.loads(dashboard_path().read_text()))
     assert len(queries) >= 20

@@ -46,7 +46,7 @@ def test_helm_lint_is_clean_with_monitoring(values):
 
 def test_monitoring_objects_are_off_by_default():
     assert not {"PodMonitor", "PrometheusRule"} & set(_objects({}))
-    assert all(o["metadata"]["name"] != f"{NAME}-dashboard" for o in render({}, name=NAME, namespace=NAMESPACE).objects)
+    assert all(o["metadata"]["name"] != "mfr-training-dashboard" for o in render({}, name=NAME, namespace=NAMESPACE).objects)
 
 
 def test_podmonitor_scrapes_every_process_of_every_pod():
@@ -212,9 +212,9 @@ def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
 
 # --- the dashboard ------------------------------------------------------------------------------------------------
 def test_dashboard_json_in_the_chart_is_the_generated_one():
-    """Fails when mfr.ctl.dashboard changed and `python -m mfr.ctl.generate` was not run."""
-    from mfr.ctl.dashboard import dashboard_json
-    from mfr.ctl.generate import dashboard_path
+    """Fails when charts/generate/dashboard.py changed and `python -m charts.generate` was not run."""
+    from charts.generate.dashboard import dashboard_json
+    from charts.generate import dashboard_path
 
     assert dashboard_path().read_text() == dashboard_json()
 
@@ -224,7 +224,7 @@ def test_dashboard_json_reads_back_into_the_sdk_model():
 
     from grafana_foundation_sdk.models.dashboard import Dashboard
 
-    from mfr.ctl.dashboard import UID, dashboard_json
+    from charts.generate.dashboard import UID, dashboard_json
 
     data = json.loads(dashboard_json())
     model = Dashboard.from_json(data)
@@ -234,7 +234,7 @@ def test_dashboard_json_reads_back_into_the_sdk_model():
 def test_dashboard_has_the_run_variables_and_every_panel_selects_the_run():
     import json
 
-    from mfr.ctl.dashboard import dashboard_json, panel_queries
+    from charts.generate.dashboard import dashboard_json, panel_queries
 
     data = json.loads(dashboard_json())
     assert [v["name"] for v in data["templating"]["list"]] == ["datasource", "namespace", "job"]
@@ -250,11 +250,12 @@ def test_dashboard_has_the_run_variables_and_every_panel_selects_the_run():
 def test_dashboard_configmap_carries_the_json_with_the_sidecar_label():
     import json
 
-    from mfr.ctl.dashboard import UID
+    from charts.generate.dashboard import UID
 
     values = {"monitoring": {"dashboard": {"enabled": True, "namespace": "monitoring",
                                            "annotations": {"grafana_folder": "ML"}}}}
-    (cm,) = [o for o in render(values, name=NAME, namespace=NAMESPACE).objects if o["metadata"]["name"] == f"{NAME}-dashboard"]
+    (cm,) = [o for o in render(values, name=NAME, namespace=NAMESPACE).objects
+             if o["metadata"]["name"] == "mfr-training-dashboard"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
@@ -262,6 +263,16 @@ def test_dashboard_configmap_carries_the_json_with_the_sidecar_label():
     import kubernetes_validate
 
     kubernetes_validate.validate(cm, "1.29.0", strict=True)
+
+
+def test_the_dashboard_is_one_shared_object_that_no_run_owns():
+    """Every run renders the same ConfigMap (name, uid, file): never one per run, and never with a run's labels,
+    so that deleting a run (mfrctl delete selects by app.kubernetes.io/instance) leaves it for the others."""
+    values = {"monitoring": {"dashboard": {"enabled": True}}}
+    boards = [next(o for o in render(values, name=run, namespace=NAMESPACE).objects if o["kind"] == "ConfigMap"
+                   and o["metadata"]["labels"].get("grafana_dashboard")) for run in ("exp1", "exp2")]
+    assert boards[0] == boards[1]
+    assert "app.kubernetes.io/instance" not in boards[0]["metadata"]["labels"]
 
 
 def test_notes_say_where_metrics_are_served_and_what_scrapes_them():

@@ -144,7 +144,7 @@ def _save_zero(rank, world, uri, overrides, steps):
     batches = iter(trainer.data)
     for _ in range(steps):
         trainer.train_step(*next(batches))
-    trainer.checkpointer.save(blocking=False)
+    trainer.checkpointer.save(trainer.step, blocking=False)
     trainer.checkpointer.close()
     return _full_state(trainer)
 
@@ -179,7 +179,7 @@ def _resume_zero(rank, world, uri, overrides):
 
 def test_zero_checkpoint_saved_on_two_ranks_resumes_on_three_with_its_rows(tmp_path):
     """ZeRO-2 on 2 ranks -> ZeRO-3 and DDP on 3; and ``mfrctl export`` reads it."""
-    from mfr.trainer.export import load_tensors
+    from mfr.trainer.checkpoint_reader import load_tensors
     from mfr.trainer.models import build_backbone
     from mfr.trainer.storage import Storage
 

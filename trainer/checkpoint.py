@@ -1,7 +1,9 @@
 """Sharded, asynchronous checkpoints of the whole training state, resumable on any world size.
 
 One torch.distributed.checkpoint (DCP) directory per saved step, committed
-by the protocol of ``storage``.  It holds:
+by the protocol of ``storage``.  The checkpointer knows nothing of training:
+it saves what a ``Stateful`` gives it and hands it back on resume.  The
+trainer's state (``Trainer.state_dict``, top-level keys in ``checkpoint_reader``) holds:
 
 - the backbone and its optimizer state (replicated: DCP writes them once;
   under ZeRO, DTensor shards under the same names, so a checkpoint moves
@@ -14,10 +16,13 @@ by the protocol of ``storage``.  It holds:
   the GradScaler, and per-rank RNG states.  RNG states are restored only on
   the same world size, where the run then continues bit for bit.
 
-The head blocks are ShardedTensors, not DTensors: DTensor's ``Shard(0)``
-can only describe torch.chunk's ceil-sized split, while the head uses the
-balanced split of ``head.class_shard``; ShardedTensor carries explicit
-offsets, and DCP still reshards it.
+Everything is a tensor: DCP pickles anything else, and a checkpoint is read
+back through ``checkpoint_reader``, which never unpickles an entry.
+
+The head blocks are ShardedTensors (``PartialFC.sharded``), not DTensors:
+DTensor's ``Shard(0)`` can only describe torch.chunk's ceil-sized split, while
+the head uses the balanced split of ``class_shard``; ShardedTensor carries
+explicit offsets, and DCP still reshards it.
 
 Saves run on their own gloo group (sharing the training group deadlocks),
 at most one at a time; the loop waits only while the state is copied to host
@@ -30,30 +35,25 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import metrics
+from .checkpoint_reader import METADATA, CheckpointRefused, SafeLoadPlanner, SafeReader, flat_keys, refuse_pickled
 from .config import ConfigError, TrainConfig
-from .parallel import reshard
+from .dist import DistEnv
+from .progress import Progress, log
 from .storage import CheckpointInfo, Storage, StorageError, step_dir
 
-if TYPE_CHECKING:
-    from .loop import Trainer
-
-warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
 
 # DCP reports failures of any rank as CheckpointException, a BaseException.
 _SAVE_ERRORS = (Exception, CheckpointException)
@@ -67,99 +67,41 @@ class Preempted(RuntimeError):
     """SIGTERM: the state is checkpointed; exit 143 so the operator retries."""
 
 
-def _rows(local: torch.Tensor, start: int, num_rows: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """This rank's rows ``[start, start + len(local))`` of a ``num_rows``-row matrix."""
-    rank = dist.get_rank(group)
-    meta = ShardMetadata(
-        shard_offsets=[start] + [0] * (local.dim() - 1),
-        shard_sizes=list(local.shape),
-        placement=f"rank:{rank}/{local.device}",
-    )
-    return init_from_local_shards([Shard(local, meta)], num_rows, *local.shape[1:], process_group=group)
+class StopRequest:
+    """The SIGTERM handler: notes when the signal came, and holds nothing else.
+
+    A handler stays installed until the interpreter exits, and keeps alive
+    whatever it refers to: were it a method of the checkpointer, the whole
+    trainer (its process groups and their gloo threads) would outlive ``train``.
+    """
+
+    def __init__(self) -> None:
+        self.at: float | None = None  # time.monotonic() of the first SIGTERM
+
+    def __call__(self, signum, frame) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
 
 
-def _optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The optimizer's state tensors of ``param``; zero-filled ones before its first step
-    (so a fresh optimizer has something for DCP to load into)."""
-    state = optimizer.state[param]
-    if state:
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if isinstance(optimizer, torch.optim.SGD):
-        momentum = optimizer.param_groups[0]["momentum"]
-        return {"momentum_buffer": torch.zeros_like(param)} if momentum else {}
-    if isinstance(optimizer, torch.optim.AdamW):
-        return {
-            "step": torch.zeros((), dtype=torch.float32),
-            "exp_avg": torch.zeros_like(param),
-            "exp_avg_sq": torch.zeros_like(param),
-        }
-    raise TypeError(f"no checkpoint layout for {type(optimizer).__name__}")
+class Stateful(Protocol):
+    """What the checkpointer saves and restores (torchtitan's convention): ``state_dict`` returns views of the
+    live tensors, which DCP loads into in place; ``load_state_dict`` then sets whatever is not a tensor."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def training_state(trainer: Trainer, with_rng: bool) -> dict[str, Any]:
-    """The DCP state dict of ``trainer``: views of the live tensors (load writes in place)."""
-    model, head, opt = trainer.backbone, trainer.head, trainer.optimizer
-    reshard(model)  # ZeRO: parameters as the DTensor shards the optimizer state is keyed by
-    opt.catch_up()  # head rows that SGD stepped lazily: every row and its momentum up to date (row_optim)
-    names = {p: n for n, p in model.named_parameters()}
-    head_slots = {
-        k: _rows(v, head.start, head.num_classes, head.group) if v.shape == head.weight.shape else v
-        for k, v in _optimizer_slots(opt, head.weight).items()
-    }
-    state: dict[str, Any] = {
-        "backbone": model.state_dict(),
-        "head": {"weight": _rows(head.weight.detach(), head.start, head.num_classes, head.group)},
-        "optim": {
-            "backbone": {names[p]: _optimizer_slots(opt, p) for p in model.parameters()},
-            "head": {"weight": head_slots},
-        },
-        "progress": {"step": trainer.step, "nonfinite_in_a_row": trainer.nonfinite_in_a_row, **trainer.data.state_dict()},
-    }
-    if trainer.scaler.is_enabled():
-        state["scaler"] = trainer.scaler.state_dict()
-    projection = trainer.distillation.projection if trainer.distillation is not None else None
-    if projection is not None:  # distillation's student->teacher projection, trained like the backbone
-        state["distill"] = {"projection": projection.state_dict()}
-        state["optim"]["distill"] = {n: _optimizer_slots(opt, p) for n, p in projection.named_parameters()}
-    if with_rng:
-        rng = {"torch": torch.get_rng_state(), "head_sampler": head.sampler.get_state()}
-        if trainer.env.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(trainer.env.device)
-        state["rng"] = {f"rank{trainer.env.rank}": rng}
-    return state
+def as_tensors(values: dict[str, int | float]) -> dict[str, torch.Tensor]:
+    """Numbers as 0-dim tensors (int64 or float64, exact): DCP would pickle them as they are."""
+    for key, value in values.items():
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"checkpoint value {key} is a {type(value).__name__}, not a number")
+    return {k: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64) for k, v in values.items()}
 
 
-def restore(trainer: Trainer, state: dict[str, Any]) -> None:
-    """Finish a load: the tensors are already in place; set the rest."""
-    model, head, opt = trainer.backbone, trainer.head, trainer.optimizer
-    for name, p in model.named_parameters():
-        if state["optim"]["backbone"][name]:
-            opt.state[p] = dict(state["optim"]["backbone"][name])
-    head_slots = {
-        k: v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
-        for k, v in state["optim"]["head"]["weight"].items()
-    }
-    if head_slots:
-        opt.state[head.weight] = head_slots
-    for name, p in trainer.distillation.projection.named_parameters() if "distill" in state else ():
-        if state["optim"]["distill"][name]:
-            opt.state[p] = dict(state["optim"]["distill"][name])
-    progress = state["progress"]
-    trainer.step = int(progress["step"])
-    trainer.nonfinite_in_a_row = int(progress["nonfinite_in_a_row"])
-    trainer.data.load_state_dict(progress)
-    if "scaler" in state:
-        trainer.scaler.load_state_dict(state["scaler"])
-    rng = state.get("rng", {}).get(f"rank{trainer.env.rank}")
-    if rng is not None:
-        torch.set_rng_state(rng["torch"])
-        head.sampler.set_state(rng["head_sampler"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], trainer.env.device)
-    else:  # a new world: fresh, but reproducible, streams for this rank
-        seed = trainer.cfg.run.seed
-        torch.manual_seed(seed * 1_000_003 + trainer.step)
-        head.sampler.manual_seed(seed * 1_000_003 + head.rank + 7919 + 104_729 * trainer.step)
+def as_numbers(values: dict[str, torch.Tensor]) -> dict[str, int | float]:
+    return {k: v.item() for k, v in values.items()}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -246,9 +188,12 @@ class StepDecision:
 class Checkpointer:
     """Saves, commits, retains and resumes checkpoints of one run."""
 
-    def __init__(self, cfg: TrainConfig, trainer: Trainer):
-        self.cfg, self.train_cfg, self.trainer = cfg.checkpoint, cfg, trainer
-        self.env, self.progress = trainer.env, trainer.progress
+    def __init__(self, cfg: TrainConfig, env: DistEnv, state: Stateful, events: Progress,
+                 world_bound: tuple[str, ...] = ()):
+        """``state``: what is saved and resumed; its entries named in ``world_bound`` (per-rank RNG streams)
+        are restored only on the world size that saved them.  ``events``: where commits and resumes are told."""
+        self.cfg, self.train_cfg, self.env = cfg.checkpoint, cfg, env
+        self.state, self.world_bound, self.progress = state, world_bound, events
         self.storage = Storage(cfg.checkpoint.resolved_uri(cfg.run.output_dir), cfg.checkpoint.storage_options,
                                cfg.checkpoint.retries)
         self.io_group = dist.new_group(backend="gloo")  # DCP's collectives, possibly on a background thread
@@ -259,17 +204,13 @@ class Checkpointer:
         self.clock = time.monotonic  # what save intervals are measured with (a test can step it)
         self.last_save_time = self.clock()
         self.last_duration: float | None = None
-        self.stop_requested_at: float | None = None
+        self.stop = StopRequest()
         self.existing_steps: set[int] = set()  # step directories already in storage (known to every rank)
         self._label = {"rank": str(self.env.rank)}
 
     # -- signals and agreement ---------------------------------------------
     def install_sigterm_handler(self) -> None:
-        def on_sigterm(signum, frame):
-            if self.stop_requested_at is None:
-                self.stop_requested_at = time.monotonic()
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, self.stop)
 
     def _any(self, *flags: bool) -> list[bool]:
         """Element-wise OR over all ranks (a tiny CPU all-reduce)."""
@@ -283,38 +224,36 @@ class Checkpointer:
             self.cfg.every_minutes is not None and self.clock() - self.last_save_time >= 60 * self.cfg.every_minutes
         )
         busy = self.pending is not None and self.pending.future is not None and not self.pending.future.done()
-        stop, due, busy = self._any(self.stop_requested_at is not None, by_steps or by_time, busy)
+        stop, due, busy = self._any(self.stop.at is not None, by_steps or by_time, busy)
         return StepDecision(stop=stop, save=due, busy=busy)
 
     # -- saving -------------------------------------------------------------
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         """Called by the loop after every step: commit finished saves, start due ones, honour SIGTERM."""
         self.poll()
-        step = self.trainer.step
         decision = self.decide(step)
         if decision.stop:
-            self.save_for_preemption()
+            self.save_for_preemption(step)
             raise Preempted(f"stopped by SIGTERM at step {step}")
         if not decision.save or step == self.last_saved_step:
             return
         if decision.busy:
-            self.progress.log(f"checkpoint at step {step} skipped: the previous save is still being written")
+            log.info(f"checkpoint at step {step} skipped: the previous save is still being written")
             return
-        self.save(blocking=not self.cfg.async_save)
+        self.save(step, blocking=not self.cfg.async_save)
 
-    def save(self, blocking: bool) -> None:
-        """Checkpoint the trainer's current step (every rank calls this at the same step)."""
+    def save(self, step: int, blocking: bool) -> None:
+        """Checkpoint the state as of ``step`` (every rank calls this at the same step)."""
         self.poll(wait=True)
-        step, started = self.trainer.step, time.monotonic()
+        started = time.monotonic()
         self.last_save_time = self.clock()
-        self._sync_buffers()
         if step in self.existing_steps and not self._clear_old(step):
             return
         try:
             writer = FsspecWriter(
                 self.storage.join(step_dir(step)), sync_files=self.storage.is_local, **self.storage.options
             )
-            state = training_state(self.trainer, with_rng=True)
+            state = self.state.state_dict()
             if blocking:
                 dcp.save(state, storage_writer=writer, process_group=self.io_group)
                 future = None
@@ -385,7 +324,7 @@ class Checkpointer:
         metrics.CHECKPOINT_BYTES.labels(**self._label).set(size)
         took = time.monotonic() - pending.started
         self.progress.event("checkpoint", step=pending.step, url=self.storage.join(name), bytes=int(size), seconds=took)
-        self.progress.log(
+        log.info(
             f"checkpoint step {pending.step} committed to {self.storage.join(name)} "
             f"({size / 2**20:.1f} MiB, {took:.2f} s)" + (f"; removed {', '.join(removed)}" if removed else "")
         )
@@ -396,34 +335,28 @@ class Checkpointer:
         metrics.CHECKPOINT_FAILURES.labels(**self._label).inc()
         if self.env.is_main:
             self.progress.event("checkpoint_failed", step=step, message=message)
-            print(f"[mfr] WARNING: checkpoint of step {step} failed, training continues: {message}", flush=True)
+            log.warning(f"checkpoint of step {step} failed, training continues: {message}")
 
-    def _sync_buffers(self) -> None:
-        """Rank 0's BatchNorm statistics: what DDP broadcasts before the next forward anyway."""
-        for buffer in self.trainer.backbone.buffers():
-            dist.broadcast(buffer, src=0)
-
-    def save_for_preemption(self) -> None:
+    def save_for_preemption(self, step: int) -> None:
         """Within ``preempt_budget_s`` of SIGTERM: finish the save in flight, then save this step."""
-        deadline = (self.stop_requested_at or time.monotonic()) + self.cfg.preempt_budget_s
+        deadline = (self.stop.at or time.monotonic()) + self.cfg.preempt_budget_s
         self.poll(wait=True, timeout=max(0.0, deadline - time.monotonic()))
-        step = self.trainer.step
         expected = self.last_duration or 0.0
         in_time = self.pending is None and time.monotonic() + expected < deadline
         (skip,) = self._any(not in_time)
         if step == self.last_saved_step:
-            self.progress.log(f"SIGTERM: step {step} is already checkpointed; exiting 143")
+            log.info(f"SIGTERM: step {step} is already checkpointed; exiting 143")
         elif skip:
-            self.progress.log(f"SIGTERM: no time left to checkpoint step {step} within the budget; exiting 143")
+            log.info(f"SIGTERM: no time left to checkpoint step {step} within the budget; exiting 143")
         else:
-            self.save(blocking=True)
-            self.progress.log(f"SIGTERM: checkpointed step {step}; exiting 143")
+            self.save(step, blocking=True)
+            log.info(f"SIGTERM: checkpointed step {step}; exiting 143")
 
-    def finish(self) -> None:
-        """At the end of training: the final state is committed before the process exits."""
+    def finish(self, step: int) -> None:
+        """At the end of training: the state of the last ``step`` is committed before the process exits."""
         self.poll(wait=True)
-        if self.trainer.step != self.last_saved_step:
-            self.save(blocking=True)
+        if step != self.last_saved_step:
+            self.save(step, blocking=True)
 
     # -- resuming -----------------------------------------------------------
     def _look(self) -> tuple[list[CheckpointInfo], set[int]]:
@@ -432,7 +365,7 @@ class Checkpointer:
         committed = [c for c in found if c.committed]
         newest = committed[-1].step if committed else -1
         for stale in (c for c in found if not c.committed and c.step > newest):
-            self.progress.log(f"WARNING: skipping uncommitted checkpoint {stale.url} (an interrupted save); removing it")
+            log.warning(f"skipping uncommitted checkpoint {stale.url} (an interrupted save); removing it")
             self.storage.remove(stale.name)
         existing = {c.step for c in found if c.committed or c.step <= newest}
         spec = self.cfg.resume
@@ -459,7 +392,7 @@ class Checkpointer:
             )
 
     def resume(self) -> CheckpointInfo | None:
-        """Load the newest usable committed checkpoint into the trainer, if there is one.
+        """Load the newest usable committed checkpoint into the state, if there is one.
 
         Rank 0 looks at the storage and every rank gets its answer, so all
         take the same path (an error included).
@@ -490,14 +423,17 @@ class Checkpointer:
                 )
             try:
                 self._load(info)
+            except CheckpointRefused:  # not a corrupt checkpoint: one that must not be read (see checkpoint_reader)
+                raise
             except _SAVE_ERRORS as err:  # a corrupt checkpoint: every rank sees DCP's collective error
                 if self.env.is_main:
-                    message = self.storage.describe(_root_cause(err))
-                    self.progress.log(f"WARNING: cannot load {info.url} ({message}); trying an older checkpoint")
+                    cause = err if isinstance(err, StorageError) else _root_cause(err)
+                    message = str(cause) if isinstance(cause, StorageError) else self.storage.describe(cause)
+                    log.warning(f"cannot load {info.url} ({message}); trying an older checkpoint")
                 continue
             self.last_saved_step = info.step
             self.progress.event("resume", step=info.step, url=info.url, from_world_size=info.world_size)
-            self.progress.log(
+            log.info(
                 f"resumed from {info.url} at step {info.step} (saved by {info.world_size} ranks, now {self.env.world_size})"
                 + (f"; changed settings: {', '.join(notes)}" if notes else "")
             )
@@ -505,11 +441,28 @@ class Checkpointer:
         return None
 
     def _load(self, info: CheckpointInfo) -> None:
+        """Every rank checks the metadata itself (``checkpoint_reader``), and all agree before DCP's collectives:
+        a refusal anywhere stops every rank; an unreadable file anywhere makes every rank try an older one."""
         same_world = info.world_size == self.env.world_size
-        state = training_state(self.trainer, with_rng=same_world)
-        reader = FsspecReader(info.url, **self.storage.options)
-        dcp.load(state, storage_reader=reader, process_group=self.io_group)
-        restore(self.trainer, state)
+        state = self.state.state_dict()
+        if not same_world:
+            state = {k: v for k, v in state.items() if k not in self.world_bound}
+        reader, error = None, None
+        try:
+            reader = SafeReader(info.url, self.cfg.storage_options)
+            refuse_pickled(
+                reader.metadata, flat_keys(state).__contains__, f"{info.url}/{METADATA}",
+                "; a checkpoint of an older mfr cannot be resumed: set checkpoint.resume=never or a new checkpoint.uri",
+            )
+        except (CheckpointRefused, StorageError) as err:
+            error = err
+        refused, unreadable = self._any(isinstance(error, CheckpointRefused), error is not None)
+        if refused:
+            raise error if isinstance(error, CheckpointRefused) else CheckpointRefused(f"{info.url}: refused by another rank")
+        if unreadable:
+            raise error or StorageError(f"{info.url}/{METADATA}: unreadable on another rank")
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.io_group)
+        self.state.load_state_dict(state)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed or has failed."""

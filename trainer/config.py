@@ -12,10 +12,12 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .credentials import check_storage_options, credential_paths, redact
 
 # The iResNet family's shape, torch-free so that mfrctl plan can count it
 # (trainer/models.py builds it).
@@ -48,7 +50,9 @@ def backbone_layers(name: str, layers: list[int] | tuple[int, ...] | None = None
         if layers is None:
             raise ValueError("backbone 'custom' needs layers, e.g. layers: [3, 25, 88, 3]")
         if len(layers) != len(STAGE_WIDTHS) or min(layers) < 1:
-            raise ValueError(f"layers must be {len(STAGE_WIDTHS)} stage depths >= 1, e.g. [3, 25, 88, 3], got {list(layers)}")
+            raise ValueError(
+                f"layers must be {len(STAGE_WIDTHS)} stage depths >= 1, e.g. [3, 25, 88, 3], got {list(layers)}"
+            )
         return tuple(layers)
     if name not in BACKBONE_DEPTHS:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
@@ -56,18 +60,29 @@ def backbone_layers(name: str, layers: list[int] | tuple[int, ...] | None = None
         raise ValueError(f"layers is only used with backbone 'custom' (backbone is {name!r})")
     return BACKBONE_DEPTHS[name]
 DEMO_CONFIG = "synthetic-demo.yaml"
+# A checkpoint's directory under its root (trainer/storage.py writes and lists them); checkpoint.resume names one.
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# Overrides metrics.port for one pod: mfrctl train gives each emulated node its own (trainer/metrics.py reads it).
+METRICS_PORT_ENV = "MFR_METRICS_PORT"
 
 
 class ConfigError(ValueError):
-    """A user mistake in the config: reported as one line, exit code 2."""
+    """A user mistake in the config: reported as one line, exit code 2 (URL user info redacted)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact(str(message)))
+
+
+# fsspec/s3fs options of a URL: never a credential, at any depth (see credentials).
+StorageOptions = Annotated[dict[str, Any], AfterValidator(check_storage_options)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(_Section):
-    """The data-parallel backbone (iResNet family)."""
+class ArchitectureConfig(_Section):
+    """An iResNet's shape: what a checkpoint's backbone tensors must match (the student's, or the teacher's)."""
 
     backbone: Literal[BACKBONES] = Field("r50", description="iResNet depth, or 'custom' with layers")
     layers: list[int] | None = Field(
@@ -75,6 +90,16 @@ class ModelConfig(_Section):
     )
     width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
     embedding_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _layers_match_backbone(self) -> ArchitectureConfig:
+        backbone_layers(self.backbone, self.layers)
+        return self
+
+
+class ModelConfig(ArchitectureConfig):
+    """The data-parallel backbone (iResNet family) and how it trains."""
+
     dropout: float = Field(0.0, ge=0, lt=1)
     activation_checkpointing: Literal["none", "stage", "block"] = Field(
         "none",
@@ -92,11 +117,6 @@ class ModelConfig(_Section):
                 f"model.checkpoint_every ({self.checkpoint_every}) needs model.activation_checkpointing: block "
                 f"(it is {self.activation_checkpointing})"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _layers_match_backbone(self) -> ModelConfig:
-        backbone_layers(self.backbone, self.layers)
         return self
 
 
@@ -136,7 +156,7 @@ class DataConfig(_Section):
     uri: str | None = Field(
         None, description="local path or s3:// URL of the folder, the .rec (or its folder), or the shards' folder"
     )
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         {}, description="fsspec/s3fs options for uri; credentials come from the AWS_* environment"
     )
     images_per_identity: int = Field(32, ge=1, description="synthetic images per training identity")
@@ -157,9 +177,6 @@ class DataConfig(_Section):
     def _uri_for_real_data(self) -> DataConfig:
         if self.source != "synthetic" and not self.uri:
             raise ValueError(f"data.source {self.source} needs data.uri (a local path or s3:// URL)")
-        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
-        if found:
-            raise ValueError(f"data.storage_options must not hold credentials ({', '.join(found)}): use AWS_* env")
         return self
 
 
@@ -201,9 +218,6 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/mfr", description="run directory: eval results, and checkpoints by default")
 
 
-_CREDENTIAL_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-
-
 class CheckpointConfig(_Section):
     """Sharded checkpoints (torch.distributed.checkpoint) on any fsspec URL."""
 
@@ -220,10 +234,11 @@ class CheckpointConfig(_Section):
         "auto", description="auto = the newest committed checkpoint under uri, if any; never; or one step-<N> URI"
     )
     preempt_budget_s: float = Field(
-        25.0, gt=0, description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)"
+        25.0, gt=0,
+        description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)",
     )
     retries: int = Field(4, ge=0, description="retries, with exponential backoff, of transient storage errors")
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         {},
         description="fsspec/s3fs options, e.g. {endpoint_url: http://minio:9000}; credentials come from the "
         "AWS_* environment (a Kubernetes Secret), never from the config",
@@ -231,18 +246,9 @@ class CheckpointConfig(_Section):
 
     @model_validator(mode="after")
     def _resume_is_known(self) -> CheckpointConfig:
-        if self.resume not in ("auto", "never") and not re.search(r"/step-\d+/?$", self.resume):
+        _, slash, name = self.resume.removesuffix("/").rpartition("/")
+        if self.resume not in ("auto", "never") and not (slash and STEP_DIR.match(name)):
             raise ValueError(f"resume must be auto, never or a .../step-<N> checkpoint URI, got {self.resume!r}")
-        return self
-
-    @model_validator(mode="after")
-    def _no_credentials(self) -> CheckpointConfig:
-        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
-        if found:
-            raise ValueError(
-                f"storage_options must not hold credentials ({', '.join(found)}): set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY in the environment (from a Secret) instead"
-            )
         return self
 
     def resolved_uri(self, output_dir: str) -> str:
@@ -280,30 +286,15 @@ class MetricsConfig(_Section):
     address: str = Field("0.0.0.0", min_length=1, description="listen address; 127.0.0.1 keeps it on this machine")
 
 
-class TeacherConfig(_Section):
-    """The teacher of distillation: its architecture, and where its weights are."""
+class TeacherConfig(ArchitectureConfig):
+    """The distillation teacher: its iResNet (a projection maps the student's embedding to its size), its checkpoint."""
 
-    backbone: Literal[BACKBONES] = Field("r50", description="iResNet depth of the teacher, or 'custom' with layers")
-    layers: list[int] | None = Field(None, min_length=4, max_length=4, description="stage depths for backbone=custom")
-    width: float | None = Field(None, gt=0, description="channel multiplier; null = the backbone's default")
-    embedding_size: int = Field(512, ge=1, description="the teacher's embedding size (a projection maps the student's to it)")
     checkpoint: str | None = Field(
         None, description="a committed .../step-<N> checkpoint, or a checkpoint root (its newest); online mode"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of the frozen teacher's forward (online mode); fp16 needs cuda"
     )
-
-    @model_validator(mode="after")
-    def _valid_architecture(self) -> TeacherConfig:
-        try:
-            self.as_model()
-        except ValidationError as err:
-            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        return self
-
-    def as_model(self) -> ModelConfig:
-        return ModelConfig(backbone=self.backbone, layers=self.layers, width=self.width, embedding_size=self.embedding_size)
 
 
 class DistillConfig(_Section):
@@ -320,7 +311,7 @@ class DistillConfig(_Section):
     features: str | None = Field(
         None, description="offline mode: local path or s3:// URL written by mfrctl distill extract"
     )
-    storage_options: dict[str, Any] = Field(
+    storage_options: StorageOptions = Field(
         {}, description="fsspec/s3fs options for the teacher checkpoint and features; credentials from AWS_* env"
     )
 
@@ -330,9 +321,6 @@ class DistillConfig(_Section):
             raise ValueError("distill.mode online needs distill.teacher.checkpoint (a checkpoint URL)")
         if self.mode == "offline" and not self.features:
             raise ValueError("distill.mode offline needs distill.features (written by mfrctl distill extract)")
-        found = sorted(_CREDENTIAL_OPTIONS & {k.lower() for k in self.storage_options})
-        if found:
-            raise ValueError(f"distill.storage_options must not hold credentials ({', '.join(found)}): use AWS_* env")
         return self
 
 
@@ -362,6 +350,16 @@ class TrainConfig(_Section):
             raise ValueError("run.amp fp16 needs a GPU (GradScaler); use bf16 on cpu")
         return self
 
+    @model_validator(mode="after")
+    def _no_url_credentials(self) -> TrainConfig:
+        found = credential_paths(self.model_dump(mode="json"), keys=False)
+        if found:
+            raise ValueError(
+                f"{', '.join(found)} holds a URL with user info (a password): the config is rendered into the "
+                "ConfigMap and every checkpoint record; take credentials from the AWS_* environment (a Secret)"
+            )
+        return self
+
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML."""
@@ -384,13 +382,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """``update`` laid over ``base``, as Helm merges values: maps key by key, anything else replaced.
+
+    A map never replaces a set value: that is a mistake (``head.num_classes.x=1``), a ConfigError naming it.
+    """
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value, f"{path}{key}.")
+            merged[key] = merge(merged[key], value, f"{path}{key}.")
         elif isinstance(value, dict) and key in merged and merged[key] is not None:
-            raise ConfigError(f"--set {path}{key}.…: {path}{key} is a value, not a section")
+            raise ConfigError(f"{path}{key}.{next(iter(value), '…')}: {path}{key} is a value, not a section")
         else:
             merged[key] = value
     return merged
@@ -430,8 +432,27 @@ def demo_config_path() -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load and validate; ``path=None`` means the built-in synthetic demo."""
-    data = read_yaml(path if path is not None else demo_config_path())
-    return validate_config(_merge(data, parse_overrides(overrides or [])))
+    return validate_config(apply_overrides(read_yaml(path if path is not None else demo_config_path()), overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``data`` with ``--set a.b=c`` overrides laid over it (not validated yet)."""
+    try:
+        return merge(data, parse_overrides(overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"--set {err}") from None
+
+
+def check_world_size(world_size: int, *, num_classes: int | None = None, zero: int = 0) -> None:
+    """The config's rules that need the number of ranks, which a config alone does not know: a ConfigError naming
+    the first one broken.  The trainer checks them when it starts, ``mfrctl plan`` for the GPUs it plans."""
+    if num_classes is not None and num_classes < world_size:
+        raise ConfigError(f"head.num_classes ({num_classes}) must be >= the world size ({world_size})")
+    if zero and world_size < 2:
+        raise ConfigError(
+            f"optim.zero {zero} shards the backbone over data-parallel ranks, but the world size is {world_size}: "
+            "it needs more than one GPU or process; run on 2 or more ranks or set optim.zero=0"
+        )
 
 
 def validate_config(data: dict[str, Any]) -> TrainConfig:

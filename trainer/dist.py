@@ -7,7 +7,13 @@ without torchrun (``python -m mfr.trainer``) the trainer is a world of one.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import re
+import sys
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +65,71 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
         device=device,
     )
+
+
+# What gloo, NCCL and the c10d store say when the other end of a connection went away.
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed|refused)|Broken pipe|Socket Timeout|Timed out waiting|timed out after|"
+    r"NCCL communicator was aborted|ncclRemoteError|remote process exited",
+    re.IGNORECASE,
+)
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """Did a collective or the store fail because another rank, its pod or the store is gone?
+
+    Then restarting the job fixes it (every pod resumes from the last commit); any other
+    error is the run's own.  gloo reports a dead peer as a plain RuntimeError.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (dist.DistNetworkError, dist.DistStoreError)):
+            return True
+        if isinstance(seen, RuntimeError) and _PEER_GONE.search(str(seen)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+@contextlib.contextmanager
+def shutdown_distributed() -> Iterator[None]:
+    """Destroy every process group when the block (which drops the trainer) ends, on this thread.
+
+    A gloo worker thread retires a collective after its caller has moved on,
+    and releasing the collective's tensors takes the GIL.  A worker still alive
+    when the interpreter finalizes can meet it there: Python ends the thread
+    with pthread_exit inside a noexcept destructor, std::terminate aborts the
+    process ("terminate called without an active exception"), and a finished
+    run exits non-zero.  Destroying a group joins its workers, with the GIL
+    released meanwhile, so here every worker is done before the exit.
+
+    A group lives as long as anything refers to it (DDP, the checkpointer's
+    groups, the frames of an exception on its way out), so those frames are
+    cleared and the garbage collected here, with automatic collection off: a
+    collection on another thread (the metrics exporter's) would destroy the
+    groups there and meet the exit the same way.
+    """
+    automatic = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        try:
+            _clear_exception_frames(sys.exc_info()[1])
+            gc.collect()
+            dist.destroy_process_group()
+        finally:
+            if automatic:
+                gc.enable()
+
+
+def _clear_exception_frames(error: BaseException | None) -> None:
+    """Drop the local variables of the frames an exception (and its causes) keeps."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # the frame still running (ours) is skipped
+        pending += [error.__cause__, error.__context__]

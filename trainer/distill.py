@@ -21,7 +21,6 @@ student learns to map a masked face to the teacher's embedding of the bare face.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -30,16 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fsspec.core import url_to_fs
 from torch import nn
 
-from .config import ConfigError, DataConfig, TeacherConfig, TrainConfig
+from .config import ArchitectureConfig, ConfigError, DataConfig, TeacherConfig, TrainConfig
 from .dist import DistEnv
+from .features import Features, FeatureWriter
 from .models import IResNet, build_backbone
-from .storage import CheckpointInfo, find_checkpoint, fsspec_options
+from .saved_models import first_mismatch
+from .storage import CheckpointInfo, find_checkpoint
 
-FORMAT = "mfr-teacher-features/1"
-INDEX = "index.json"
 _PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -53,41 +51,28 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 # -- the teacher checkpoint -------------------------------------------------------
 
 
-def _shape(t: torch.Tensor) -> str:
-    return " x ".join(str(n) for n in t.shape) or "scalar"
-
-
-def _first_mismatch(saved: dict[str, str], expected: dict[str, str]) -> str | None:
-    """The first tensor whose shape differs between a checkpoint and an architecture, in words."""
-    for name, shape in expected.items():
-        if saved.get(name) != shape:
-            return f"backbone.{name} is {saved.get(name, 'missing')} there, {shape} in the configured teacher"
-    extra = [name for name in saved if name not in expected]
-    return f"backbone.{extra[0]} ({saved[extra[0]]}) there is not in the configured teacher" if extra else None
-
-
 def load_teacher(cfg: TeacherConfig, storage_options: dict[str, Any] | None = None) -> tuple[IResNet, CheckpointInfo]:
     """The configured teacher architecture with the checkpoint's backbone weights, frozen, on the CPU.
 
     The checkpoint's tensors are compared with the architecture first, so a mismatch is
     one line naming the tensor instead of a page of ``load_state_dict`` errors.
     """
-    from .export import load_tensors, tensor_shapes
+    from .checkpoint_reader import load_tensors
 
     info = find_checkpoint(cfg.checkpoint or "", storage_options=storage_options)
     model = build_backbone(cfg.backbone, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
-    saved = {k.removeprefix("backbone."): v for k, v in tensor_shapes(info.url).items() if k.startswith("backbone.")}
-    problem = _first_mismatch(saved, {k: _shape(v) for k, v in model.state_dict().items()})
+    state = load_tensors(info.url, ("backbone",), storage_options).get("backbone", {})
+    problem = first_mismatch(state, model, prefix="backbone.", here="the configured teacher")
     if problem:
         model_cfg = (info.config or {}).get("model")
-        used = {k: model_cfg.get(k) for k in ("backbone", "layers", "width", "embedding_size")} if model_cfg else None
+        used = {k: model_cfg.get(k) for k in ArchitectureConfig.model_fields} if model_cfg else None
         hint = f" (that run's model: {json.dumps(used)})" if used else ""
         raise ConfigError(
             f"teacher checkpoint {info.url} does not match distill.teacher "
             f"(backbone {cfg.backbone}, layers {cfg.layers}, width {cfg.width}, embedding_size {cfg.embedding_size}): "
             f"{problem}; set distill.teacher to the architecture it was trained with{hint}"
         )
-    model.load_state_dict(load_tensors(info.url, ("backbone",))["backbone"])
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False), info
 
 
@@ -119,89 +104,11 @@ def data_identity(data: DataConfig, num_classes: int) -> dict[str, Any]:
     return {"source": data.source, "uri": data.uri, "num_classes": num_classes}
 
 
-def _open(uri: str, storage_options: dict[str, Any] | None):
-    fs, root = url_to_fs(uri, **fsspec_options(uri, storage_options))
-    return fs, root.rstrip("/")
-
-
-def _npy(array: np.ndarray) -> tuple[bytes, int]:
-    """The ``.npy`` bytes of ``array`` and where its data starts (rows are then ranged reads)."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    data = buffer.getvalue()
-    return data, len(data) - array.nbytes
-
-
-class FeatureWriter:
-    """Writes teacher embeddings in sample-index order as fp16 ``.npy`` shards plus labels.
-
-    ``index.json`` is written last by ``close``: a folder without it is an unfinished
-    extraction and is never read.
-    """
-
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None, embedding_size: int, shard_rows: int):
-        self.uri, self.embedding_size, self.shard_rows = uri.rstrip("/"), embedding_size, shard_rows
-        self.fs, self.root = _open(uri, storage_options)
-        if self.fs.exists(f"{self.root}/{INDEX}"):
-            raise ConfigError(f"{uri} already holds teacher features ({INDEX}); choose another --out or remove them")
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.shards: list[dict[str, Any]] = []
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.pending_rows = 0
-
-    def add(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
-        self.pending.append((embeddings.astype(np.float16), labels.astype(np.int32)))
-        self.pending_rows += len(labels)
-        while self.pending_rows >= self.shard_rows:
-            self._flush(self.shard_rows)
-
-    def _flush(self, rows: int) -> None:
-        embeddings = np.concatenate([e for e, _ in self.pending])
-        labels = np.concatenate([lab for _, lab in self.pending])
-        n = len(self.shards)
-        entry: dict[str, Any] = {"rows": rows}
-        for kind, array in (("embeddings", embeddings[:rows]), ("labels", labels[:rows])):
-            name = f"{kind}-{n:06d}.npy"
-            data, offset = _npy(np.ascontiguousarray(array))
-            self.fs.pipe_file(f"{self.root}/{name}", data)
-            entry[kind] = {"name": name, "offset": offset}
-        self.shards.append(entry)
-        self.pending = [(embeddings[rows:], labels[rows:])] if rows < len(labels) else []
-        self.pending_rows -= rows
-
-    def close(self, meta: dict[str, Any]) -> dict[str, Any]:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-        index = {
-            "format": FORMAT,
-            "count": sum(s["rows"] for s in self.shards),
-            "embedding_size": self.embedding_size,
-            "dtype": "float16",
-            "shard_rows": self.shard_rows,
-            "shards": self.shards,
-            **meta,
-        }
-        self.fs.pipe_file(f"{self.root}/{INDEX}", json.dumps(index, indent=1).encode())
-        return index
-
-
-class TeacherFeatures:
-    """Reads rows of an extraction by sample index: two ranged reads per row, batched."""
+class TeacherFeatures(Features):
+    """An extraction's rows by sample index, checked against the data and teacher it must match."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
-        self.uri = uri
-        self.fs, self.root = _open(uri, storage_options)
-        try:
-            index = json.loads(self.fs.cat_file(f"{self.root}/{INDEX}"))
-        except FileNotFoundError:
-            raise ConfigError(
-                f"distill.features {uri} has no {INDEX}: not written by mfrctl distill extract, or not finished"
-            ) from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise ConfigError(f"distill.features {uri}/{INDEX} is not {FORMAT} (format {index.get('format')!r})")
-        self.index = index
-        self.count, self.embedding_size, self.shard_rows = index["count"], index["embedding_size"], index["shard_rows"]
-        self._row_bytes = {"embeddings": 2 * self.embedding_size, "labels": 4}
+        super().__init__(uri, storage_options, name="distill.features")
 
     def check(self, data: dict[str, Any], count: int, embedding_size: int) -> None:
         """Refuse features of other data, another sample count or another teacher size."""
@@ -218,22 +125,6 @@ class TeacherFeatures:
                 f"distill.features {self.uri} hold {self.embedding_size}-d embeddings, distill.teacher.embedding_size "
                 f"is {embedding_size}; set it to {self.embedding_size}"
             )
-
-    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(fp16 embeddings, int32 labels) of samples ``indices``, in that order."""
-        shard, row = np.divmod(np.asarray(indices, dtype=np.int64), self.shard_rows)
-        paths, starts, ends = [], [], []
-        for kind, size in self._row_bytes.items():
-            for s, r in zip(shard.tolist(), row.tolist()):
-                entry = self.index["shards"][s][kind]
-                start = entry["offset"] + r * size
-                paths.append(f"{self.root}/{entry['name']}")
-                starts.append(start)
-                ends.append(start + size)
-        blobs = self.fs.cat_ranges(paths, starts, ends)
-        n = len(indices)
-        embeddings = np.frombuffer(b"".join(blobs[:n]), dtype=np.float16).reshape(n, self.embedding_size)
-        return embeddings, np.frombuffer(b"".join(blobs[n:]), dtype=np.int32)
 
 
 class OfflineTeacher:
@@ -345,7 +236,7 @@ def extract(
             "teacher": {
                 "checkpoint": teacher.info.url,
                 "step": teacher.info.step,
-                **teacher_cfg.model_dump(include={"backbone", "layers", "width", "embedding_size"}),
+                **teacher_cfg.model_dump(include=set(ArchitectureConfig.model_fields)),
             },
         }
     )

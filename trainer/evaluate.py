@@ -14,9 +14,7 @@ crop plus that of its mirror image.
 
 from __future__ import annotations
 
-import io
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +33,8 @@ from .verification import (
     kfold_accuracy,
     pair_scores,
     protocol_result,
-    protocol_scores,
     roc_curve,
+    thin_curve,
     verification_report,
 )
 
@@ -62,7 +60,9 @@ class HeldOutEvaluator:
         images = [
             to_tensor(self.faces.render(i // per_id, i % per_id, masked=masked)) for i in mine if i < n
         ]
-        images += [torch.zeros_like(images[0])] * (len(mine) - len(images))
+        if len(images) < len(mine):  # the share runs past the last photo (or past all: more ranks than photos)
+            blank = torch.zeros_like(to_tensor(self.faces.render(0, 0, masked=masked)))
+            images += [blank] * (len(mine) - len(images))
         return torch.stack(images)
 
     @torch.no_grad()
@@ -88,57 +88,6 @@ class HeldOutEvaluator:
         return verification_report(unmasked, masked, self.labels, fprs=tuple(self.cfg.fprs))
 
 
-def backbone_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """An eval-mode iResNet holding a plain state dict, its architecture read off the tensors.
-
-    An exported state dict carries no config: the blocks per stage come from
-    the keys, the width from the last (widest) stage, the embedding size from
-    the head.
-    """
-    from .config import STAGE_WIDTHS
-    from .models import build_backbone
-
-    try:
-        blocks = {tuple(int(n) for n in m.groups()) for k in state if (m := re.match(r"stages\.(\d+)\.(\d+)\.", k))}
-        layers = [1 + max((b for s, b in blocks if s == stage), default=-1) for stage in range(len(STAGE_WIDTHS))]
-        width = state["head.0.weight"].shape[0] / STAGE_WIDTHS[-1]  # the widest stage pins it closest
-        backbone = build_backbone("custom", layers=layers, width=width, embedding_size=state["head.3.weight"].shape[0])
-        backbone.load_state_dict(state, strict=True)
-    except (KeyError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{source}: not an iResNet backbone state dict ({reason[:200]})") from None
-    return backbone.eval()
-
-
-def load_backbone(url: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone at ``url`` and what it is.
-
-    ``url`` is a committed ``step-<N>`` directory, a checkpoint root (its
-    newest committed step), or an exported torch state dict (``.pt``; with or
-    without ``--head``); local or ``s3://``.
-    """
-    from .data.sources import open_fs
-    from .export import checkpoint_backbone, load_tensors
-    from .storage import find_checkpoint
-
-    fs, path = open_fs(url)
-    if fs.isfile(path):
-        try:
-            loaded = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConfigError(f"{url}: not a torch.save file ({type(err).__name__}); pass a checkpoint or an "
-                              "exported backbone state dict (.pt)") from None
-        if isinstance(loaded, dict) and isinstance(loaded.get("backbone"), dict):
-            loaded = loaded["backbone"]  # an export with --head
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{url}: holds a {type(loaded).__name__}, not a backbone state dict")
-        return backbone_from_state(loaded, url), {"url": url, "kind": "exported", "step": None}
-
-    info = find_checkpoint(url)
-    backbone = checkpoint_backbone(info, load_tensors(info.url, ("backbone",))["backbone"])
-    return backbone, {"url": info.url, "kind": "checkpoint", "step": info.step}
-
-
 class Embedder:
     """Embeddings (not normalised) of aligned uint8 112x112 RGB crops, in batches.
 
@@ -157,26 +106,64 @@ class Embedder:
             embeddings += self.backbone(batch.flip(3)).float()
         return embeddings.cpu().numpy()
 
-    def embed(
-        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int,
-        advance: Callable[[int], None] = lambda n: None,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Embeddings of images ``0..count-1`` (``load(i)``), and of the same images masked.
+    def batches(
+        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """``(start, embeddings, masked embeddings or None)`` of images ``0..count-1`` (``load(i)``), a batch at a time.
 
         Image ``i`` wears the mask ``apply_mask`` draws from ``(mask_seed, i)``
         at the template landmarks: the same mask on every run and machine.
         """
         from .data.masks import apply_mask
 
-        unmasked, masked = [], []
         for start in range(0, count, self.batch_size):
             images = [load(i) for i in range(start, min(start + self.batch_size, count))]
-            unmasked.append(self(images))
-            if masks:
-                covered = [apply_mask(im, np.random.default_rng([mask_seed, start + k])) for k, im in enumerate(images)]
-                masked.append(self(covered))
-            advance(len(images))
+            if not masks:
+                yield start, self(images), None
+                continue
+            covered = [apply_mask(im, np.random.default_rng([mask_seed, start + k])) for k, im in enumerate(images)]
+            yield start, self(images), self(covered)
+
+    def embed(
+        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings of images ``0..count-1`` and of the same images masked (see ``batches``), in memory."""
+        unmasked, masked = [], []
+        for _, plain, covered in self.batches(count, load, masks, mask_seed):
+            unmasked.append(plain)
+            masked.append(covered)
+            advance(len(plain))
         return np.concatenate(unmasked), np.concatenate(masked) if masks else None
+
+    def embed_to_shards(
+        self, count: int, load: Callable[[int], tuple[np.ndarray, int]], masks: bool, mask_seed: int, url: str,
+        meta: dict[str, Any], advance: Callable[[int], None] = lambda n: None, shard_rows: int = 65536,
+    ) -> None:
+        """Embed images ``0..count-1`` (``load(i)``: image and identity) into ``url/unmasked`` (and ``url/masked``).
+
+        The embeddings are fp16 shards in the ``features`` format, ``meta`` under ``eval`` in each
+        ``index.json``; ``python -m mfr.trainer.score`` scores them.
+        """
+        from .features import FeatureWriter
+
+        labels = np.empty(count, dtype=np.int64)
+
+        def image(i: int) -> np.ndarray:
+            picture, labels[i] = load(i)
+            return picture
+
+        writers: dict[str, FeatureWriter] = {}
+        for start, plain, covered in self.batches(count, image, masks, mask_seed):
+            for condition, rows in (("unmasked", plain), ("masked", covered)):
+                if rows is not None:
+                    if condition not in writers:
+                        writers[condition] = FeatureWriter(f"{url.rstrip('/')}/{condition}", None, rows.shape[1],
+                                                           shard_rows)
+                    writers[condition].add(rows, labels[start : start + len(rows)])
+            advance(len(plain))
+        for condition, writer in writers.items():
+            writer.close({"eval": {**meta, "condition": condition}})
 
 
 def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -187,9 +174,9 @@ def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     set's order, or for a folder paths relative to it (``alice/003.jpg``).
     Without the third column (``is_genuine`` None) identities decide.
     """
-    from .data.sources import open_fs
+    from .storage import open_url
 
-    fs, path = open_fs(url)
+    fs, path = open_url(url, what="the pair list")
     try:
         text = fs.cat_file(path).decode()
     except FileNotFoundError:
@@ -222,9 +209,6 @@ def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return first, second, same.astype(bool) if columns == 3 else None
 
 
-ROC_POINTS = 200  # points of each curve kept in the JSON report
-
-
 @dataclass
 class SetResult:
     """One evaluated set: per-protocol operating points, k-fold accuracy (pair sets) and ROC curves."""
@@ -243,20 +227,10 @@ class SetResult:
             entry = result.to_dict()
             if protocol in self.accuracy:
                 entry["accuracy"] = self.accuracy[protocol].to_dict()
-            fpr, tpr = _thinned(*self.curves[protocol], [p.achieved_fpr for p in result.points if p.supported])
+            fpr, tpr = thin_curve(*self.curves[protocol], [p.achieved_fpr for p in result.points if p.supported])
             entry["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
             protocols.append(entry)
         return {"name": self.name, "kind": self.kind, "url": self.url, "images": self.images, "protocols": protocols}
-
-
-def _thinned(fpr: np.ndarray, tpr: np.ndarray, keep: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """About ``ROC_POINTS`` points of an exact curve, log-spaced in FPR, plus the reported operating points."""
-    positive = np.flatnonzero(fpr > 0)
-    grid = np.geomspace(fpr[positive[0]], 1.0, ROC_POINTS) if positive.size else np.array([])
-    # The last curve point at or below each grid FPR (and each kept FPR): points of the exact curve.
-    wanted = np.concatenate([grid, np.asarray(keep, dtype=np.float64)])
-    rows = np.unique(np.clip(np.searchsorted(fpr, wanted, side="right") - 1, 0, fpr.size - 1))
-    return fpr[rows], tpr[rows]
 
 
 def evaluate_pairs(
@@ -273,43 +247,3 @@ def evaluate_pairs(
             # unit rows: squared L2 distance is 2 - 2 cos, the quantity insightface thresholds
             result.accuracy[protocol] = kfold_accuracy(2 - 2 * scores, is_genuine, folds)
     return result
-
-
-def evaluate_gallery(
-    name: str, url: str, unmasked: np.ndarray, masked: np.ndarray | None, labels: np.ndarray,
-    fprs: tuple[float, ...],
-) -> SetResult:
-    """All-vs-all pairs of a labelled gallery under each protocol (see ``protocol_scores``)."""
-    result = SetResult(name, "gallery", url, len(unmasked), {})
-    for protocol in PROTOCOLS if masked is not None else PROTOCOLS[:1]:
-        scores, is_genuine = protocol_scores(unmasked, unmasked if masked is None else masked, labels, protocol)
-        result.results[protocol] = protocol_result(protocol, scores, is_genuine, fprs)
-        result.curves[protocol] = roc_curve(scores, is_genuine)[:2]
-    return result
-
-
-def plot_roc(results: list[SetResult], write: Callable[[bytes], None]) -> None:
-    """One ROC panel per set (log FPR axis, a curve per protocol), as PNG bytes handed to ``write``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        for protocol, (fpr, tpr) in result.curves.items():
-            shown = fpr > 0
-            ax.step(fpr[shown], tpr[shown], where="post", label=protocol)
-        ax.set_xscale("log")
-        ax.set_xlim(min(1 / r.n_impostor for r in result.results.values()), 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title(f"{result.name} ({result.kind})")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write(buffer.getvalue())

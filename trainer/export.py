@@ -29,14 +29,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from .checkpoint_reader import load_tensors
 from .config import INPUT_SIZE, ConfigError
-from .models import IResNet, build_backbone
-from .storage import CheckpointInfo, Storage
+from .models import IResNet
+from .saved_models import checkpoint_backbone
+from .storage import CheckpointInfo
 
 ONNX_INPUT, ONNX_OUTPUT = "images", "embeddings"
 NORMALISATION = "RGB, (pixel / 255 - 0.5) / 0.5, i.e. [-1, 1]"  # as trainer.data.synthetic.to_tensor
@@ -46,63 +44,6 @@ PROTOBUF_LIMIT = 2**31 - 2**24  # an ONNX file is one protobuf message; the grap
 
 class ExportMismatch(RuntimeError):
     """The ONNX model's embeddings differ from torch's by more than ``MAX_ABS_DIFF``."""
-
-
-def _reader(url: str) -> FsspecReader:
-    root, _, _ = url.rstrip("/").rpartition("/")
-    return FsspecReader(url, **Storage(root).options)
-
-
-def tensor_shapes(url: str) -> dict[str, str]:
-    """Every tensor in the checkpoint and its global shape, e.g. ``"256 x 128"`` (head rows merged)."""
-    metadata = _reader(url).read_metadata()
-    return {
-        fqn: " x ".join(str(n) for n in md.size) or "scalar"
-        for fqn, md in sorted(metadata.state_dict_metadata.items())
-        if isinstance(md, TensorStorageMetadata)
-    }
-
-
-def load_tensors(url: str, prefixes: tuple[str, ...]) -> dict[str, Any]:
-    """The nested state under the given top-level keys, as full tensors."""
-    state: dict[str, Any] = {}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        # the private loader fills ``state`` itself; dcp.load would fill a copy
-        _load_state_dict(
-            state, storage_reader=_reader(url), planner=_EmptyStateDictLoadPlanner(keys=set(prefixes)), no_dist=True
-        )
-    return state
-
-
-def checkpoint_backbone(info: CheckpointInfo, state: dict[str, torch.Tensor]) -> IResNet:
-    """The eval-mode backbone that ``info``'s training config describes, holding ``state``.
-
-    A config that does not describe these tensors is a ``ConfigError`` naming the first difference.
-    """
-    model_cfg = (info.config or {}).get("model")
-    if not isinstance(model_cfg, dict):
-        raise ConfigError(f"{info.url}: its commit record has no model config to build the backbone from")
-    try:
-        model = build_backbone(
-            model_cfg["backbone"], layers=model_cfg.get("layers"), width=model_cfg.get("width"),
-            embedding_size=model_cfg["embedding_size"],
-        )
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"{info.url}: its model config cannot build a backbone ({err})") from None
-    expected = model.state_dict()
-    problem = next(
-        (
-            f"{k} is {tuple(state[k].shape) if k in state else 'missing'}, the config gives {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k not in state or state[k].shape != v.shape
-        ),
-        next((f"{k} is not in the configured backbone" for k in state if k not in expected), None),
-    )
-    if problem:
-        raise ConfigError(f"{info.url}: the backbone tensors do not match the run's model config: {problem}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,23 +32,23 @@ same fallback idea as insightface's, made continuous and still monotonic.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 
+from .partition import class_shard
 from .scratch import Scratch
 
 _COS_EPS = 1e-7
 _NORM_EPS = 1e-12  # F.normalize's floor on a norm
-
-
-def class_shard(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, num_local)`` of ``rank``'s contiguous class block."""
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + (rank < extra)
+# The head's checkpoint blocks are ShardedTensors on purpose (see ``sharded``).
+warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
 
 
 def combined_margin(cos_target: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
@@ -293,3 +293,27 @@ class PartialFC(nn.Module):
                 f"label {int(bad[0])} is outside [0, {self.num_classes}): "
                 f"head.num_classes must cover every label in the data"
             )
+
+    # -- checkpoint state ------------------------------------------------------
+    def sharded(self, local: torch.Tensor) -> ShardedTensor:
+        """``local``, this rank's rows of a ``num_classes``-row matrix (the centres, or their optimizer state),
+        as its block of the whole at its global row offset: DCP then hands every rank of any world the rows
+        it owns there."""
+        meta = ShardMetadata(
+            shard_offsets=[self.start] + [0] * (local.dim() - 1),
+            shard_sizes=list(local.shape),
+            placement=f"rank:{self.rank}/{local.device}",
+        )
+        return init_from_local_shards([Shard(local, meta)], self.num_classes, *local.shape[1:], process_group=self.group)
+
+    def sampler_state(self) -> torch.Tensor:
+        """The negative-class sampler's stream (this rank's)."""
+        return self.sampler.get_state()
+
+    def load_sampler_state(self, state: torch.Tensor | None, seed: int, step: int) -> None:
+        """The sampler's stream as saved, or (``None``: another world size saved it) a fresh, reproducible one
+        for this rank at ``step``."""
+        if state is not None:
+            self.sampler.set_state(state)
+        else:
+            self.sampler.manual_seed(seed * 1_000_003 + self.rank + 7919 + 104_729 * step)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any
 
 import torch
 
 from . import metrics
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, as_numbers, as_tensors
+from .checkpoint_reader import BACKBONE, DISTILL, HEAD, OPTIM, PROGRESS, RNG, SCALER
 from .config import ConfigError, TrainConfig
 from .data.loader import EpochStream
 from .dist import DistEnv
@@ -16,9 +18,9 @@ from .distill import Distillation
 from .evaluate import HeldOutEvaluator
 from .head import PartialFC
 from .models import build_backbone
-from .optim import build_optimizer, clip_global_grad_norm, set_lr
-from .parallel import gradient_sync, parallelize, reshard, unwrap
-from .progress import Progress
+from .optim import build_optimizer, clip_global_grad_norm, set_lr, state_slots
+from .parallel import broadcast_buffers, gradient_sync, parallelize, reshard, unwrap
+from .progress import Progress, configure, log
 from .verification import ProtocolResult, format_fpr
 
 
@@ -31,6 +33,7 @@ class Trainer:
         if cfg.run.amp == "fp16" and env.device.type != "cuda":
             raise ConfigError("run.amp fp16 needs a CUDA device (GradScaler); use bf16 on cpu")
         self.cfg, self.env = cfg, env
+        configure(env.rank)
         torch.manual_seed(cfg.run.seed)  # same backbone init on every rank
         backbone = build_backbone(
             cfg.model.backbone,
@@ -70,7 +73,7 @@ class Trainer:
             self.replicated_params += self.distillation.parameters()
         self.evaluator = HeldOutEvaluator(cfg.eval, cfg.data, cfg.head.num_classes, env)
         self.progress = Progress(enabled=env.is_main)
-        self.checkpointer = Checkpointer(cfg, self)
+        self.checkpointer = Checkpointer(cfg, env, self, self.progress, world_bound=(RNG,))
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.lr = 0.0  # of the last step, for the logs
@@ -91,6 +94,72 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    # -- checkpoint state (checkpoint.Stateful) ----------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as views of the live tensors (a load writes into them in place); numbers
+        as 0-dim tensors, so that a checkpoint holds nothing but tensors (see checkpoint_reader)."""
+        model, head, opt = self.backbone, self.head, self.optimizer
+        reshard(model)  # ZeRO: parameters as the DTensor shards the optimizer state is keyed by
+        broadcast_buffers(model)  # rank 0's BatchNorm statistics: what DDP broadcasts before the next forward
+        opt.catch_up()  # head rows that SGD stepped lazily: every row and its momentum up to date (row_optim)
+        names = {p: n for n, p in model.named_parameters()}
+        head_slots = {
+            k: head.sharded(v) if v.shape == head.weight.shape else v for k, v in state_slots(opt, head.weight).items()
+        }
+        state: dict[str, Any] = {
+            BACKBONE: model.state_dict(),
+            HEAD: {"weight": head.sharded(head.weight.detach())},
+            OPTIM: {
+                BACKBONE: {names[p]: state_slots(opt, p) for p in model.parameters()},
+                HEAD: {"weight": head_slots},
+            },
+            PROGRESS: as_tensors(
+                {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row, **self.data.state_dict()}
+            ),
+        }
+        if self.scaler.is_enabled():
+            state[SCALER] = as_tensors(self.scaler.state_dict())
+        projection = self.distillation.projection if self.distillation is not None else None
+        if projection is not None:  # distillation's student->teacher projection, trained like the backbone
+            state[DISTILL] = {"projection": projection.state_dict()}
+            state[OPTIM][DISTILL] = {n: state_slots(opt, p) for n, p in projection.named_parameters()}
+        rng = {"torch": torch.get_rng_state(), "head_sampler": head.sampler_state()}
+        if self.env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        state[RNG] = {f"rank{self.env.rank}": rng}  # world-bound: restored on the same world size only
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Finish a load: the tensors are in place already; set the optimizer state, counters and RNG streams."""
+        model, head, opt = self.backbone, self.head, self.optimizer
+        for name, p in model.named_parameters():
+            if state[OPTIM][BACKBONE][name]:
+                opt.state[p] = dict(state[OPTIM][BACKBONE][name])
+        head_slots = {
+            k: v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
+            for k, v in state[OPTIM][HEAD]["weight"].items()
+        }
+        if head_slots:
+            opt.state[head.weight] = head_slots
+        for name, p in self.distillation.projection.named_parameters() if DISTILL in state else ():
+            if state[OPTIM][DISTILL][name]:
+                opt.state[p] = dict(state[OPTIM][DISTILL][name])
+        progress = as_numbers(state[PROGRESS])
+        self.step = int(progress["step"])
+        self.nonfinite_in_a_row = int(progress["nonfinite_in_a_row"])
+        self.data.load_state_dict(progress)
+        if SCALER in state:
+            self.scaler.load_state_dict(as_numbers(state[SCALER]))
+        rng = state.get(RNG, {}).get(f"rank{self.env.rank}")
+        seed = self.cfg.run.seed
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.env.device)
+        else:  # a new world: fresh, but reproducible, streams for this rank
+            torch.manual_seed(seed * 1_000_003 + self.step)
+        head.load_sampler_state(rng["head_sampler"] if rng is not None else None, seed, self.step)
 
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None
@@ -150,7 +219,7 @@ class Trainer:
             points = " ".join(
                 f"{format_fpr(p.target_fpr)}={'n/a' if p.tpr is None else f'{p.tpr:.4f}'}" for p in result.points
             )
-            self.progress.log(f"eval {stage} {protocol} TPR@FPR {points}")
+            log.info(f"eval {stage} {protocol} TPR@FPR {points}")
         return report
 
     def fit(self) -> None:
@@ -164,7 +233,7 @@ class Trainer:
             restart_count=env.restart_count,
             metrics_url=self.metrics_url,
         )
-        self.progress.log(
+        log.info(
             f"world size {env.world_size} on {env.device}, global batch {self.global_batch}, "
             f"{cfg.head.num_classes} classes ({self.head.num_local} on rank 0), {cfg.run.steps} steps"
         )
@@ -180,7 +249,7 @@ class Trainer:
             batch = next(batches)  # (images, labels), and sample indices for offline distillation
             fetched = time.perf_counter()
             loss = self.train_step(*batch)
-            self.checkpointer.after_step()
+            self.checkpointer.after_step(self.step)
             window_samples += self.global_batch
             self.metrics.after_step(
                 self.step, cfg.data.batch_size, loss, self.lr, self.last_grad_norm,
@@ -193,7 +262,7 @@ class Trainer:
                     "step", step=self.step, loss=loss, lr=self.lr, samples_per_s=rate, epoch=self.data.epoch
                 )
                 shown = "non-finite (skipped)" if loss is None else f"{loss:.4f}"
-                self.progress.log(
+                log.info(
                     f"step {self.step}/{cfg.run.steps} loss {shown} lr {self.lr:.4g} "
                     f"grad_norm {self.last_grad_norm:.3g} {rate:.1f} samples/s"
                 )
@@ -203,7 +272,7 @@ class Trainer:
                 eval_started = time.perf_counter()
                 self.evaluate(f"step {self.step}")  # on every rank: the embeddings are all-gathered
                 window_start += time.perf_counter() - eval_started  # samples/s stays a training rate
-        self.checkpointer.finish()
+        self.checkpointer.finish(self.step)
         self.checkpointer.close()
         self.evaluate("trained")
         self.progress.event("done", step=self.step)

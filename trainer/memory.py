@@ -10,6 +10,11 @@ in order, summed.  Tracing starts before the ``Trainer`` is built, so the
 parameters, DDP's gradient buckets and every other allocation that lives
 through the step are counted; numpy arrays (data decoding) are not torch
 allocations and stay out, as they would stay off a GPU.
+
+A measuring tool beside the loop it measures, not part of a run: nothing on
+the training path imports it.  It builds the real ``Trainer``, so it lives
+(and breaks, if the loop changes) with it; the test and the benchmark, and
+whoever calibrates ``mfrctl plan`` on another accelerator, import it from here.
 """
 
 from __future__ import annotations

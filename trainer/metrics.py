@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .config import METRICS_PORT_ENV
+from .progress import log
+
 CHECKPOINT_SAVE_SECONDS = Histogram(
     "mfr_checkpoint_save_seconds",
     "Wall time of a checkpoint save, from its start to its commit",
@@ -59,9 +62,6 @@ EVAL_TPR = Gauge(
     "mfr_eval_tpr", "Verification TPR at a target FPR on held-out identities, by protocol", ["rank", "protocol", "fpr"]
 )
 
-PORT_ENV = "MFR_METRICS_PORT"  # overrides metrics.port for one pod (mfrctl train: one per emulated node)
-
-
 def serve(cfg, local_rank: int) -> str | None:
     """Start this process's exporter on ``port + local_rank``; returns its URL.
 
@@ -72,19 +72,16 @@ def serve(cfg, local_rank: int) -> str | None:
 
     from prometheus_client import start_http_server
 
-    port = int(os.environ.get(PORT_ENV) or cfg.port) + local_rank
+    port = int(os.environ.get(METRICS_PORT_ENV) or cfg.port) + local_rank
     if not 0 < port < 65536:
-        print(f"[mfr] WARNING: metrics not served: port {port} is outside 1..65535; training continues", flush=True)
+        log.warning(f"metrics not served: port {port} is outside 1..65535; training continues")
         return None
     try:
         start_http_server(port, addr=cfg.address)
     except OSError as err:
         reason = "is already in use" if err.errno == 98 else f"cannot be opened ({err.strerror or err})"
-        print(
-            f"[mfr] WARNING: metrics not served: port {port} on {cfg.address} {reason}; training continues "
-            f"(set metrics.port to a free port)",
-            flush=True,
-        )
+        log.warning(f"metrics not served: port {port} on {cfg.address} {reason}; training continues "
+                    "(set metrics.port to a free port)")
         return None
     return f"http://{cfg.address}:{port}/metrics"
 

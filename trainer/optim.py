@@ -40,6 +40,24 @@ def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: PartialFC) -> t
     return DenseAdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def state_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors of ``param``; zero-filled ones before its first step
+    (so a fresh optimizer has something for a checkpoint to load into)."""
+    state = optimizer.state[param]
+    if state:
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = optimizer.param_groups[0]["momentum"]
+        return {"momentum_buffer": torch.zeros_like(param)} if momentum else {}
+    if isinstance(optimizer, torch.optim.AdamW):
+        return {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(param),
+            "exp_avg_sq": torch.zeros_like(param),
+        }
+    raise TypeError(f"no checkpoint layout for {type(optimizer).__name__}")
+
+
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of ``cfg.lr`` at ``step``: linear warm-up, then the decay."""
     if step < cfg.warmup_steps:

@@ -27,13 +27,14 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
+from .config import check_world_size
 from .dist import DistEnv
 from .models import IResNet
 
 
-def _broadcast_buffers(module: nn.Module, args) -> None:
-    """Rank 0's buffers to every rank in one broadcast per dtype (a deep iResNet has thousands)."""
+def broadcast_buffers(module: nn.Module, *_) -> None:
+    """Rank 0's buffers (BatchNorm statistics) to every rank, in one broadcast per dtype (a deep iResNet has
+    thousands): before each forward under ZeRO (DDP does its own), and before a checkpoint is written."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
         by_dtype.setdefault(buffer.dtype, []).append(buffer)
@@ -47,18 +48,15 @@ def _broadcast_buffers(module: nn.Module, args) -> None:
 def parallelize(backbone: IResNet, zero: int, env: DistEnv) -> nn.Module:
     """The module the training step calls: DDP around ``backbone``, or ``backbone`` itself sharded in place."""
     if zero == 0:
-        return DistributedDataParallel(backbone, device_ids=[env.device.index] if env.device.index is not None else None)
-    if env.world_size < 2:
-        raise ConfigError(
-            f"optim.zero {zero} shards the backbone over data-parallel ranks, but the world size is "
-            f"{env.world_size}; run on 2 or more ranks or set optim.zero=0"
-        )
+        device_ids = [env.device.index] if env.device.index is not None else None
+        return DistributedDataParallel(backbone, device_ids=device_ids)
+    check_world_size(env.world_size, zero=zero)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     reshard = zero == 3
     for unit in backbone.sharding_units():
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(backbone, mesh=mesh, reshard_after_forward=reshard)
-    backbone.register_forward_pre_hook(_broadcast_buffers)
+    backbone.register_forward_pre_hook(broadcast_buffers)
     return backbone
 
 

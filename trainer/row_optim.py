@@ -105,6 +105,8 @@ class LazySGD(torch.optim.SGD):
         super().__init__(params, **kwargs)
         self._lags: dict[torch.Tensor, _Lag] = {}
         self._scratch = Scratch()  # the gathered rows and their momentum
+        if any(g["nesterov"] or g["dampening"] or g["maximize"] for g in _rows_groups(self)):
+            raise ValueError("LazySGD steps rows without dampening, Nesterov momentum or maximize")
         # torch's own state_dict()/load_state_dict() see, and restore, up-to-date rows too
         self.register_state_dict_pre_hook(lambda optimizer: optimizer.catch_up())
         self.register_load_state_dict_post_hook(lambda optimizer: optimizer._lags.clear())

@@ -14,27 +14,26 @@ Torch-free, so ``mfrctl ckpt`` can read the same layout.
 S3 settings come from the config's ``storage_options`` and the standard AWS
 environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION).  Transient errors are retried with exponential backoff;
-errors are reported naming the URL and endpoint, never a credential.
+errors are reported naming the URL and endpoint, never a credential (the
+user info of a URL is redacted, see ``credentials``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-import fsspec
 from fsspec.core import url_to_fs
 
-from .config import ConfigError
+from .config import STEP_DIR, ConfigError
+from .credentials import redact
 
 MARKER = "COMMITTED"
 LATEST = "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 T = TypeVar("T")
 
 
@@ -42,7 +41,7 @@ class StorageError(RuntimeError):
     """Checkpoint storage cannot be used (unreachable, denied, missing bucket)."""
 
     def __init__(self, message: str, permanent: bool = False):
-        super().__init__(message)
+        super().__init__(redact(message))
         self.permanent = permanent  # a config or credential problem, not worth retrying the job
 
 
@@ -122,7 +121,7 @@ class Storage:
             cause += " -- check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy"
         elif "NoCredentials" in f"{type(err).__name__} {cause}":
             cause = "no credentials found -- set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        return f"{where}: {cause}"
+        return redact(f"{where}: {cause}")
 
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry transient errors with backoff; raise StorageError naming the cause."""
@@ -136,18 +135,22 @@ class Storage:
         raise AssertionError("unreachable")
 
     # -- small files --------------------------------------------------------
-    def read_text(self, *parts: str) -> str | None:
-        """The file's text, or None if it does not exist."""
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
         path = self.path(*parts)
 
-        def read() -> str | None:
+        def read() -> bytes | None:
             try:
-                with self.fs.open(path, "r") as f:
-                    return f.read()
+                return self.fs.cat_file(path)
             except FileNotFoundError:
                 return None
 
         return self.retry(f"reading {'/'.join(parts)}", read)
+
+    def read_text(self, *parts: str) -> str | None:
+        """The file's text, or None if it does not exist."""
+        data = self.read_bytes(*parts)
+        return None if data is None else data.decode(errors="replace")
 
     def write_text(self, text: str, *parts: str) -> None:
         """Write a small file atomically: readers see the old or the new content."""
@@ -167,6 +170,9 @@ class Storage:
         self.retry(f"writing {'/'.join(parts)}", write)
 
     def remove(self, name: str) -> None:
+        """Delete ``name`` and everything below it, leaving no empty directory entry behind (object stores
+        with real folders, such as SeaweedFS, keep one after its objects are gone unless ``name/`` is
+        deleted too; on AWS S3 that delete is a no-op)."""
         path = self.path(name)
 
         def rm() -> None:
@@ -174,9 +180,18 @@ class Storage:
                 self.fs.rm(path, recursive=True)
             except FileNotFoundError:
                 pass
+            if not self.is_local:
+                try:
+                    self.fs.rm_file(path + "/")
+                except FileNotFoundError:
+                    pass
             self.fs.invalidate_cache()
 
         self.retry(f"removing {name}", rm)
+
+    def exists(self) -> bool:
+        """Whether the root is there (a folder; on an object store, a prefix holding objects)."""
+        return self.retry("looking up the checkpoint folder", lambda: self.fs.exists(self.root))
 
     def make_root(self) -> None:
         if self.is_local:
@@ -190,7 +205,8 @@ class Storage:
         self.write_text(name + "\n", LATEST)
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Every ``step-<N>`` directory, oldest first, committed or not."""
+        """Every ``step-<N>`` directory that holds files, oldest first, committed or not (an object store
+        may list an empty prefix as a directory: that is no checkpoint)."""
 
         def listing() -> list[dict[str, Any]]:
             self.fs.invalidate_cache()
@@ -202,26 +218,32 @@ class Storage:
         found = []
         for entry in self.retry("listing checkpoints", listing):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            match = _STEP_DIR.match(name)
+            match = STEP_DIR.match(name)
             if match is None or entry.get("type") != "directory":
                 continue
-            found.append(self._info(name, int(match.group(1))))
+            info = self._info(name, int(match.group(1)))
+            if info is not None:
+                found.append(info)
         return sorted(found, key=lambda c: c.step)
 
-    def _info(self, name: str, step: int) -> CheckpointInfo:
+    def _info(self, name: str, step: int) -> CheckpointInfo | None:
         url = self.join(name)
         try:
             record = json.loads(self.read_text(name, MARKER) or "null")
         except json.JSONDecodeError:
             record = None  # a torn marker is no marker
         if not isinstance(record, dict) or record.get("step") != step:
-            files = self.retry(f"listing {name}", lambda: self.fs.ls(self.path(name), detail=True))
+            listed = self.retry(f"listing {name}", lambda: self.fs.ls(self.path(name), detail=True))
+            files = [f for f in listed if f["name"].rstrip("/") != self.path(name)]  # not the folder's own marker
+            if not any(f.get("type") == "file" for f in files):
+                return None
             times = [_mtime(f) for f in files]
             times = [t for t in times if t is not None]
             size = sum(int(f.get("size") or 0) for f in files)
             return CheckpointInfo(name, url, step, False, max(times) if times else None, None, size)
         return CheckpointInfo(
-            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"), record.get("config")
+            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"),
+            record.get("config"),
         )
 
     def latest_committed(self) -> CheckpointInfo | None:
@@ -256,7 +278,7 @@ def find_checkpoint(
     committed one.  An interrupted save is refused unless ``committed=False`` (to inspect it);
     a name that finds nothing is a ``ConfigError`` pointing at ``mfrctl ckpt ls``."""
     root, _, name = url.rstrip("/").rpartition("/")
-    match = _STEP_DIR.match(name)
+    match = STEP_DIR.match(name)
     if step is None and root and match:
         step = int(match.group(1))
     else:
@@ -271,7 +293,9 @@ def find_checkpoint(
     if info is None:
         raise ConfigError(f"no checkpoint of step {step} under {root} (mfrctl ckpt ls {root})")
     if committed and not info.committed:
-        raise ConfigError(f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})")
+        raise ConfigError(
+            f"{info.url} is not committed (an interrupted save); pass a committed step (mfrctl ckpt ls {root})"
+        )
     return info
 
 
@@ -282,6 +306,40 @@ def _mtime(entry: dict[str, Any]) -> float | None:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-def open_file(url: str, mode: str, storage_options: dict[str, Any] | None = None):
-    """``fsspec.open`` with the same S3 defaults as ``Storage`` (for exports)."""
-    return fsspec.open(url, mode, **fsspec_options(url, storage_options))
+def open_url(url: str, storage_options: dict[str, Any] | None = None, *, what: str,
+             fresh: bool = False) -> tuple[Any, str]:
+    """``(filesystem, path)`` of any fsspec URL (a local path, s3://...) with the S3 defaults of ``Storage``.
+
+    The one way mfr opens a URL.  ``what`` names what it is (data.uri, the model, a .bin set) in the
+    one-line error when the URL cannot be opened; ``fresh``: a filesystem of this process's own.
+    """
+    try:
+        fresh_options = {"skip_instance_cache": True} if fresh else {}
+        return url_to_fs(url, **fresh_options, **fsspec_options(url, storage_options))
+    except (ImportError, ValueError, TypeError) as err:
+        raise ConfigError(f"{what} {redact(url)}: cannot open it ({redact(str(err))})") from None
+
+
+def open_file(url: str, mode: str, storage_options: dict[str, Any] | None = None, *, what: str = "output"):
+    """One file of any fsspec URL, as ``open`` (written whole on close), through ``open_url``."""
+    fs, path = open_url(url, storage_options, what=what)
+    return fs.open(path, mode)
+
+
+class ProcessFS:
+    """A URL's filesystem, opened anew in each process that uses it: s3fs sessions do not survive a fork into
+    DataLoader workers.  Pickles without it."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, what: str):
+        self.url, self.options, self.what = url, storage_options or {}, what
+        self._fs, self._pid = None, None
+
+    @property
+    def fs(self):
+        if self._pid != os.getpid():
+            self._fs, _ = open_url(self.url, self.options, what=self.what, fresh=True)
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None}

@@ -104,6 +104,18 @@ def roc_curve(scores: np.ndarray, is_genuine: np.ndarray) -> tuple[np.ndarray, n
     return curve_fpr, curve_tpr, thresholds
 
 
+def is_supported(fpr: float, n_impostor: int) -> bool:
+    """Can ``n_impostor`` pairs measure ``fpr`` at all?  Only if ``n_impostor * fpr >= 1`` (up to float rounding)."""
+    return n_impostor * fpr >= 1 - _SUPPORT_TOLERANCE
+
+
+def check_fprs(fprs: tuple[float, ...]) -> None:
+    """Raise ``ValueError`` if a target is outside ``(0, 1]``."""
+    for fpr in fprs:
+        if not 0 < fpr <= 1:
+            raise ValueError(f"target FPR must be in (0, 1], got {fpr}")
+
+
 def tpr_at_fpr(
     scores: np.ndarray,
     is_genuine: np.ndarray,
@@ -115,7 +127,7 @@ def tpr_at_fpr(
     FPR that is still ``<= target``; TPR never decreases along the curve, so
     this is also the best TPR the target allows.
 
-    Support rule: a target is ``supported`` only when
+    Support rule (``is_supported``): a target is ``supported`` only when
     ``n_impostor * fpr >= 1`` (up to float rounding).  Below that, even a
     single false accept overshoots the target, so the "TPR" would be the
     zero-false-accept TPR whatever the target and says nothing about it; such
@@ -129,14 +141,12 @@ def tpr_at_fpr(
     """
     curve_fpr, curve_tpr, thresholds = roc_curve(scores, is_genuine)
     n_impostor = int(np.count_nonzero(~_as_bool_labels(is_genuine)))
-    for fpr in fprs:
-        if not 0 < fpr <= 1:
-            raise ValueError(f"target FPR must be in (0, 1], got {fpr}")
+    check_fprs(fprs)
 
     points = []
     for fpr in fprs:
-        if n_impostor * fpr < 1 - _SUPPORT_TOLERANCE:
-            points.append(OperatingPoint(fpr, None, None, None, supported=False))
+        if not is_supported(fpr, n_impostor):
+            points.append(unsupported(fpr))
             continue
         # curve_fpr is non-decreasing and starts at 0 <= fpr, so k >= 0.
         k = int(np.searchsorted(curve_fpr, fpr, side="right")) - 1
@@ -150,6 +160,11 @@ def tpr_at_fpr(
             )
         )
     return points
+
+
+def unsupported(fpr: float) -> OperatingPoint:
+    """The point of a target too small for the impostor count: no numbers."""
+    return OperatingPoint(fpr, None, None, None, supported=False)
 
 
 def protocol_scores(
@@ -236,6 +251,21 @@ def protocol_result(protocol: str, scores: np.ndarray, is_genuine: np.ndarray, f
         n_impostor=is_genuine.size - n_genuine,
         points=tuple(tpr_at_fpr(scores, is_genuine, fprs)),
     )
+
+
+ROC_POINTS = 200  # points of each curve kept in a report
+
+
+def thin_curve(fpr: np.ndarray, tpr: np.ndarray, keep: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """About ``ROC_POINTS`` points of an exact curve, log-spaced in FPR, plus the points at FPRs ``keep``.
+
+    Every point returned is a point of the curve: the last one at or below each grid FPR.
+    """
+    positive = np.flatnonzero(fpr > 0)
+    grid = np.geomspace(fpr[positive[0]], 1.0, ROC_POINTS) if positive.size else np.array([])
+    wanted = np.concatenate([grid, np.asarray(keep, dtype=np.float64)])
+    rows = np.unique(np.clip(np.searchsorted(fpr, wanted, side="right") - 1, 0, fpr.size - 1))
+    return fpr[rows], tpr[rows]
 
 
 # insightface's threshold grid: squared L2 distances between unit embeddings span [0, 4].

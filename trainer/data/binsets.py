@@ -4,7 +4,9 @@ A ``.bin`` is a pickle of ``(images, issame)``: ``images`` a list of encoded
 (JPEG/PNG) aligned 112x112 crops, ``issame`` one flag per pair, and pair
 ``k`` is images ``2k`` and ``2k+1``.  The files were written by Python 2,
 hence ``encoding="bytes"``.  Unpickling is restricted to plain containers and
-numpy arrays, so a hostile file cannot run code.
+numpy arrays, so a hostile file cannot run code; and nothing it builds may
+outgrow the file (``bytearray(n)``, an array of a given shape, or one image
+referenced many times would turn 55 bytes into gigabytes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
-from .sources import BadSample, decode, open_fs
+from ..storage import open_url
+from .sources import BadSample, decode
 
 _EXPECTED = "expected a pickle of (list of encoded images, issame list) with two images per pair"
 # What numpy needs to rebuild arrays (some sets hold each image's bytes as a uint8 array).
@@ -38,11 +41,37 @@ class BinFormatError(ConfigError):
     """The file is not an insightface verification set; the message says what is wrong."""
 
 
+def _of_bytes_only(make: Any) -> Any:
+    """``bytearray`` of the file's bytes, never ``bytearray(n)``: n zero bytes from 5 bytes of file."""
+
+    def bytearray_(*args: Any) -> bytearray:
+        if args and not isinstance(args[0], (bytes, str)):
+            raise pickle.UnpicklingError(f"bytearray of a {type(args[0]).__name__}, not of bytes")
+        return make(*args)
+
+    return bytearray_
+
+
+def _empty_only(real: Any) -> Any:
+    """numpy's ``_reconstruct``, which numpy's own pickles call with shape (0,) before filling the array
+    from the file; any other shape would allocate it without the file holding the bytes."""
+
+    def reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if cls is not np.ndarray or tuple(shape) != (0,):
+            raise pickle.UnpicklingError(f"an array of shape {shape!r} not read from the file")
+        return real(cls, shape, dtype)
+
+    return reconstruct
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name == "bytearray":
+            return _of_bytes_only(found)
+        return _empty_only(found) if name == "_reconstruct" else found
 
 
 @dataclass
@@ -87,6 +116,11 @@ def parse_bin(data: bytes, url: str) -> BinSet:
         raise BinFormatError(
             f"{url}: holds ({type(images).__name__}, {type(issame).__name__}); {_EXPECTED}"
         )
+    sizes = (len(x) if isinstance(x, (bytes, bytearray)) else getattr(x, "nbytes", 0) for x in images)
+    if sum(sizes) > len(data):  # the same object referenced over and over
+        raise BinFormatError(f"{url}: its images take more bytes than the {len(data)}-byte file holds; {_EXPECTED}")
+    if not isinstance(issame, np.ndarray) and not all(isinstance(f, (bool, int, np.bool_, np.integer)) for f in issame):
+        raise BinFormatError(f"{url}: issame must be a list of booleans; {_EXPECTED}")
     encoded = []
     for i, image in enumerate(images):
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 1:
@@ -105,7 +139,7 @@ def parse_bin(data: bytes, url: str) -> BinSet:
 
 def read_bin(url: str, storage_options: dict[str, Any] | None = None) -> BinSet:
     """Read a ``.bin`` from a local path or ``s3://`` URL; its first image must decode."""
-    fs, path = open_fs(url, storage_options)
+    fs, path = open_url(url, storage_options, what=".bin set")
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:

@@ -7,7 +7,6 @@ different number of ranks continues exactly after the last sample consumed.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Iterator
 
@@ -17,7 +16,6 @@ from torch.utils.data import DataLoader, Sampler
 from ..config import ConfigError, DataConfig
 from .synthetic import SyntheticFaces
 
-log = logging.getLogger("mfr.data")
 BLOCK_POSITIONS = 65536  # positions per rank drawn at a time from the epoch's permutation
 LAYOUT_KEYS = ("layout_world_size", "layout_batch_size", "layout_workers")  # in a shard stream's state
 

@@ -15,7 +15,8 @@ insightface datasets (MS1MV3, Glint360K, WebFace42M): record 0 holds
 ``label = (first identity record, end of identity records)``; records
 ``1 .. first-1`` are images, records ``first .. end-1`` hold each identity's
 ``(start, end)`` image range.  The ``.idx`` file is text, ``key\\toffset``
-per line.
+per line; ``RecordIndex`` turns it into where each record lies and which
+records are images.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from typing import NamedTuple
+
+import numpy as np
+
+from ..config import ConfigError
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -141,10 +146,8 @@ def insightface_records(images: Sequence[tuple[int, bytes]]) -> Writer:
     return writer
 
 
-def parse_idx_arrays(text: str, name: str):
+def parse_idx_arrays(text: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(keys, offsets)`` int64 arrays of an ``.idx`` file, fast; ValueError naming the line if malformed."""
-    import numpy as np
-
     try:
         table = np.array(text.split(), dtype=np.int64).reshape(-1, 2)
         if len(table) != sum(1 for line in text.splitlines() if line.strip()):
@@ -168,3 +171,57 @@ def parse_idx(text: str, name: str) -> list[tuple[int, int]]:
             raise ValueError(f"{name}: line {n} is not 'key<TAB>offset': {line[:60]!r}") from None
         pairs.append((key, offset))
     return pairs
+
+
+class RecordIndex:
+    """Where each record of a ``.rec`` lies, from its ``.idx``: a record ends where the next one starts.
+
+    Arrays, not dicts: an index of 5M records stays ~100 MB per process.  Offsets past the end of the
+    ``.rec`` or repeated, and repeated keys, are a ConfigError naming both files.
+    """
+
+    def __init__(self, idx_text: str, rec_size: int, idx_name: str, rec_name: str):
+        self.idx_name, self.rec_name = idx_name, rec_name
+        keys, offsets = parse_idx_arrays(idx_text, idx_name)
+        if not len(keys):
+            raise ConfigError(f"{idx_name}: empty index")
+        by_offset = np.argsort(offsets, kind="stable")
+        ordered = offsets[by_offset]
+        if ordered[-1] + 8 > rec_size or np.any(np.diff(ordered) <= 0) or ordered[0] < 0:
+            raise ConfigError(f"{idx_name} does not match {rec_name}: offsets past the end of the file or repeated")
+        ends = np.empty_like(offsets)
+        ends[by_offset] = np.append(ordered[1:], rec_size)
+        by_key = np.argsort(keys, kind="stable")
+        self.keys = keys[by_key]  # sorted
+        if np.any(np.diff(self.keys) == 0):
+            raise ConfigError(f"{idx_name}: repeated keys")
+        self.starts, self.ends = offsets[by_key], ends[by_key]
+        self.first = (int(ordered[0]), int(ends[by_offset[0]]))  # (start, end) of the first record in the file
+        self.last = (int(ordered[-1]), rec_size)  # ... and of the last
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) of each key's record; -1 where the index lacks the key."""
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        found = self.keys[pos] == keys
+        return np.where(found, self.starts[pos], -1), np.where(found, self.ends[pos], -1)
+
+    def header_span(self) -> tuple[int, int]:
+        """(start, end) of record 0, insightface's header, or of the first record in the file without one."""
+        (start,), (end,) = self.lookup(np.array([0]))
+        return (int(start), int(end)) if start >= 0 else self.first
+
+    def images(self, header: IRHeader) -> tuple[np.ndarray, int]:
+        """The keys of the image records, and the number of identities (-1: unknown without reading every record).
+
+        ``header`` is that of the ``header_span`` record.  insightface's record 0 names images
+        ``1 .. first-1`` and identities ``first .. end-1``; without it every record is an image with its
+        own label.
+        """
+        if not (self.keys[0] == 0 and header.flag > 0):
+            return self.keys, -1
+        first, end = int(header.label[0]), int(header.label[1])
+        # checked before anything is sized by them: a 76-byte pair could otherwise ask for gigabytes
+        if not 1 < first <= len(self.keys) or np.any(self.lookup(np.array([1, first - 1]))[0] < 0):
+            raise ConfigError(f"{self.idx_name} does not match {self.rec_name}: header record names images "
+                              f"1..{first - 1}, the index holds {len(self.keys)} records")
+        return np.arange(1, first, dtype=np.int64), end - first

@@ -6,7 +6,9 @@ A shard set is a folder (local or s3://) holding::
                            "images": N, "shards": [{"name": "shard-000000.tar", "count": n}, ...]}
     shard-000000.tar      the samples, in the order pack shuffled them (with its seed)
     shard-000000.offsets  count + 1 little-endian uint64: where each sample's first tar header
-                          starts, then where the last sample ends
+                          starts, then where the last sample ends; checked when opened (increasing
+                          by at least a sample's two tar headers, within the tar file), so a bad
+                          table makes its samples bad samples, not a read of 2**63 bytes
 
 Reading never asks for one image: the epoch order (``spans.SpanOrder``) hands each
 DataLoader worker whole spans of ``data.shard_chunk`` consecutive samples, each read
@@ -28,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
+from ..storage import ProcessFS, open_url
 
 FORMAT = "mfr-shards/1"
 INDEX = "index.json"
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+MIN_SAMPLE_BYTES = 2 * 512  # two tar headers: the image's and the label's
 
 
 def shard_name(i: int) -> str:
@@ -97,10 +101,8 @@ class ShardSet:
     """The index of a shard set and ranged reads of runs of its samples (one filesystem per process)."""
 
     def __init__(self, url: str, options: dict[str, Any] | None = None):
-        from .sources import open_fs
-
         self.url, self.options = url.rstrip("/"), options or {}
-        fs, root = open_fs(self.url, self.options)
+        fs, root = open_url(self.url, self.options, what="data.uri")
         self.root = root.rstrip("/")
         index_url = f"{self.url}/{INDEX}"
         try:
@@ -119,24 +121,15 @@ class ShardSet:
         self.counts = np.array([int(s["count"]) for s in index["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])  # global id of each shard's first sample
         self.num_images = int(self.starts[-1])
-        self._fs, self._pid = None, None
+        self._files = ProcessFS(self.url, self.options, "data.uri")
         self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": None, "_offsets": OrderedDict()}
+        return {**self.__dict__, "_offsets": OrderedDict()}
 
     @property
     def fs(self):
-        import os
-
-        if self._pid != os.getpid():
-            from fsspec.core import url_to_fs
-
-            from ..storage import fsspec_options
-
-            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **fsspec_options(self.url, self.options))
-            self._pid = os.getpid()
-        return self._fs
+        return self._files.fs
 
     def locate(self, sample: int) -> tuple[int, int]:
         """``(shard, position in shard)`` of a global sample id."""
@@ -148,12 +141,17 @@ class ShardSet:
         return f"{self.url}/{self.names[shard]}#{i}"
 
     def offsets(self, shard: int) -> np.ndarray:
+        """The shard's offset table, checked against its tar file; ValueError naming the problem."""
         if shard not in self._offsets:
-            raw = self.fs.cat_file(f"{self.root}/{offsets_name(self.names[shard])}")
-            table = np.frombuffer(raw, dtype="<u8")
-            if len(table) != self.counts[shard] + 1:
-                raise ValueError(f"{offsets_name(self.names[shard])} holds {len(table) - 1} samples, index says "
-                                 f"{self.counts[shard]}")
+            name = offsets_name(self.names[shard])
+            raw = self.fs.cat_file(f"{self.root}/{name}")
+            table = np.frombuffer(raw[: len(raw) // 8 * 8], dtype="<u8")
+            if len(raw) % 8 or len(table) != self.counts[shard] + 1:
+                raise ValueError(f"{name} holds {len(raw) / 8 - 1:g} samples, index says {self.counts[shard]}")
+            size = self.fs.size(f"{self.root}/{self.names[shard]}")
+            if table.max() > size or np.any(np.diff(table.astype(np.int64)) < MIN_SAMPLE_BYTES):
+                raise ValueError(f"{name}: offsets not increasing by whole samples within the {size}-byte "
+                                 f"{self.names[shard]}")
             self._offsets[shard] = table
             while len(self._offsets) > 64:
                 self._offsets.popitem(last=False)

@@ -1,14 +1,15 @@
-"""Real face datasets by fsspec URL (local path or s3://): image folders and MXNet RecordIO.
+"""Real face datasets by fsspec URL (local path or s3://): image folders, MXNet RecordIO, tar shards.
 
-Both are indexable: the loader's ``GlobalOrderSampler`` shards them across ranks and
+All are indexable: the loader's ``GlobalOrderSampler`` shards them across ranks and
 DataLoader workers and resumes them at an exact global position.  Each sample is
-decoded, resized to 112x112 if needed, masked with probability ``mask_prob``,
-mirrored half the time and normalised to [-1, 1].  Augmentation randomness comes
-from ``(seed, epoch, index)`` only: nothing depends on the worker or the rank.
+decoded, resized to 112x112 if needed and augmented (``augment.Augment``: a mask
+with probability ``mask_prob``, a mirror half the time, normalised to [-1, 1]).
+The file formats are ``recordio`` and ``shards``; this module turns them into samples.
 
-A sample that cannot be used (corrupt or truncated JPEG, truncated record, label
-missing or outside ``[0, num_classes)``) is logged with its key and replaced by the
-next good sample in index order, so every rank still yields full batches and the
+A sample that cannot be used (corrupt or truncated JPEG, an image of more pixels
+than a face crop needs, truncated record, label missing or outside
+``[0, num_classes)``, a folder's file that resolves outside the folder) is logged
+with its key and replaced by the next good sample in index order, so every rank still yields full batches and the
 collectives of a step pair up.  The loader counts the replacements
 (``mfr_bad_samples_total``) and aborts past ``data.max_bad_fraction``.
 """
@@ -16,8 +17,9 @@ collectives of a step pair up.  The loader counts the replacements
 from __future__ import annotations
 
 import io
-import logging
 import os
+import sys
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -27,101 +29,44 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..storage import fsspec_options
+from ..progress import log
+from ..storage import ProcessFS, open_url
 from . import recordio
-from .synthetic import SIZE, to_tensor
+from .augment import Augment
+from .synthetic import SIZE
 
-log = logging.getLogger("mfr.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_REPLACEMENTS = 64  # consecutive bad samples before giving up on a batch slot
+# An aligned crop is 112x112; even a loose, high-resolution face crop stays far below this.  Larger images
+# (a 164 KB PNG can announce 169 megapixels) are bad samples, refused before any pixel is decoded.
+MAX_PIXELS = 2048 * 2048
+UNLIMITED = sys.maxsize  # no head.num_classes bound: a data set read outside training
 
 
 class BadSample(ValueError):
     """One sample that cannot be used; the message names the problem."""
 
 
-def open_fs(url: str, options: dict[str, Any] | None = None):
-    """``(filesystem, path)`` for a URL, with the checkpoint storage's S3 defaults."""
-    from fsspec.core import url_to_fs
-
-    try:
-        return url_to_fs(url, **fsspec_options(url, options))
-    except (ImportError, ValueError, TypeError) as err:
-        raise ConfigError(f"data.uri {url}: {err}") from None
-
-
 def decode(data: bytes, key: str) -> np.ndarray:
-    """uint8 112x112x3 RGB from encoded image bytes; BadSample if it does not decode."""
+    """uint8 112x112x3 RGB from encoded image bytes; BadSample if it does not decode or is larger than
+    ``MAX_PIXELS`` (checked from the header, before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (SIZE, SIZE))  # JPEG: decode at reduced scale when the image is larger
-            img = img.convert("RGB")
-            if img.size != (SIZE, SIZE):
-                img = img.resize((SIZE, SIZE), Image.BILINEAR)
-            return np.asarray(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadSample(f"{key}: {img.width} x {img.height} pixels, more than a face crop needs "
+                                    f"(at most {MAX_PIXELS:,}); not decoded")
+                img.draft("RGB", (SIZE, SIZE))  # JPEG: decode at reduced scale when the image is larger
+                img = img.convert("RGB")
+                if img.size != (SIZE, SIZE):
+                    img = img.resize((SIZE, SIZE), Image.BILINEAR)
+                return np.asarray(img)
+    except BadSample:
+        raise
     except Exception as err:  # PIL raises many types for broken files
         raise BadSample(f"{key}: cannot decode image ({type(err).__name__}: {err})") from None
-
-
-MASK_BANK = 64  # pre-rendered masks per style and worker process
-
-
-class Augment:
-    """Mask with probability p, mirror half the time, normalise; randomness from (seed, epoch, index).
-
-    Real data sets are aligned crops (the ArcFace 112x112 template), so a mask drawn at the template's
-    landmarks fits every image: each worker renders ``MASK_BANK`` masks per style once (about 1 s), as
-    premultiplied colour and 1 - alpha over their bounding box, and a masked sample costs one blend of
-    that box instead of a full ``apply_mask`` (about 2 ms).
-    """
-
-    def __init__(self, mask_prob: float, flip: bool, seed: int):
-        if not 0.0 <= mask_prob <= 1.0:
-            raise ValueError(f"mask probability must be in [0, 1], got {mask_prob}")
-        self.mask_prob, self.flip, self.seed = mask_prob, flip, seed
-        self._bank: list[tuple[int, int, int, int, np.ndarray, np.ndarray]] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_bank": None}
-
-    def bank(self) -> list[tuple[int, int, int, int, np.ndarray, np.ndarray]]:
-        if self._bank is None:
-            from .masks import MASK_STYLES, apply_mask
-
-            black, white = np.zeros((SIZE, SIZE, 3), np.uint8), np.full((SIZE, SIZE, 3), 255, np.uint8)
-            bank = []
-            for s, style in enumerate(MASK_STYLES):
-                for k in range(MASK_BANK):
-                    on_black = apply_mask(black, np.random.default_rng([self.seed, s, k]), style).astype(np.float32)
-                    on_white = apply_mask(white, np.random.default_rng([self.seed, s, k]), style).astype(np.float32)
-                    keep = (on_white - on_black) / 255  # 1 - alpha, per pixel and channel
-                    rows, cols = np.nonzero((keep < 1).any(axis=2))
-                    if not len(rows):
-                        continue
-                    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-                    bank.append((y0, y1, x0, x1, keep[y0:y1, x0:x1].copy(), on_black[y0:y1, x0:x1].copy()))
-            self._bank = bank
-        return self._bank
-
-    def masked(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        bank = self.bank()
-        y0, y1, x0, x1, keep, colour = bank[rng.integers(len(bank))]
-        out = image.copy()
-        box = out[y0:y1, x0:x1].astype(np.float32)
-        box *= keep
-        box += colour
-        out[y0:y1, x0:x1] = np.clip(box + 0.5, 0, 255).astype(np.uint8)
-        return out
-
-    def __call__(self, image: np.ndarray, epoch: int, index: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, epoch, index])
-        mirrored = self.flip and rng.random() < 0.5
-        if self.mask_prob and rng.random() < self.mask_prob:
-            image = self.masked(image, rng)
-        if mirrored:
-            image = image[:, ::-1]
-        return to_tensor(image)
 
 
 class IndexedFaces(Dataset):
@@ -136,19 +81,11 @@ class IndexedFaces(Dataset):
 
     def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
         self.url, self.options, self.num_classes, self.augment = url, options or {}, num_classes, augment
-        self._fs, self._pid = None, None
+        self._files = ProcessFS(url, options, "data.uri")
 
     @property
     def fs(self):
-        if self._pid != os.getpid():  # one filesystem per worker process (s3fs sessions do not survive fork)
-            from fsspec.core import url_to_fs
-
-            self._fs, _ = url_to_fs(self.url, skip_instance_cache=True, **fsspec_options(self.url, self.options))
-            self._pid = os.getpid()
-        return self._fs
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": None}
+        return self._files.fs
 
     def __len__(self) -> int:
         return self.num_images
@@ -174,7 +111,7 @@ class IndexedFaces(Dataset):
             try:
                 image, label = self.load(i)
             except BadSample as err:
-                log.warning("mfr data: skipping bad sample %s", err)
+                log.warning("data: skipping bad sample %s", err)
                 continue
             return self.augment(image, epoch, index), label, bad
         raise ConfigError(
@@ -183,11 +120,15 @@ class IndexedFaces(Dataset):
 
 
 class FolderFaces(IndexedFaces):
-    """One sub-folder per identity (sorted names are labels 0, 1, ...), images inside at any depth."""
+    """One sub-folder per identity (sorted names are labels 0, 1, ...), images inside at any depth.
+
+    A local file that resolves outside the folder (a link to ``~/.aws/credentials`` named ``x.jpg``) is a
+    bad sample: its bytes are never read.
+    """
 
     def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment):
         super().__init__(url, options, num_classes, augment)
-        fs, root = open_fs(url, options)
+        fs, root = open_url(url, options, what="data.uri")
         root = root.rstrip("/")
         try:
             if not fs.isdir(root):
@@ -198,6 +139,7 @@ class FolderFaces(IndexedFaces):
         except Exception as err:
             raise ConfigError(f"data.uri {url}: cannot list ({type(err).__name__}: {err})") from None
         self.root = root
+        self.real_root = os.path.realpath(root) if "file" in _protocols(fs) else None  # links exist locally
         self.paths = [p[len(root) + 1 :] for p in files if "/" in p[len(root) + 1 :]]
         if not self.paths:
             raise ConfigError(f"data.uri {url}: no images in identity sub-folders ({', '.join(IMAGE_EXTENSIONS)})")
@@ -214,8 +156,13 @@ class FolderFaces(IndexedFaces):
         return f"{self.url.rstrip('/')}/{self.paths[index]}"
 
     def read(self, index: int) -> tuple[bytes, int]:
+        path = f"{self.root}/{self.paths[index]}"
+        if self.real_root is not None:
+            path = os.path.realpath(path)  # and read what was checked, not the link
+            if os.path.commonpath([path, self.real_root]) != self.real_root:
+                raise BadSample(f"{self.key(index)}: a link to {path}, outside {self.real_root}; not read")
         try:
-            data = self.fs.cat_file(f"{self.root}/{self.paths[index]}")
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise BadSample(f"{self.key(index)}: file vanished") from None
         return data, int(self.labels[index])
@@ -228,7 +175,7 @@ class RecordFaces(IndexedFaces):
         rec_url = url if url.endswith(".rec") else url.rstrip("/") + "/train.rec"
         super().__init__(rec_url, options, num_classes, augment)
         idx_url = rec_url[: -len(".rec")] + ".idx"
-        fs, rec = open_fs(rec_url, options)
+        fs, rec = open_url(rec_url, options, what="data.uri")
         idx = rec[: -len(".rec")] + ".idx"
         try:
             if not fs.isfile(rec):
@@ -236,59 +183,27 @@ class RecordFaces(IndexedFaces):
             if not fs.isfile(idx):
                 raise ConfigError(f"{idx_url}: no such index (a .rec needs its .idx next to it)")
             size = fs.size(rec)
-            idx_keys, idx_offsets = recordio.parse_idx_arrays(fs.cat_file(idx).decode(), idx_url)
+            index = recordio.RecordIndex(fs.cat_file(idx).decode(), size, idx_url, rec_url)
         except ConfigError:
             raise
         except ValueError as err:
             raise ConfigError(str(err)) from None
         except Exception as err:
             raise ConfigError(f"{rec_url}: cannot read ({type(err).__name__}: {err})") from None
-        if not len(idx_keys):
-            raise ConfigError(f"{idx_url}: empty index")
-        # Arrays, not dicts: an idx of 5M records stays ~100 MB per process.  A record ends where the next starts.
-        by_offset = np.argsort(idx_offsets, kind="stable")
-        ordered = idx_offsets[by_offset]
-        if ordered[-1] + 8 > size or np.any(np.diff(ordered) <= 0) or ordered[0] < 0:
-            raise ConfigError(f"{idx_url} does not match {rec_url}: offsets past the end of the file or repeated")
-        idx_ends = np.empty_like(idx_offsets)
-        idx_ends[by_offset] = np.append(ordered[1:], size)
-        by_key = np.argsort(idx_keys, kind="stable")
-        sorted_keys = idx_keys[by_key]
-        if np.any(np.diff(sorted_keys) == 0):
-            raise ConfigError(f"{idx_url}: repeated keys")
-
-        def lookup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """(start, end) of each key's record; -1 where the .idx lacks the key."""
-            pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-            found = sorted_keys[pos] == keys
-            row = by_key[pos]
-            return np.where(found, idx_offsets[row], -1), np.where(found, idx_ends[row], -1)
-
         self.rec_path, self.size = rec, size
         try:
-            last = fs.cat_file(rec, start=int(ordered[-1]), end=size)
-            recordio.unframe(last)
-            (start0,), (end0,) = lookup(np.array([0]))
-            if start0 < 0:
-                start0, end0 = int(ordered[0]), int(idx_ends[by_offset[0]])
-            header0, _ = recordio.unpack(recordio.unframe(fs.cat_file(rec, start=int(start0), end=int(end0))))
+            recordio.unframe(fs.cat_file(rec, start=index.last[0], end=size))
+            start0, end0 = index.header_span()
+            header0, _ = recordio.unpack(recordio.unframe(fs.cat_file(rec, start=start0, end=end0)))
         except recordio.RecordError as err:
             raise ConfigError(f"{idx_url} does not match {rec_url}: {err}") from None
-        if sorted_keys[0] == 0 and header0.flag > 0:  # insightface: images 1..first-1, identities first..end-1
-            first, end = int(header0.label[0]), int(header0.label[1])
-            self.keys = np.arange(1, first, dtype=np.int64)
-            self.num_identities = end - first
-            if first <= 1 or np.any(lookup(np.array([1, first - 1]))[0] < 0):
-                raise ConfigError(f"{idx_url} does not match {rec_url}: header record names images 1..{first - 1}")
-            if self.num_identities > num_classes:
-                raise ConfigError(
-                    f"{rec_url}: {self.num_identities} identities in the header record but head.num_classes is "
-                    f"{num_classes}"
-                )
-        else:
-            self.keys = sorted_keys
-            self.num_identities = -1  # unknown without reading every record
-        self.starts, self.ends = lookup(self.keys)
+        self.keys, self.num_identities = index.images(header0)
+        if self.num_identities > num_classes:
+            raise ConfigError(
+                f"{rec_url}: {self.num_identities} identities in the header record but head.num_classes is "
+                f"{num_classes}"
+            )
+        self.starts, self.ends = index.lookup(self.keys)
         self.num_images = len(self.keys)
 
     def key(self, index: int) -> str:
@@ -309,6 +224,10 @@ class RecordFaces(IndexedFaces):
         return payload, int(label)
 
 
+def _protocols(fs) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
 def build(cfg, num_classes: int) -> IndexedFaces:
     """The dataset for ``data.source`` folder, recordio or shards."""
     if not cfg.uri:
@@ -321,6 +240,25 @@ def build(cfg, num_classes: int) -> IndexedFaces:
     if cfg.source == "shards":
         return ShardFaces(cfg.uri, cfg.storage_options, num_classes, augment, cfg.shard_chunk, cfg.seed)
     raise ConfigError(f"unknown data.source {cfg.source}")
+
+
+def open_dataset(uri: str) -> tuple[str, IndexedFaces]:
+    """The data set at ``uri`` and its kind (``data.source``), told by what is there: tar shards (index.json),
+    RecordIO (a .rec, or a folder holding train.rec), else an image folder.
+
+    Unaugmented and without a class bound: a data set to pack, inspect or evaluate (``load`` decodes).
+    """
+    from .shards import INDEX
+
+    fs, root = open_url(uri, what="data")
+    root = root.rstrip("/")
+    if uri.endswith(".rec") or fs.isfile(f"{root}/train.rec"):
+        return "recordio", RecordFaces(uri, None, UNLIMITED, None)
+    if fs.isfile(f"{root}/{INDEX}"):
+        return "shards", ShardFaces(uri, None, UNLIMITED, None)
+    if not fs.exists(root):
+        raise ConfigError(f"{uri}: no such file or folder")
+    return "folder", FolderFaces(uri, None, UNLIMITED, None)
 
 
 class ShardFaces(IndexedFaces):

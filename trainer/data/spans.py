@@ -62,7 +62,7 @@ class SpanOrder:
     def stream_index(self, positions) -> np.ndarray:
         """Where the samples at epoch ``positions`` sit in the span stream."""
         p = np.asarray(positions, dtype=np.int64)
-        world, batch, workers = self.layout.world_size, self.layout.batch_size, max(1, self.layout.workers)
+        batch, workers = self.layout.batch_size, max(1, self.layout.workers)
         step, within = np.divmod(p, self.global_batch)
         rank, offset = np.divmod(within, batch)
         laid = self.starts[step % workers, rank] + (step // workers) * batch + offset

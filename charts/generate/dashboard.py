@@ -1,6 +1,6 @@
 """The run's Grafana dashboard, as code (Grafana's grafana-foundation-sdk, a Grafana 11 build).
 
-``python -m mfr.ctl.generate`` writes it as JSON to
+``python -m charts.generate`` writes it as JSON to
 charts/mfr-trainer/dashboards/mfr-training.json, which the chart's dashboard
 ConfigMap carries; a test fails when the two drift, and every panel query is
 run against a real Prometheus scraping a live run.  Only the generator and
@@ -48,7 +48,8 @@ def build() -> db.Dashboard:
     return (
         db.Dashboard("mfr training")
         .uid(UID)
-        .description("A masked-face-recognition training run (mfr-trainer chart): progress, speed, loss, checkpoints, evaluation")
+        .description("A masked-face-recognition training run (mfr-trainer chart): progress, speed, loss, "
+                     "checkpoints, evaluation")
         .tags(["mfr", "training", "pytorch"])
         .refresh("30s")
         .time("now-6h", "now")
@@ -89,16 +90,22 @@ def build() -> db.Dashboard:
             (f"sum(rate(mfr_train_samples_total{{{SEL}}}[{RATE}]))", "total"),
         ]))
         .with_panel(_series("Step time", "Wall time of one step (data wait and checkpoint stall included)", "s", [
-            (f"histogram_quantile(0.5, sum by (le) (rate(mfr_train_step_seconds_bucket{{{SEL}}}[{RATE}])))", "p50"),
-            (f"histogram_quantile(0.95, sum by (le) (rate(mfr_train_step_seconds_bucket{{{SEL}}}[{RATE}])))", "p95"),
+            (f"histogram_quantile(0.5, sum by (le) (rate(mfr_train_step_seconds_bucket{{{SEL}}}[{RATE}])))",
+             "p50"),
+            (f"histogram_quantile(0.95, sum by (le) (rate(mfr_train_step_seconds_bucket{{{SEL}}}[{RATE}])))",
+             "p95"),
         ]))
-        .with_panel(_series("Data wait share", "Fraction of step time spent waiting for the batch, per rank", "percentunit", [
-            (f"sum by (rank) (rate(mfr_train_data_wait_seconds_sum{{{SEL}}}[{RATE}]))"
-             f" / sum by (rank) (rate(mfr_train_step_seconds_sum{{{SEL}}}[{RATE}]))", "rank {{rank}}"),
-        ]))
-        .with_panel(_series("Device memory", "CUDA memory allocated and its peak (on CPU: resident set), per rank", "bytes", [
-            (f'max by (rank, kind) (mfr_device_memory_bytes{{{SEL}}})', "rank {{rank}} {{kind}}"),
-        ]))
+        .with_panel(_series(
+            "Data wait share", "Fraction of step time spent waiting for the batch, per rank", "percentunit", [
+                (f"sum by (rank) (rate(mfr_train_data_wait_seconds_sum{{{SEL}}}[{RATE}]))"
+                 f" / sum by (rank) (rate(mfr_train_step_seconds_sum{{{SEL}}}[{RATE}]))", "rank {{rank}}"),
+            ],
+        ))
+        .with_panel(_series(
+            "Device memory", "CUDA memory allocated and its peak (on CPU: resident set), per rank", "bytes", [
+                (f'max by (rank, kind) (mfr_device_memory_bytes{{{SEL}}})', "rank {{rank}} {{kind}}"),
+            ],
+        ))
         .with_row(db.Row("Optimization"))
         .with_panel(_series("Loss", "Training loss of the last step, per rank (NaN when skipped)", "none", [
             (f"avg(mfr_train_loss{{{SEL}}})", "mean"),
@@ -112,20 +119,23 @@ def build() -> db.Dashboard:
         ], width=8))
         .with_row(db.Row("Checkpoints and data"))
         .with_panel(_series("Checkpoint save duration", "From a save's start to its commit", "s", [
-            (f"max(rate(mfr_checkpoint_save_seconds_sum{{{SEL}}}[{RATE}]) / rate(mfr_checkpoint_save_seconds_count{{{SEL}}}[{RATE}]))",
-             "mean save"),
-            (f"max(rate(mfr_checkpoint_stall_seconds_sum{{{SEL}}}[{RATE}]) / rate(mfr_checkpoint_stall_seconds_count{{{SEL}}}[{RATE}]))",
-             "mean loop stall"),
+            (f"max(rate(mfr_checkpoint_save_seconds_sum{{{SEL}}}[{RATE}])"
+             f" / rate(mfr_checkpoint_save_seconds_count{{{SEL}}}[{RATE}]))", "mean save"),
+            (f"max(rate(mfr_checkpoint_stall_seconds_sum{{{SEL}}}[{RATE}])"
+             f" / rate(mfr_checkpoint_stall_seconds_count{{{SEL}}}[{RATE}]))", "mean loop stall"),
         ], width=8))
-        .with_panel(_series("Checkpoint size and failures", "Size of the last committed checkpoint; failed saves", "bytes", [
+        .with_panel(_series("Checkpoint size and failures", "Size of the last committed checkpoint; failed saves",
+                            "bytes", [
             (f"max(mfr_checkpoint_bytes{{{SEL}}})", "size"),
             (f"sum(increase(mfr_checkpoint_failures_total{{{SEL}}}[{RATE}]))", "failures"),
         ], width=8))
-        .with_panel(_series("Bad samples", "Training samples skipped as unreadable or mislabelled, per second", "none", [
+        .with_panel(_series("Bad samples", "Training samples skipped as unreadable or mislabelled, per second",
+                            "none", [
             (f"sum by (rank) (rate(mfr_bad_samples_total{{{SEL}}}[{RATE}]))", "rank {{rank}}"),
         ], width=8))
         .with_row(db.Row("Evaluation"))
-        .with_panel(_series("Held-out TPR @ FPR", "Verification on held-out identities, by protocol and target FPR", "percentunit", [
+        .with_panel(_series("Held-out TPR @ FPR", "Verification on held-out identities, by protocol and target FPR",
+                            "percentunit", [
             (f"max by (protocol, fpr) (mfr_eval_tpr{{{SEL}}})", "{{protocol}} @ {{fpr}}"),
         ], width=24))
     )
