@@ -63,26 +63,29 @@ def test_head_rows_and_optimizer_state_land_on_their_new_owner(tmp_path, save_wo
     assert sum(r["weight"].shape[0] for r in loaded) == 11
 
 
-def _straight_or_resumed(rank, world, uri, overrides, split):
-    if split is None:
-        trainer = make_trainer(rank, world, uri, overrides)
-        train(trainer, 6)
-        return snapshot(trainer)
+def _straight_or_resumed(rank, world, uri, overrides, resume):
+    """6 steps with a save after step 4, in one process or resumed from that save in a new one."""
     first = make_trainer(rank, world, uri, overrides)
-    train(first, split)
+    train(first, 4)
     first.checkpointer.save(first.step, blocking=True)
+    if not resume:
+        train(first, 2)
+        return snapshot(first)
     del first
     second = make_trainer(rank, world, uri, overrides)
-    assert second.checkpointer.resume().step == split
-    train(second, 6 - split)
+    assert second.checkpointer.resume().step == 4
+    train(second, 2)
     return snapshot(second)
 
 
 def test_resume_on_the_same_world_size_continues_bit_for_bit(tmp_path):
-    # sample_rate < 1 so the head's class-sampling RNG must be restored too
+    """The resumed run continues exactly as the run that saved.  (A save brings the head's lazily
+    stepped rows up to date, which rounds them once: bit for bit, a run that saved differs from one
+    that did not, at rounding level.)"""
+    # sample_rate < 1 so the head's class-sampling RNG must be restored too, and the rows step lazily
     overrides = ["head.sample_rate=0.5", "model.dropout=0.2"]
-    straight = run_distributed(_straight_or_resumed, 2, str(tmp_path / "a"), overrides, None)
-    resumed = run_distributed(_straight_or_resumed, 2, str(tmp_path / "b"), overrides, 4)
+    straight = run_distributed(_straight_or_resumed, 2, str(tmp_path / "a"), overrides, False)
+    resumed = run_distributed(_straight_or_resumed, 2, str(tmp_path / "b"), overrides, True)
     for a, b in zip(straight, resumed):
         assert b["step"] == a["step"] == 6 and b["data"] == a["data"]
         assert torch.equal(a["weight"], b["weight"])
@@ -92,6 +95,83 @@ def test_resume_on_the_same_world_size_continues_bit_for_bit(tmp_path):
     fresh = run_distributed(_resume, 2, str(tmp_path / "empty"), overrides)
     assert fresh[0]["resumed"] is None
     assert not torch.equal(fresh[0]["weight"], straight[0]["weight"])
+
+
+class _DenseSGD(torch.optim.SGD):
+    """The reference: torch's SGD stepping every head row every step (its sparse gradient made dense)."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()
+        return super().step(closure)
+
+    def catch_up(self) -> None:
+        """Nothing is ever behind."""
+
+
+def _trainer_of_kind(rank, world, uri, overrides, kind):
+    trainer = make_trainer(rank, world, uri, overrides)
+    if kind == "dense":
+        head = trainer.head
+        trainer.optimizer = _DenseSGD(trainer.optimizer.param_groups)
+        head.read_rows = lambda index: head.weight if index is None else head.weight[index]
+    return trainer
+
+
+def _lazy_and_dense(rank, world, uris, overrides, resume_from):
+    """Per kind: train 4 steps and save; or resume from ``resume_from``, then train 2 more steps."""
+    runs = {}
+    for kind, uri in uris.items():
+        trainer = _trainer_of_kind(rank, world, resume_from or uri, overrides, kind)
+        if resume_from:
+            assert trainer.checkpointer.resume().step == 4
+            loaded = snapshot(trainer)
+            train(trainer, 2)
+            runs[kind] = {"loaded": loaded, "continued": snapshot(trainer)}
+            continue
+        train(trainer, 4)
+        stored = trainer.head.weight.detach().clone()
+        trainer.checkpointer.save(trainer.step, blocking=True)
+        runs[kind] = {**snapshot(trainer), "stored_before_save": stored}
+    return runs
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Equal to fp32 rounding, relative to the tensor's scale."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=what)
+
+
+def test_lazily_stepped_rows_are_saved_up_to_date_and_resume_exactly_on_another_world_size(tmp_path):
+    """SGD with class sampling steps the head's unsampled rows lazily.  The same run with torch's dense
+    SGD is the reference: the checkpoint must hold its rows and momentum, and a resume on another world
+    size must continue as it does."""
+    # a small learning rate keeps the two fp32 runs within rounding of each other; a strong weight decay
+    # makes a row that missed one step's decay differ by 5e-4 of its size
+    overrides = ["head.num_classes=40", "head.sample_rate=0.25", "data.images_per_identity=2", "optim.lr=0.01",
+                 "optim.weight_decay=0.05"]
+    uris = {"lazy": str(tmp_path / "lazy"), "dense": str(tmp_path / "dense")}
+    saved = run_distributed(_lazy_and_dense, 2, uris, overrides, None)
+    resumed = run_distributed(_lazy_and_dense, 3, uris, overrides, uris["lazy"])
+
+    def close(runs, expected, what):
+        for key in ("weight", "momentum_buffer"):
+            def value(r, key=key):
+                return r["weight"] if key == "weight" else r["head_state"][key]
+
+            _close(full_matrix(runs, value), full_matrix(expected, value), f"{what}: {key}")
+        for name, tensor in expected[0]["backbone"].items():  # as in test_scale: rounding, through BN
+            torch.testing.assert_close(runs[0]["backbone"][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{what}: {name}")
+
+    lazy = [r["lazy"] for r in saved]
+    stale = full_matrix(lazy, lambda r: r["stored_before_save"])
+    assert not torch.allclose(stale, full_matrix(lazy, lambda r: r["weight"]), rtol=1e-3, atol=0), (
+        "some of the lazy run's rows were behind before the save (else this test proves nothing)"
+    )
+    assert sorted(r["lazy"]["loaded"]["start"] for r in resumed) == [0, 14, 27]
+    close([r["lazy"]["loaded"] for r in resumed], [r["dense"] for r in saved], "checkpoint of the lazy run")
+    close([r["lazy"]["continued"] for r in resumed], [r["dense"]["continued"] for r in resumed], "after the resume")
 
 
 def _resume_error(rank, world, uri, overrides):

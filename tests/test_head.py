@@ -15,13 +15,13 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mfr.trainer.head import PartialFC, class_shard, combined_margin
 from tests.support.distributed import run_distributed
+from tests.support.references import target_logit
 
 D, IN = 5, 6
 NUM_CLASSES = 11  # divisible by none of 2, 3
@@ -47,12 +47,6 @@ def _problem(world_size: int):
     return backbone, inputs, labels, centres, sizes
 
 
-def _reference_target_logit(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
-    theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-    limit = (math.pi - m2) / m1
-    return torch.where(theta <= limit, torch.cos(m1 * theta + m2), cos - 1 - math.cos(limit)) - m3
-
-
 def _reference(world_size: int, margins, classes: torch.Tensor | None = None):
     """Full softmax on one process; ``classes`` restricts it to a subset (sampling)."""
     backbone, inputs, labels, centres, _ = _problem(world_size)
@@ -66,7 +60,7 @@ def _reference(world_size: int, margins, classes: torch.Tensor | None = None):
     rows = torch.arange(len(labels))
     logits = cos.clone()
     if margins[1] or margins[0] != 1.0:
-        logits[rows, labels] = _reference_target_logit(cos[rows, labels], *margins)
+        logits[rows, labels] = target_logit(cos[rows, labels], *margins)
     else:
         logits[rows, labels] = cos[rows, labels] - margins[2]
     loss = F.cross_entropy(SCALE * logits, labels)
@@ -93,17 +87,19 @@ def _sharded(rank: int, world_size: int, margins, sample_rate: float):
     loss = head(emb, y)
     loss.backward()
 
-    sampled = None
+    sampled, grad = None, head.weight.grad
     if sample_rate < 1:  # replay the head's draw to learn which classes it kept
         head.sampler.set_state(sampler_state)
         local = labels - head.start
         target = torch.where((local >= 0) & (local < head.num_local), local, -1)
         index, _ = head.sample_classes(target)
         sampled = index + head.start
+        assert grad.is_sparse and torch.equal(grad.coalesce().indices()[0], index), "a gradient row per sampled class"
+        grad = grad.to_dense()
     return {
         "loss": loss.detach(),
         "emb_grad": emb.grad,
-        "head_grad": head.weight.grad,
+        "head_grad": grad,
         "start": head.start,
         "num_local": head.num_local,
         "sampled": sampled,

@@ -96,6 +96,18 @@ def test_global_grad_norm_counts_the_replicated_part_once(single_process_group):
     assert float(clipped) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_global_grad_norm_of_a_row_sparse_gradient(single_process_group):
+    """The head's sampled rows: a sparse gradient, its rows repeated when micro-batches accumulate."""
+    dense = torch.tensor([[0.0, 0.0], [1.0, 2.0], [0.0, 0.0], [3.0, -1.0]])
+    sharded = torch.nn.Parameter(torch.zeros(4, 2))
+    sharded.grad = torch.sparse_coo_tensor(  # row 1 in two parts, as two micro-batches give it
+        torch.tensor([[1, 3, 1]]), torch.tensor([[0.5, 2.0], [3.0, -1.0], [0.5, 0.0]]), (4, 2)
+    )
+    norm = clip_global_grad_norm([], [sharded], max_norm=1.0, device=torch.device("cpu"))
+    assert float(norm) == pytest.approx(float(dense.norm()))
+    torch.testing.assert_close(sharded.grad.to_dense(), dense / dense.norm(), rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_autocast_step_is_finite(tmp_path):
     import torch.distributed as dist
 

@@ -8,7 +8,8 @@ trainer's state (``Trainer.state_dict``, top-level keys in ``checkpoint_reader``
 - the backbone and its optimizer state (replicated: DCP writes them once;
   under ZeRO, DTensor shards under the same names, so a checkpoint moves
   between ``optim.zero`` settings and world sizes like any other);
-- the head's class rows and their optimizer state, each rank its own block
+- the head's class rows and their optimizer state, up to date (``row_optim``
+  catches up lazily stepped rows first), each rank its own block
   with the block's global row offset, so that on load DCP hands every rank
   exactly the rows it owns in the *new* world (2 -> 3 ranks, 3 -> 1, ...);
 - the step, the data position (world-size independent, see data.loader),

@@ -8,6 +8,14 @@ combined margin to the target logits, and evaluates the softmax
 cross-entropy across ranks with an all-reduce of the row max and of the row
 sum of exponentials.  No rank ever holds a ``batch x num_classes`` matrix.
 
+Memory.  Besides the shard, its gradient and the optimizer state, a step
+holds one ``global batch x local (sampled) classes`` buffer (cosines, then
+logits, probabilities, their gradient) and, when sampling, one copy of the
+sampled rows.  The normalised centres and their gradient are never formed
+(see ``_MarginSoftmax``).  With sampling the shard's gradient is a sparse COO
+tensor of the sampled rows, and an optimizer may step the other rows lazily
+(``row_optim``): the head then reads its rows through ``read_rows``.
+
 Gradient convention.  The loss is the mean over the *global* batch, identical
 on every rank.  Its gradient w.r.t. the head shard is exact.  The backbone is
 wrapped in DDP, which *averages* gradients over the W ranks, so the
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,8 +43,10 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 
 from .partition import class_shard
+from .scratch import Scratch
 
 _COS_EPS = 1e-7
+_NORM_EPS = 1e-12  # F.normalize's floor on a norm
 # The head's checkpoint blocks are ShardedTensors on purpose (see ``sharded``).
 warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
 
@@ -71,43 +82,100 @@ class _GatherEmbeddings(torch.autograd.Function):
         return own * world, None
 
 
-class _ShardedCrossEntropy(torch.autograd.Function):
-    """Softmax cross-entropy whose classes are split over the ranks of ``group``.
+def _clamp_cosines_(cos: torch.Tensor) -> torch.Tensor:
+    """Clamp rounding overshoot to [-1, 1] in place; returns where it did, as (row, column) pairs
+    (there, as under ``torch.clamp``, the cosine gets no gradient)."""
+    low, high = torch.aminmax(cos)
+    if low >= -1 and high <= 1:
+        return torch.empty(0, 2, dtype=torch.long, device=cos.device)
+    overshoot = (cos.abs() > 1).nonzero()
+    cos.clamp_(-1, 1)
+    return overshoot
 
-    ``target`` holds each row's target column in the local logits, or -1 when
-    the target lives on another rank.  Rows where ``valid`` is False (padding)
-    take no part in the loss.  The gradient is computed in closed form,
-    ``(softmax - onehot) / n_valid``: no differentiable collective is involved.
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``(a * b).sum(1)`` a block of rows at a time: no ``a``-sized temporary (and faster than einsum's bmm)."""
+    out = torch.empty(len(a), dtype=a.dtype, device=a.device)
+    for start in range(0, len(a), block):
+        rows = slice(start, start + block)
+        torch.sum(a[rows] * b[rows], dim=1, out=out[rows])
+    return out
+
+
+class _MarginSoftmax(torch.autograd.Function):
+    """Margin softmax cross-entropy of this rank's (sampled) class rows; the classes are split over ``group``.
+
+    ``rows`` holds the current values of ``weight``'s rows ``index`` (all rows:
+    None).  ``target`` holds each sample's target column among them, or -1
+    when the target lives on another rank; samples where ``valid`` is False
+    (padding) take no part in the loss.  One ``batch x rows`` buffer holds, in
+    turn, the cosines, the logits, the probabilities and their gradient
+    ``(softmax - onehot) / n_valid``.  The normalised rows are never formed:
+    the cosines are ``(x W^T) / |w|``, and the normalisation's backward has
+    the closed form ``dL/dw = (g - (w.g / |w|^2) w) / |w|`` with ``g`` the
+    gradient w.r.t. the normalised row.  The rows' gradient goes straight to
+    ``weight.grad`` (written into ``grad_buffer`` unless it accumulates there):
+    dense for all rows, a sparse COO tensor of the sampled rows otherwise.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, group):
-        row_max = logits.detach().max(dim=1).values
+    def forward(ctx, embeddings, weight, rows, index, target, valid, margins, scale, group, grad_buffer):
+        rows = rows.to(embeddings.dtype)
+        norms = torch.linalg.vector_norm(rows, dim=1).clamp_min_(_NORM_EPS)  # F.normalize's
+        logits = torch.mm(embeddings, rows.T).div_(norms)
+        clamped = _clamp_cosines_(logits)
+        has_target = (target >= 0).nonzero().squeeze(1)
+        cols = target[has_target]
+        with torch.enable_grad():
+            cos = logits[has_target, cols].requires_grad_()
+            margined = combined_margin(cos, *margins)
+            (slope,) = torch.autograd.grad(margined.sum(), cos)
+        logits[has_target, cols] = margined.detach()
+        logits *= scale
+
+        row_max = logits.amax(dim=1)
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        probs = torch.exp(logits.detach() - row_max[:, None])
+        target_logit = torch.zeros_like(row_max)
+        target_logit[has_target] = logits[has_target, cols]
+        dist.all_reduce(target_logit, group=group)
+        probs = logits.sub_(row_max[:, None]).exp_()
         sum_exp = probs.sum(dim=1)
         dist.all_reduce(sum_exp, group=group)
         probs /= sum_exp[:, None]
 
-        has_target = target >= 0
-        rows = has_target.nonzero().squeeze(1)
-        target_logit = torch.zeros_like(row_max)
-        target_logit[rows] = logits.detach()[rows, target[rows]]
-        dist.all_reduce(target_logit, group=group)
-
         n_valid = valid.sum()
-        per_row = (sum_exp.log() + row_max - target_logit) * valid
-        loss = per_row.sum() / n_valid
-        ctx.save_for_backward(probs, rows, target, valid, n_valid)
+        loss = ((sum_exp.log() + row_max - target_logit) * valid).sum() / n_valid
+        ctx.save_for_backward(
+            embeddings, weight, rows, index, norms, probs, has_target, cols, slope, clamped, valid, n_valid
+        )
+        ctx.scale, ctx.grad_buffer = scale, grad_buffer
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        probs, rows, target, valid, n_valid = ctx.saved_tensors
-        grad = probs
-        grad[rows, target[rows]] -= 1
-        grad *= (valid / n_valid * grad_loss)[:, None]
-        return grad, None, None, None
+        embeddings, weight, rows, index, norms, grad, has_target, cols, slope, clamped, valid, n_valid = (
+            ctx.saved_tensors
+        )
+        grad[has_target, cols] -= 1
+        grad *= (valid * (grad_loss * ctx.scale) / n_valid)[:, None]  # dL/d(margined cosine)
+        grad[has_target, cols] *= slope
+        grad[clamped[:, 0], clamped[:, 1]] = 0
+        grad /= norms  # dL/d(x W^T)
+        grad_embeddings = torch.mm(grad, rows)
+        if ctx.needs_input_grad[1]:
+            into = ctx.grad_buffer if weight.grad is None else None
+            grad_rows = torch.mm(grad.T, embeddings, out=into)  # g / |w|
+            radial = _row_dots(grad_rows, rows).div_(norms.square())
+            grad_rows = grad_rows.addcmul_(rows, radial[:, None], value=-1).to(weight.dtype)
+            if index is not None:
+                grad_rows = torch.sparse_coo_tensor(
+                    index[None], grad_rows, weight.shape, is_coalesced=True, check_invariants=False
+                )
+            if weight.grad is None:
+                weight.grad = grad_rows
+            else:  # micro-batches: sparse gradients concatenate here; the optimizer coalesces them
+                weight.grad.add_(grad_rows)
+        return grad_embeddings, None, None, None, None, None, None, None, None, None
 
 
 class PartialFC(nn.Module):
@@ -144,6 +212,13 @@ class PartialFC(nn.Module):
         init = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)
         self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size), generator=init))
         self.sampler = torch.Generator().manual_seed(seed * 1_000_003 + self.rank + 7919)
+        # What a step reads as the current values of the rows ``index`` (all rows: None).  An optimizer
+        # that steps rows lazily installs its own reader, which brings them up to date (row_optim).
+        self.read_rows: Callable[[torch.Tensor | None], torch.Tensor] = self._stored_rows
+        self._scratch = Scratch()
+
+    def _stored_rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        return self.weight if index is None else self.weight[index]
 
     def extra_repr(self) -> str:
         return (
@@ -162,20 +237,22 @@ class PartialFC(nn.Module):
         local = global_labels - self.start
         is_local = valid & (local >= 0) & (local < self.num_local)
         target = torch.where(is_local, local, -1)
-        weight = self.weight
+        index = None
         if self.sample_rate < 1.0:
             index, target = self.sample_classes(target)
-            weight = weight[index]
 
         # Logits in at least fp32 whatever the autocast dtype of the backbone.
-        dtype = torch.promote_types(torch.promote_types(global_embeddings.dtype, weight.dtype), torch.float32)
+        dtype = torch.promote_types(torch.promote_types(global_embeddings.dtype, self.weight.dtype), torch.float32)
+        with torch.no_grad():
+            rows = self.read_rows(index)
+        grad_buffer = None  # where the backward writes the rows' gradient (see scratch)
+        if dtype == self.weight.dtype:
+            grad_buffer = self._scratch("grad", len(rows), self.weight)
         with torch.autocast(embeddings.device.type, enabled=False):
-            cos = F.linear(F.normalize(global_embeddings.to(dtype)), F.normalize(weight.to(dtype)))
-            cos = cos.clamp(-1, 1)
-            rows = (target >= 0).nonzero().squeeze(1)
-            margined = combined_margin(cos[rows, target[rows]], *self.margins)
-            logits = cos.index_put((rows, target[rows]), margined) * self.scale
-            return _ShardedCrossEntropy.apply(logits, target, valid, self.group)
+            normalised = F.normalize(global_embeddings.to(dtype))
+            return _MarginSoftmax.apply(
+                normalised, self.weight, rows, index, target, valid, self.margins, self.scale, self.group, grad_buffer
+            )
 
     def sample_classes(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep every local positive class plus uniformly random negatives.

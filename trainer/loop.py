@@ -102,6 +102,7 @@ class Trainer:
         model, head, opt = self.backbone, self.head, self.optimizer
         reshard(model)  # ZeRO: parameters as the DTensor shards the optimizer state is keyed by
         broadcast_buffers(model)  # rank 0's BatchNorm statistics: what DDP broadcasts before the next forward
+        opt.catch_up()  # head rows that SGD stepped lazily: every row and its momentum up to date (row_optim)
         names = {p: n for n, p in model.named_parameters()}
         head_slots = {
             k: head.sharded(v) if v.shape == head.weight.shape else v for k, v in state_slots(opt, head.weight).items()

@@ -7,11 +7,14 @@ gradient norm therefore sums the backbone once and the head over all ranks.
 Under ZeRO (``optim.zero`` 2/3) the backbone's parameters and gradients are
 DTensor shards: they count as sharded, each rank summing its local part.
 Each group holds one kind of tensor (DTensor or plain), so the optimizers'
-foreach kernels never mix them.
+foreach kernels never mix them.  The head's group is marked ``rows``: its
+class rows step in ``row_optim`` (lazily and exactly under SGD when only
+sampled rows have a gradient), the rest in torch's own SGD/AdamW.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -20,17 +23,21 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import OptimConfig
+from .head import PartialFC
 from .parallel import local
+from .row_optim import DenseAdamW, LazySGD
 
 
-def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, backbone: nn.Module, head: PartialFC) -> torch.optim.Optimizer:
     groups = [
         {"params": list(backbone.parameters()), "name": "backbone"},
-        {"params": list(head.parameters()), "name": "head"},
+        {"params": list(head.parameters()), "name": "head", "rows": True},
     ]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = LazySGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        head.read_rows = functools.partial(optimizer.rows, head.weight)  # the head reads its rows up to date
+        return optimizer
+    return DenseAdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def state_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,7 +83,10 @@ def _sum_of_squares(params: Iterable[nn.Parameter], device: torch.device) -> tor
     total = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
         if p.grad is not None:
-            total += local(p.grad.detach()).float().pow(2).sum()
+            grad = local(p.grad.detach())
+            if grad.is_sparse:  # the head's sampled rows; coalescing sums rows repeated by micro-batches
+                grad = grad.coalesce().values()
+            total += torch.linalg.vector_norm(grad, dtype=torch.float32).square()  # no squared copy
     return total
 
 

@@ -23,6 +23,7 @@ def make_trainer(rank: int, world: int, uri: str, overrides: list[str] = ()):
 def snapshot(trainer) -> dict:
     """This rank's head rows, optimizer state, backbone, step and data position, copied."""
     head, opt, model = trainer.head, trainer.optimizer, trainer.model.module
+    opt.catch_up()  # the head's rows as a checkpoint holds them: up to date
     return {
         "start": head.start,
         "weight": head.weight.detach().clone(),
