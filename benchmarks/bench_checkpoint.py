@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support.s3server
 
-from tests.support.distributed import run_distributed  # noqa: E402
-from tests.support.s3server import SeaweedS3  # noqa: E402
+from tests.support.distributed import run_distributed
+from tests.support.s3server import SeaweedS3
 
 
 def _bench(rank: int, world: int, uri: str, classes: int, embedding: int, repeats: int) -> dict:

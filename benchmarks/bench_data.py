@@ -47,11 +47,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support.s3server
 
-from mfr.trainer.data.augment import Augment  # noqa: E402
-from mfr.trainer.data.masks import MaskAugment  # noqa: E402
-from mfr.trainer.data.sources import decode  # noqa: E402
-from mfr.trainer.data.synthetic import SyntheticFaces  # noqa: E402
-from tests.support.s3server import SeaweedS3  # noqa: E402
+from mfr.trainer.data.augment import Augment
+from mfr.trainer.data.masks import MaskAugment
+from mfr.trainer.data.sources import decode
+from mfr.trainer.data.synthetic import SyntheticFaces
+from tests.support.s3server import SeaweedS3
 
 
 def faces(n: int) -> list[bytes]:

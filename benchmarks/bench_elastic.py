@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
 
-from mfr.ctl.launcher import RDZV_CONF, LocalJob, RunningJob, free_port  # noqa: E402
-from mfr.trainer.config import load_config  # noqa: E402
-from tests.support.processes import agent_of, kill_tree, store_host  # noqa: E402
-from tests.support.runs import read_events  # noqa: E402
+from mfr.ctl.launcher import RDZV_CONF, LocalJob, RunningJob, free_port
+from mfr.trainer.config import load_config
+from tests.support.processes import agent_of, kill_tree, store_host
+from tests.support.runs import read_events
 
 
 def _wait(predicate, timeout: float = 300):

@@ -28,11 +28,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
 
-from mfr.ctl.memory_model import PlanSpec, format_bytes, plan_memory  # noqa: E402
-from mfr.trainer.config import load_config  # noqa: E402
-from mfr.trainer.dist import DistEnv  # noqa: E402
-from mfr.trainer.memory import measure_train_step  # noqa: E402
-from tests.support.configs import MEMORY_MEASURED  # noqa: E402
+from mfr.ctl.memory_model import PlanSpec, format_bytes, plan_memory
+from mfr.trainer.config import load_config
+from mfr.trainer.dist import DistEnv
+from mfr.trainer.memory import measure_train_step
+from tests.support.configs import MEMORY_MEASURED
 
 BASES = {  # activation-bound, and parameter-bound (where ZeRO matters)
     "small": ["model.backbone=custom", "model.layers=[2,2,2,2]", "model.width=0.25", "model.embedding_size=128",

@@ -94,7 +94,7 @@ def main() -> None:
         stdout=subprocess.PIPE, text=True,
     )
 
-    class scraping:  # noqa: N801
+    class scraping:
         @staticmethod
         def set() -> None:
             flag.touch()
@@ -143,7 +143,9 @@ def main() -> None:
         "after_step_us": round(call_us, 2),
         "scrape_ms_median": round(scrape_ms, 2),
         "scrapes": len(scrape_times),
-        "derived_overhead_pct_scrape_1s": round((call_us * 1e-6 + scrape_ms * 1e-3 * off / args.scrape_interval) / off * 100, 3),
+        "derived_overhead_pct_scrape_1s": round(
+            (call_us * 1e-6 + scrape_ms * 1e-3 * off / args.scrape_interval) / off * 100, 3
+        ),
         "derived_overhead_pct_scrape_30s": round((call_us * 1e-6 + scrape_ms * 1e-3 * off / 30) / off * 100, 4),
     }
     print(json.dumps(result, indent=2))

@@ -89,17 +89,16 @@ def main() -> None:
                          "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     if (work / "results.json").exists():  # a later invocation (more seeds) adds to the earlier runs
         all_results["runs"] = json.loads((work / "results.json").read_text())["runs"]
-    if "distilled" in args.variants:
-        if not (features / "index.json").exists():
-            teacher = train(work / "teacher", [*DATA, *TEACHER, f"run.steps={args.teacher_steps}", "data.batch_size=64",
-                                               "optim.warmup_steps=25", "run.seed=0", "checkpoint.resume=auto"])
-            all_results["runs"]["teacher"] = teacher
-            print(f"teacher: {json.dumps(teacher)}", flush=True)
-            subprocess.run(
-                [sys.executable, "-m", "mfr.ctl.main", "distill", "extract", "--teacher", str(teacher_ckpt),
-                 "--out", str(features), "-j", "0", *[a for o in (*DATA, *TEACHER_ARCH) for a in ("--set", o)]],
-                check=True,
-            )
+    if "distilled" in args.variants and not (features / "index.json").exists():
+        teacher = train(work / "teacher", [*DATA, *TEACHER, f"run.steps={args.teacher_steps}", "data.batch_size=64",
+                                           "optim.warmup_steps=25", "run.seed=0", "checkpoint.resume=auto"])
+        all_results["runs"]["teacher"] = teacher
+        print(f"teacher: {json.dumps(teacher)}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "mfr.ctl.main", "distill", "extract", "--teacher", str(teacher_ckpt),
+             "--out", str(features), "-j", "0", *[a for o in (*DATA, *TEACHER_ARCH) for a in ("--set", o)]],
+            check=True,
+        )
     variants = {
         "scratch": [],
         "distilled": ["distill.mode=offline", f"distill.features={features}", f"distill.alpha={args.alpha}",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from mfr.trainer.config import ConfigError, TrainConfig, load_config, merge, parse_overrides, read_yaml, validate_config
 
 CHART = "mfr-trainer"

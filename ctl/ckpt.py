@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
+
 from mfr.trainer.config import ConfigError
 from mfr.trainer.storage import CheckpointInfo, Storage, StorageError, find_checkpoint
 
@@ -102,7 +103,7 @@ def resolve_checkpoint(uri: str, step: int | None, committed: bool = True) -> Ch
         raise fail(str(e), code=1) from None
 
 
-StepOpt = Annotated[Optional[int], typer.Option(help="Which step (default: the newest committed one).")]
+StepOpt = Annotated[int | None, typer.Option(help="Which step (default: the newest committed one).")]
 
 
 @ckpt_app.command("inspect")

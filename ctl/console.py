@@ -12,8 +12,9 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from mfr.trainer.credentials import redact
 from rich.console import Console
+
+from mfr.trainer.credentials import redact
 
 
 class _Console(Console):

@@ -11,7 +11,7 @@ import importlib.util
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -206,7 +206,7 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
 def inspect(
     uri: Annotated[str, typer.Argument(metavar="URI", help="Image folder, RecordIO .rec/folder, or shard folder.")],
     grid: Annotated[
-        Optional[str], typer.Option("--grid", help="Write a PNG of samples with and without masks.")
+        str | None, typer.Option("--grid", help="Write a PNG of samples with and without masks.")
     ] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples in the grid.")] = 8,
     output: OutputOpt = Output.table,

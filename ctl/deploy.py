@@ -12,9 +12,10 @@ import re
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
 from mfr.trainer.config import ConfigError, merge
 
 from .chart import ChartError, Rendered, check_namespace, file_values, flag_values, render, set_values
@@ -50,23 +51,23 @@ NameOpt = Annotated[
     str, typer.Option("--name", help="The run: its job's name (pods are <name>-worker-<i>, <name>-node-0-<i>).")
 ]
 NamespaceOpt = Annotated[
-    Optional[str], typer.Option("--namespace", "-n", help="Namespace; default: the kubeconfig context's, else default.")
+    str | None, typer.Option("--namespace", "-n", help="Namespace; default: the kubeconfig context's, else default.")
 ]
 NodesOpt = Annotated[
-    Optional[int], typer.Option(help="Pods: static = 1 Master + N-1 Workers; elastic default = MAX.")
+    int | None, typer.Option(help="Pods: static = 1 Master + N-1 Workers; elastic default = MAX.")
 ]
-GpusOpt = Annotated[Optional[int], typer.Option(help="nvidia.com/gpu per pod (0 = CPU).")]
-NprocOpt = Annotated[Optional[int], typer.Option(help="Training processes per pod; default: one per GPU, 1 on CPU.")]
+GpusOpt = Annotated[int | None, typer.Option(help="nvidia.com/gpu per pod (0 = CPU).")]
+NprocOpt = Annotated[int | None, typer.Option(help="Training processes per pod; default: one per GPU, 1 on CPU.")]
 ElasticOpt = Annotated[
-    Optional[str], typer.Option(metavar="MIN:MAX", help="Elastic job: Workers only, c10d rendezvous, MIN..MAX pods.")
+    str | None, typer.Option(metavar="MIN:MAX", help="Elastic job: Workers only, c10d rendezvous, MIN..MAX pods.")
 ]
-ImageOpt = Annotated[Optional[str], typer.Option(help="Trainer image, e.g. registry.example.com/mfr-trainer:0.1.0.")]
+ImageOpt = Annotated[str | None, typer.Option(help="Trainer image, e.g. registry.example.com/mfr-trainer:0.1.0.")]
 ConfigOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="TrainConfig YAML for the run; default: the chart's (the demo)."),
 ]
 CheckpointOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--checkpoint", metavar="URI",
         help="Checkpoint storage every pod reaches: s3://bucket/prefix (credentials from --set "
@@ -75,27 +76,27 @@ CheckpointOpt = Annotated[
     ),
 ]
 QueueOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--queue", metavar="NAME",
                  help="Kueue LocalQueue: the job waits, suspended, until Kueue admits it against the queue's quota."),
 ]
 ClaimOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--workspace-claim", metavar="NAME",
                  help="A ReadWriteMany PersistentVolumeClaim mounted at /workspace in every pod; checkpoints go "
                       "there."),
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Set a chart value (YAML): --set gang.enabled=true, --set train.optim.lr=0.01."),
 ]
 ValuesOpt = Annotated[
-    Optional[list[Path]], typer.Option("--values", "-f", help="A values YAML file, as helm -f (repeatable).")
+    list[Path] | None, typer.Option("--values", "-f", help="A values YAML file, as helm -f (repeatable).")
 ]
 KubeconfigOpt = Annotated[
-    Optional[str], typer.Option(help="Kubeconfig file; default: $KUBECONFIG, else ~/.kube/config, else in-cluster.")
+    str | None, typer.Option(help="Kubeconfig file; default: $KUBECONFIG, else ~/.kube/config, else in-cluster.")
 ]
-ContextOpt = Annotated[Optional[str], typer.Option(help="Kubeconfig context; default: its current context.")]
+ContextOpt = Annotated[str | None, typer.Option(help="Kubeconfig context; default: its current context.")]
 RunArg = Annotated[str, typer.Argument(help="The run (its PyTorchJob's or TrainJob's name).")]
 
 
@@ -118,7 +119,7 @@ def render_run(
 def render_cmd(
     name: NameOpt = "mfr",
     namespace: Annotated[
-        Optional[str], typer.Option("--namespace", "-n", help="Namespace the objects are meant for; default: default.")
+        str | None, typer.Option("--namespace", "-n", help="Namespace the objects are meant for; default: default.")
     ] = None,
     nodes: NodesOpt = None,
     gpus_per_node: GpusOpt = None,
@@ -130,7 +131,7 @@ def render_cmd(
     workspace_claim: ClaimOpt = None,
     queue: QueueOpt = None,
     api: Annotated[
-        Optional[Api], typer.Option(help="pytorchjob (the default here: no cluster to ask) or trainjob "
+        Api | None, typer.Option(help="pytorchjob (the default here: no cluster to ask) or trainjob "
                                          "(Kubeflow Trainer v2, static runs only).")
     ] = None,
     set_: SetOpt = None,
@@ -207,7 +208,7 @@ def submit_cmd(
         DryRun, typer.Option(help="client: only render and check; server: the API server validates, stores nothing.")
     ] = DryRun.none,
     monitoring: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--monitoring/--no-monitoring",
                      help="A PodMonitor and a PrometheusRule for the run (prometheus-operator, e.g. "
                           "kube-prometheus-stack); default: when the cluster serves monitoring.coreos.com/v1."),
@@ -217,7 +218,7 @@ def submit_cmd(
         bool, typer.Option("--follow", help="Stream rank 0's log until the job ends (implies --wait).")
     ] = False,
     timeout: Annotated[
-        Optional[str], typer.Option(metavar="DURATION", help="With --wait/--follow: give up after this long (30s, 5m, "
+        str | None, typer.Option(metavar="DURATION", help="With --wait/--follow: give up after this long (30s, 5m, "
                                                              "2h30m), exit 1 with the job's state.")
     ] = None,
 ) -> None:
@@ -367,15 +368,15 @@ def describe_cmd(
 
 def logs_cmd(
     name: RunArg,
-    replica: Annotated[Optional[Replica], typer.Option(help="Replica type; default: rank 0's pod.")] = None,
+    replica: Annotated[Replica | None, typer.Option(help="Replica type; default: rank 0's pod.")] = None,
     index: Annotated[
-        Optional[int], typer.Option(min=0, help="Replica index (with --replica); default: all of that type.")
+        int | None, typer.Option(min=0, help="Replica index (with --replica); default: all of that type.")
     ] = None,
     all_pods: Annotated[bool, typer.Option("--all-pods", help="Every pod of the run, each line prefixed.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the logs until the pods end.")] = False,
-    tail: Annotated[Optional[int], typer.Option(min=0, help="Only the last N lines of each pod.")] = None,
+    tail: Annotated[int | None, typer.Option(min=0, help="Only the last N lines of each pod.")] = None,
     since: Annotated[
-        Optional[str], typer.Option(metavar="DURATION", help="Only lines newer than this (5m, 1h).")
+        str | None, typer.Option(metavar="DURATION", help="Only lines newer than this (5m, 1h).")
     ] = None,
     previous: Annotated[
         bool, typer.Option("--previous", "-p", help="The log of the pod's previous run (before a container restart).")
@@ -489,14 +490,14 @@ def list_cmd(
 
 
 def doctor_cmd(
-    nodes: Annotated[Optional[int], typer.Option(min=1, help="Pods the run will have.")] = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="Pods the run will have.")] = None,
     gpus_per_node: GpusOpt = None,
     checkpoint: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--checkpoint", metavar="URI", help="Probe this checkpoint URI (write, read, delete)."),
     ] = None,
     secret: Annotated[
-        Optional[str], typer.Option(metavar="NAME", help="The run's S3 Secret, whose keys the probe uses.")
+        str | None, typer.Option(metavar="NAME", help="The run's S3 Secret, whose keys the probe uses.")
     ] = None,
     namespace: NamespaceOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -553,7 +554,7 @@ def _dashboard(namespace: str, annotations: list[str] | None) -> dict:
 def dashboard_install(
     namespace: NamespaceOpt = None,
     annotation: Annotated[
-        Optional[list[str]], typer.Option(help="Annotation KEY=VALUE, e.g. grafana_folder=ML (repeatable).")
+        list[str] | None, typer.Option(help="Annotation KEY=VALUE, e.g. grafana_folder=ML (repeatable).")
     ] = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,

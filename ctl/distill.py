@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,13 +26,13 @@ def extract(
     ],
     out: Annotated[str, typer.Option(help="Folder or s3:// prefix for the feature shards and index.json.")],
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--config", "-c", help="TrainConfig of the student run: its data, and distill.teacher's architecture."
         ),
     ] = None,
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set distill.teacher.backbone=r100.")
+        list[str] | None, typer.Option("--set", help="Override a setting, e.g. --set distill.teacher.backbone=r100.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per teacher forward.")] = 256,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")] = 2,

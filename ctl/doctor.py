@@ -48,8 +48,14 @@ def preflight(cluster: Cluster, job: dict[str, Any], *, queue: bool) -> list[Che
         return checks
     api = job_api(job["kind"])
     served = cluster.serves(api.api_version)
-    checks.append(Check(f"{api.kind} API", OK if served else FAIL,
-                        f"{api.api_version} {'served' if served else 'not served'}", "" if served else f"install {api.install}"))
+    checks.append(
+        Check(
+            f"{api.kind} API",
+            OK if served else FAIL,
+            f"{api.api_version} {'served' if served else 'not served'}",
+            "" if served else f"install {api.install}",
+        )
+    )
     if queue:
         checks += [c if c.status == OK else Check(c.name, FAIL, c.detail, "install Kueue, or drop --queue")
                    for c in api_checks(cluster, ["Kueue"])]

@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.progress import ProgressColumn
@@ -34,7 +34,7 @@ RANKS_FROM_PAIRS = 100_000_000
 
 def evaluate(
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Argument(
             metavar="[MODEL]",
             help="A committed checkpoint step-<N> directory, a checkpoint root (its newest committed step), "
@@ -42,14 +42,14 @@ def evaluate(
         ),
     ] = None,
     bins: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--bin", metavar="URL",
             help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); repeatable.",
         ),
     ] = None,
     galleries: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--gallery",
             metavar="DATA",
@@ -58,7 +58,7 @@ def evaluate(
         ),
     ] = None,
     pairs: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--pairs",
             metavar="DATA=LIST",
@@ -67,7 +67,7 @@ def evaluate(
         ),
     ] = None,
     embedded: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--embedded",
             metavar="URL",
@@ -84,7 +84,7 @@ def evaluate(
         ),
     ] = 0,
     fprs: Annotated[
-        Optional[list[float]],
+        list[float] | None,
         typer.Option("--fpr", metavar="FPR", help="Target FPR (repeatable); default 1e-1 .. 1e-6."),
     ] = None,
     flip: Annotated[
@@ -97,13 +97,13 @@ def evaluate(
     mask_seed: Annotated[int, typer.Option(min=0, help="Seed of the masks: image i wears the mask of (seed, i).")] = 0,
     folds: Annotated[int, typer.Option(min=2, help="Folds of the .bin accuracy (threshold from the others).")] = 10,
     max_images: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             min=2, help="Score a seeded sample (--mask-seed) of this many images of each gallery; default all."
         ),
     ] = None,
     embeddings: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             metavar="DIR",
             help="Keep the embeddings here (DIR/<set>/unmasked and masked: fp16 shards, local or s3://): a later "
@@ -112,7 +112,7 @@ def evaluate(
         ),
     ] = None,
     nproc: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             min=1,
             help="Scoring processes (gloo ranks, one BLAS thread each); results are identical for any count.  "
@@ -120,14 +120,14 @@ def evaluate(
         ),
     ] = None,
     max_kept: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(min=1, help="Impostor scores kept per protocol (default 16,777,216: 64 MB); FPRs beyond are "
                      "bracketed from a sample (galleries only)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
-    report: Annotated[Optional[str], typer.Option(help="Write the JSON report here (local or s3://).")] = None,
-    roc: Annotated[Optional[str], typer.Option(help="Write the ROC plot (PNG) here (local or s3://).")] = None,
+    report: Annotated[str | None, typer.Option(help="Write the JSON report here (local or s3://).")] = None,
+    roc: Annotated[str | None, typer.Option(help="Write the ROC plot (PNG) here (local or s3://).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Verify a backbone: TPR@FPR per masked/unmasked protocol, and insightface's k-fold accuracy on .bin sets.

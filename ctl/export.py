@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
 from mfr.trainer.config import ConfigError
 
 from .ckpt import StepOpt, human_size, resolve_checkpoint
@@ -47,7 +48,7 @@ def export(
     ],
     out: Annotated[str, typer.Option("--out", help="Output file, local or s3://.")],
     fmt: Annotated[
-        Optional[Format],
+        Format | None,
         typer.Option(
             "--format",
             help="onnx: BatchNorm-folded, verified with onnxruntime, to ship; torch: the plain backbone "

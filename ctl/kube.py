@@ -193,7 +193,9 @@ class Cluster:
             )
         from kubernetes.client.rest import ApiException
 
-        query = [("fieldManager", FIELD_MANAGER), ("fieldValidation", "Strict")] + ([("dryRun", "All")] if dry_run else [])
+        query = [("fieldManager", FIELD_MANAGER), ("fieldValidation", "Strict")] + (
+            [("dryRun", "All")] if dry_run else []
+        )
         created: list[dict[str, Any]] = []
         refs: list[str] = []
         try:
@@ -357,7 +359,9 @@ class Cluster:
                 pass
             deleted.append(f"{kind.lower()}/{item}")
         if not deleted:
-            raise ClusterError(f"no run {name} in namespace {self.namespace} (mfrctl list -n {self.namespace} shows the runs)")
+            raise ClusterError(
+                f"no run {name} in namespace {self.namespace} (mfrctl list -n {self.namespace} shows the runs)"
+            )
         if skipped:
             self.warn(f"not allowed to list {', '.join(skipped)} in namespace {self.namespace}: skipped")
         return deleted
@@ -378,7 +382,9 @@ class Cluster:
     def wait_for_start(self, name: str, poll: float = POLL_SECONDS, deadline: float | None = None) -> None:
         """Wait until rank 0's pod has started (or the job is over, or ``deadline`` passes)."""
         while (job := self.get_job(name)) and job_state(job)[0] not in FINAL_STATES:
-            if any((p.get("status") or {}).get("phase") not in (None, "Pending") for p in self.pods(job, *first_pod(job))):
+            if any(
+                (p.get("status") or {}).get("phase") not in (None, "Pending") for p in self.pods(job, *first_pod(job))
+            ):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 return
@@ -493,7 +499,9 @@ class Cluster:
         """A 404 on create: the namespace does not exist, or the kind's API is not served."""
         namespace = obj["metadata"].get("namespace") or self.namespace
         if _is_status(err, "NotFound", kind="namespaces"):
-            return ClusterError(f'namespace "{namespace}" not found on {self.server} (kubectl create namespace {namespace})')
+            return ClusterError(
+                f'namespace "{namespace}" not found on {self.server} (kubectl create namespace {namespace})'
+            )
         return self._missing_api(obj["kind"])
 
     def _missing_api(self, kind: str) -> ClusterError:

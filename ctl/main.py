@@ -8,10 +8,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
+
 from mfr.trainer.config import ConfigError, TrainConfig, load_config
 
 from .chart import ChartError, parse_elastic
@@ -42,10 +43,10 @@ app.add_typer(distill_app, name="distill")
 app.command("eval")(evaluate)
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")
+    Path | None, typer.Option("--config", "-c", help="TrainConfig YAML; default: the built-in synthetic demo.")
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a setting, e.g. --set head.sample_rate=0.1 (repeatable)."),
 ]
 
@@ -80,11 +81,11 @@ def train(
     nodes: Annotated[int, typer.Option(min=1, help="Emulated pods, one torchrun agent each.")] = 1,
     nproc_per_node: Annotated[int, typer.Option(min=1, help="Training processes per pod.")] = 1,
     elastic: Annotated[
-        Optional[str], typer.Option(metavar="MIN:MAX", help="Elastic job: c10d rendezvous, nodes may come and go.")
+        str | None, typer.Option(metavar="MIN:MAX", help="Elastic job: c10d rendezvous, nodes may come and go.")
     ] = None,
     master_port: Annotated[int, typer.Option(min=0, max=65535, help="Rendezvous port; 0 picks a free one.")] = 0,
     output_dir: Annotated[
-        Optional[Path], typer.Option(help="Run directory (logs, events, results); overrides run.output_dir.")
+        Path | None, typer.Option(help="Run directory (logs, events, results); overrides run.output_dir.")
     ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Start over, ignoring checkpoints already in the run's checkpoint.uri.")

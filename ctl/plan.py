@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
+
 from mfr.trainer.config import BACKBONE_DEPTHS, ConfigError, TrainConfig, apply_overrides, read_yaml, validate_config
 
 from .console import Output, OutputOpt, fail, print_data
@@ -96,10 +97,10 @@ def _table(result: Plan) -> None:
 
 def plan(
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="Start from this TrainConfig YAML; flags override it.")
+        Path | None, typer.Option("--config", "-c", help="Start from this TrainConfig YAML; flags override it.")
     ] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override a setting, e.g. --set head.sample_rate=0.1 (repeatable); flags win."),
     ] = None,
     nodes: Annotated[int, typer.Option(help="Nodes (pods).")] = 1,
@@ -110,23 +111,23 @@ def plan(
     reserve: Annotated[
         str, typer.Option(help="Per-GPU memory not available to tensors (CUDA context, NCCL, cuDNN).")
     ] = "1.5GiB",
-    classes: Annotated[Optional[int], typer.Option(help="Identities (head.num_classes).")] = None,
-    embedding: Annotated[Optional[int], typer.Option(help="Embedding size (model.embedding_size).")] = None,
+    classes: Annotated[int | None, typer.Option(help="Identities (head.num_classes).")] = None,
+    embedding: Annotated[int | None, typer.Option(help="Embedding size (model.embedding_size).")] = None,
     backbone: Annotated[
-        Optional[str], typer.Option(help=f"iResNet: {', '.join(BACKBONE_DEPTHS)} or custom (with --layers).")
+        str | None, typer.Option(help=f"iResNet: {', '.join(BACKBONE_DEPTHS)} or custom (with --layers).")
     ] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Stage depths of a custom backbone, e.g. 3,25,88,3.")] = None,
-    width: Annotated[Optional[float], typer.Option(help="Channel multiplier (model.width).")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Samples per GPU and step (data.batch_size).")] = None,
-    sample_rate: Annotated[Optional[float], typer.Option(help="Partial FC class sampling (head.sample_rate).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="none, bf16 or fp16 (run.amp).")] = None,
-    zero: Annotated[Optional[int], typer.Option(help="0, 2 or 3 (optim.zero).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Stage depths of a custom backbone, e.g. 3,25,88,3.")] = None,
+    width: Annotated[float | None, typer.Option(help="Channel multiplier (model.width).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Samples per GPU and step (data.batch_size).")] = None,
+    sample_rate: Annotated[float | None, typer.Option(help="Partial FC class sampling (head.sample_rate).")] = None,
+    precision: Annotated[str | None, typer.Option(help="none, bf16 or fp16 (run.amp).")] = None,
+    zero: Annotated[int | None, typer.Option(help="0, 2 or 3 (optim.zero).")] = None,
     activation_checkpointing: Annotated[
-        Optional[str], typer.Option(help="none, stage or block (model.activation_checkpointing).")
+        str | None, typer.Option(help="none, stage or block (model.activation_checkpointing).")
     ] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Blocks per recomputed segment (block).")] = None,
-    micro_batches: Annotated[Optional[int], typer.Option(help="Micro-batches per step (optim.micro_batches).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="sgd or adamw (optim.name).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Blocks per recomputed segment (block).")] = None,
+    micro_batches: Annotated[int | None, typer.Option(help="Micro-batches per step (optim.micro_batches).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw (optim.name).")] = None,
     output: OutputOpt = Output.table,
 ) -> None:
     """Predict the peak memory per GPU of a training configuration, and whether it fits.

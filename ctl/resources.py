@@ -44,8 +44,11 @@ _STATE = {"parameters", "buffers", "optimizer state", "shard weights"}
 def pod_requests(train: TrainConfig, *, nodes: int, nproc: int, gpus: int, shm: str) -> dict[str, str]:
     """``{"cpu": ..., "memory": ...}`` for one pod of ``nodes`` running ``nproc`` processes."""
     world = max(nodes * nproc, 1)
-    spec = replace(PlanSpec.from_config(train, nodes=1, gpus_per_node=world), classes=max(train.head.num_classes, world),
-                   zero=train.optim.zero if world > 1 else 0)
+    spec = replace(
+        PlanSpec.from_config(train, nodes=1, gpus_per_node=world),
+        classes=max(train.head.num_classes, world),
+        zero=train.optim.zero if world > 1 else 0,
+    )
     plan = plan_memory(spec)
     state = sum(item.bytes for item in plan.items if item.name in _STATE)
     per_process = (GPU_PROCESS if gpus else CPU_PROCESS + plan.peak) + state + train.data.num_workers * LOADER_WORKER

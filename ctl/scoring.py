@@ -69,7 +69,7 @@ def score_with_ranks(embeddings: str, name: str, fprs: tuple[float, ...], split:
                 ranks.append(subprocess.Popen(
                     SCORER + args, env=base | {"RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - as the launcher starts its pods
+                    preexec_fn=_die_with_parent,
                 ))
         while any(p.poll() is None for p in ranks) and not any(p.poll() for p in ranks):
             _follow(tail, progress)

@@ -11,19 +11,19 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import helm_python
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
+from charts.generate import schema_path, values_schema
 from mfr.ctl.chart import ChartError, chart_dir, parse_elastic, render
 from mfr.trainer.config import demo_config_path, read_yaml
 from tests.support.chart import KUBE_VERSION
 from tests.support.operator_rules import crd_errors, webhook_errors, with_change
-from charts.generate import schema_path, values_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,10 @@ def test_the_queue_label_is_on_the_job_for_kueue_and_job_labels_never_hide_the_r
     assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["cost"] == "ml"
     assert labels["app.kubernetes.io/instance"] == "exp"  # mfrctl finds the run's objects by it
     assert job["metadata"]["annotations"] == {"owner": "faces"}
-    assert "kueue.x-k8s.io/queue-name" not in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    assert (
+        "kueue.x-k8s.io/queue-name"
+        not in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    )
     assert "suspend" not in job["spec"]["runPolicy"]  # Kueue's webhook suspends it, and starts it once admitted
 
 

@@ -15,6 +15,7 @@ import json
 
 import pytest
 import yaml
+
 from mfr.ctl.chart import ChartError, render
 
 REAL_DATA = {"data": {"source": "folder", "uri": "s3://faces/train"}}

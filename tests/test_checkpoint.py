@@ -186,7 +186,10 @@ def _resume_error(rank, world, uri, overrides):
 
 @pytest.mark.parametrize(
     ("change", "named"),
-    [("head.num_classes=12", "head.num_classes 11 -> 12"), ("model.embedding_size=32", "model.embedding_size 16 -> 32")],
+    [
+        ("head.num_classes=12", "head.num_classes 11 -> 12"),
+        ("model.embedding_size=32", "model.embedding_size 16 -> 32"),
+    ],
 )
 def test_a_checkpoint_of_another_model_is_refused_with_the_mismatch_named(tmp_path, change, named):
     uri = str(tmp_path / "ckpt")
@@ -206,7 +209,9 @@ def _save_steps(rank, world, uri, overrides, steps):
     while trainer.step < steps:
         trainer.train_step(*next(batches))
         trainer.checkpointer.after_step(trainer.step)
-    trainer.checkpointer.finish(trainer.step)  # the last step is saved even when its due save was skipped (one in flight)
+    trainer.checkpointer.finish(
+        trainer.step
+    )  # the last step is saved even when its due save was skipped (one in flight)
     trainer.checkpointer.close()
     return trainer.step
 
@@ -381,7 +386,9 @@ def test_a_fresh_run_replaces_an_old_checkpoint_of_the_same_step(tmp_path):
     root = tmp_path / "ckpt"
     run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2"], 2)
     (root / "step-00000002" / "__9_0.distcp").write_bytes(b"left over by the old run")
-    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.resume=never", "optim.lr=0.05"], 2)
+    run_distributed(
+        _save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.resume=never", "optim.lr=0.05"], 2
+    )
     marker = json.loads((root / "step-00000002" / "COMMITTED").read_text())
     assert marker["config"]["optim"]["lr"] == 0.05  # committed by the new run, not the old marker
     assert not (root / "step-00000002" / "__9_0.distcp").exists()

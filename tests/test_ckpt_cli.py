@@ -82,7 +82,9 @@ def _embeddings_agree(onnx_model: bytes, backbone_state: dict) -> float:
     images = torch.stack([to_tensor(faces.render(i, 0, masked=i == 1)) for i in range(3)])
     with torch.no_grad():
         expected = model.eval()(images)
-    got = onnxruntime.InferenceSession(onnx_model, providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})
+    got = onnxruntime.InferenceSession(onnx_model, providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()}
+    )
     return float((torch.from_numpy(got[0]) - expected).abs().max())
 
 

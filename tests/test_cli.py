@@ -120,7 +120,8 @@ def test_several_processes_per_node(tmp_path):
     """--nproc-per-node: torchrun starts M workers per emulated pod, WORLD_SIZE = N x M."""
     proc = mfrctl(
         "train", "--nodes", "2", "--nproc-per-node", "2", "--output-dir", str(tmp_path), "-o", "json",
-        "--set", "run.steps=2", "--set", "optim.warmup_steps=0", "--set", "eval.at_start=false", "--set", "head.num_classes=16",
+        "--set", "run.steps=2", "--set", "optim.warmup_steps=0", "--set", "eval.at_start=false",
+        "--set", "head.num_classes=16",
         "--set", "data.images_per_identity=8", "--set", "data.batch_size=8",
         "--set", "eval.num_identities=4", "--set", "eval.images_per_identity=2",
         timeout=300,

@@ -19,7 +19,9 @@ def test_demo_config_is_valid_and_overridable():
 
 def test_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("head: {num_classes: 1000, margins: [1.0, 0.0, 0.4]}\nmodel: {backbone: custom, layers: [3, 25, 88, 3]}\n")
+    path.write_text(
+        "head: {num_classes: 1000, margins: [1.0, 0.0, 0.4]}\nmodel: {backbone: custom, layers: [3, 25, 88, 3]}\n"
+    )
     cfg = load_config(path, ["run.steps=50", "eval.fprs=[0.1, 0.01]"])
     assert cfg.head.margins == (1.0, 0.0, 0.4)
     assert cfg.model.layers == [3, 25, 88, 3]

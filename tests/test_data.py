@@ -63,7 +63,7 @@ def _check_round_trip(dataset, items):
     got = sorted((label, tuple(image[:4, :4].ravel())) for image, label in map(dataset.load, range(len(dataset))))
     want = sorted((label, tuple(decode(data, "x")[:4, :4].ravel())) for label, data in items)
     assert got == want
-    image, label = dataset.load(0)
+    image, _label = dataset.load(0)
     assert image.shape == (112, 112, 3) and image.dtype == np.uint8
 
 
@@ -112,7 +112,7 @@ def _epoch_tags(streams, batches_per_rank):
     for stream in streams:
         it = iter(stream)
         for _ in range(batches_per_rank):
-            images, labels = next(it)
+            images, _labels = next(it)
             seen += [tag_of(img) for img in images]
     return seen
 

@@ -65,7 +65,7 @@ def test_pack_recordio_to_s3_then_read_the_same_multiset(s3_env, tmp_path):
     assert dataset.classes == ["0", "1", "2"] and len(dataset.set.names) == 3
     assert multiset(dataset) == source_multiset(items)
     shards_on_s3 = data_config("shards", "s3://mfr-test/data-pack/shards", batch_size=4)
-    images, labels = next(iter(EpochStream(shards_on_s3, 3, 0, 1)))
+    images, _labels = next(iter(EpochStream(shards_on_s3, 3, 0, 1)))
     assert images.shape == (4, 3, 112, 112)
 
 

@@ -144,7 +144,7 @@ def _pod(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
         config.write_text(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
     job = LocalJob(nodes=1, nproc_per_node=nproc, config_path=config, run_dir=tmp_path, master_port=free_port())
     env = os.environ | job.node_env(0) | {"OMP_NUM_THREADS": "1", "MFR_EVENTS_FILE": str(tmp_path / "events.jsonl")}
-    return subprocess.Popen(job.command(), env=env, stdout=open(tmp_path / "pod.log", "ab"),  # noqa: SIM115
+    return subprocess.Popen(job.command(), env=env, stdout=open(tmp_path / "pod.log", "ab"),
                             stderr=subprocess.STDOUT)
 
 

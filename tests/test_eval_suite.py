@@ -202,8 +202,8 @@ def test_pair_list_scores_and_tpr_match_loops_and_sklearn(protocol):
 
 @pytest.mark.parametrize(("layers", "width"), [((1, 2, 1, 1), 0.3), ((2, 1, 3, 1), 0.0625)])
 def test_an_exported_state_dict_rebuilds_its_architecture(layers, width):
-    from mfr.trainer.saved_models import backbone_from_state
     from mfr.trainer.models import build_backbone
+    from mfr.trainer.saved_models import backbone_from_state
 
     torch.manual_seed(0)
     original = build_backbone("custom", layers=list(layers), width=width, embedding_size=24).eval()
@@ -214,7 +214,7 @@ def test_an_exported_state_dict_rebuilds_its_architecture(layers, width):
         assert torch.equal(rebuilt(x), original(x))
 
 
-# -- mfrctl eval end to end ---------------------------------------------------------------------------------------------
+# -- mfrctl eval end to end --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +378,9 @@ def test_embeddings_are_kept_reused_and_never_mixed(workspace, tmp_path):
     assert sorted(p.name for p in (keep / "faces").iterdir()) == ["masked", "unmasked"]
     again = eval_cli(*args)
     assert again.returncode == 0 and "reusing the embeddings" in again.stderr, again.stderr
-    without_timing = [{k: v for k, v in json.loads(p.stdout)["sets"][0].items() if k != "scoring"} for p in (first, again)]
+    without_timing = [
+        {k: v for k, v in json.loads(p.stdout)["sets"][0].items() if k != "scoring"} for p in (first, again)
+    ]
     assert without_timing[0] == without_timing[1]
     embedded = eval_cli("--embedded", str(keep / "faces"), "-o", "json")  # no model needed
     assert embedded.returncode == 0, embedded.stderr

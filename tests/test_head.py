@@ -11,6 +11,7 @@ reference's, which DDP's average turns into exact parameter gradients).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -165,7 +166,7 @@ def test_class_shard_covers_every_class_once():
                 continue
             blocks = [class_shard(num_classes, world_size, r) for r in range(world_size)]
             assert blocks[0][0] == 0
-            for (start, n), (next_start, _) in zip(blocks, blocks[1:]):
+            for (start, n), (next_start, _) in itertools.pairwise(blocks):
                 assert start + n == next_start
             assert sum(n for _, n in blocks) == num_classes
             assert max(n for _, n in blocks) - min(n for _, n in blocks) <= 1

@@ -156,20 +156,26 @@ def test_submit_dry_run_client_sends_nothing_but_its_reads(api, kubeconfig):
 def test_submit_refuses_a_name_that_exists(api, kubeconfig):
     api.put(JOBS, _job("exp1"))
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
-    one_line_error(proc, 1, "PyTorchJob exp1 already exists in namespace ml", "another --name", "mfrctl delete exp1 -n ml")
+    one_line_error(
+        proc, 1, "PyTorchJob exp1 already exists in namespace ml", "another --name", "mfrctl delete exp1 -n ml"
+    )
     assert api.sent("POST") == []
 
 
 def test_submit_names_a_leftover_object_of_the_same_run(api, kubeconfig):
     api.put(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "exp1-config"}})
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
-    one_line_error(proc, 1, "cannot create ConfigMap exp1-config: it already exists in namespace ml", "mfrctl delete exp1 -n ml")
+    one_line_error(
+        proc, 1, "cannot create ConfigMap exp1-config: it already exists in namespace ml", "mfrctl delete exp1 -n ml"
+    )
     assert api.sent()[len(PREFLIGHT):] == [("POST", NETPOLS), ("POST", CONFIGMAPS), ("DELETE", f"{NETPOLS}/exp1")]
     assert JOBS not in api.objects
 
 
 def test_submit_rolls_back_when_the_webhook_denies_the_job(api, kubeconfig):
-    api.denied["pytorchjobs"] = 'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
+    api.denied["pytorchjobs"] = (
+        'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
+    )
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
     one_line_error(proc, 1, "cannot create PyTorchJob exp1 (HTTP 403): admission webhook",
                    "removed what was created: networkpolicy/exp1, configmap/exp1-config")
@@ -313,7 +319,8 @@ def test_context_chooses_cluster_namespace(api, kubeconfig):
 
 def test_status_reads_jobs_any_client_model_would_choke_on(api, kubeconfig):
     """elasticPolicy.metrics broke kubeflow-training 1.9.4's models: mfrctl reads raw objects."""
-    metrics = [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]
+    target = {"type": "Utilization", "averageUtilization": 80}
+    metrics = [{"type": "Resource", "resource": {"name": "cpu", "target": target}}]
     job = _job("exp1", elasticPolicy={"minReplicas": 2, "maxReplicas": 4, "metrics": metrics})
     job["spec"]["pytorchReplicaSpecs"] = {"Worker": {"replicas": 3}}
     api.put(JOBS, job)
@@ -438,7 +445,8 @@ def test_list_shows_only_this_charts_runs(api, kubeconfig):
     proc = mfrctl("list", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert [row.split()[1] for row in proc.stdout.splitlines()[1:]] == ["exp1"]
-    assert next(r for r in api.requests if r.path == JOBS).query == {"labelSelector": "app.kubernetes.io/name=mfr-trainer"}
+    listed = next(r for r in api.requests if r.path == JOBS)
+    assert listed.query == {"labelSelector": "app.kubernetes.io/name=mfr-trainer"}
     everywhere = mfrctl("list", "-A", kubeconfig=kubeconfig)
     assert api.requests[-1].path == "/apis/kubeflow.org/v1/pytorchjobs"
     rows = everywhere.stdout.splitlines()
@@ -506,8 +514,11 @@ def test_status_logs_describe_list_and_delete_work_for_trainjobs(api, kubeconfig
     assert mfrctl("logs", "tj", kubeconfig=kubeconfig).stdout == "rank 0 step 4/4\n"
     assert api.requests[-1].query == {"container": "node"}
     assert mfrctl("logs", "tj", "--all-pods", kubeconfig=kubeconfig).stdout.splitlines() == [
-        "[node-0] rank 0 step 4/4", "[node-1] rank 1 step 4/4"]
-    assert mfrctl("logs", "tj", "--replica", "node", "--index", "1", kubeconfig=kubeconfig).stdout == "rank 1 step 4/4\n"
+        "[node-0] rank 0 step 4/4",
+        "[node-1] rank 1 step 4/4",
+    ]
+    one_pod = mfrctl("logs", "tj", "--replica", "node", "--index", "1", kubeconfig=kubeconfig)
+    assert one_pod.stdout == "rank 1 step 4/4\n"
     api.set_job_condition("ml", "tj", "Complete", plural="trainjobs", message="TrainJob is completed")
     described = json.loads(mfrctl("describe", "tj", "-o", "json", kubeconfig=kubeconfig).stdout)
     assert described["job"]["kind"] == "TrainJob" and described["job"]["state"] == "Complete"

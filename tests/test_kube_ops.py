@@ -83,7 +83,9 @@ def test_delete_removes_exactly_the_runs_objects_and_skips_kinds_it_may_not_list
 
 
 def test_the_dashboard_is_installed_once_shared_and_never_deleted_with_a_run(api, kubeconfig):
-    proc = mfrctl("dashboard", "install", "-n", "monitoring", "--annotation", "grafana_folder=ML", kubeconfig=kubeconfig)
+    proc = mfrctl(
+        "dashboard", "install", "-n", "monitoring", "--annotation", "grafana_folder=ML", kubeconfig=kubeconfig
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"configmap/{BOARD} configured in namespace monitoring"
     again = mfrctl("dashboard", "install", "-n", "monitoring", kubeconfig=kubeconfig)  # idempotent: apply
@@ -169,8 +171,9 @@ def test_doctor_reports_apis_gpus_and_pod_security_with_fixes(api, kubeconfig):
 
 def test_doctor_probes_the_checkpoint_storage_with_the_runs_secret(api, kubeconfig, s3_server):
     env = s3_server.env()
-    api.put("/api/v1/namespaces/ml/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mfr-s3"},
-                                              "data": {k: base64.b64encode(v.encode()).decode() for k, v in env.items()}})
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in env.items()}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mfr-s3"}, "data": data}
+    api.put("/api/v1/namespaces/ml/secrets", secret)
     code, rows = _doctor(kubeconfig, "--checkpoint", "s3://mfr-test/doctor", "--secret", "mfr-s3")
     assert code == 0 and rows["checkpoint storage"]["status"] == "ok", rows["checkpoint storage"]
     import s3fs
@@ -179,8 +182,9 @@ def test_doctor_probes_the_checkpoint_storage_with_the_runs_secret(api, kubeconf
                            endpoint_url=env["AWS_ENDPOINT_URL"])
     assert not [p for p in fs.find("mfr-test/doctor") if ".mfr-doctor-" in p]  # the probe was removed
     wrong = env | {"AWS_SECRET_ACCESS_KEY": "not-the-key-0123456789"}
-    api.put("/api/v1/namespaces/ml/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "stale"},
-                                              "data": {k: base64.b64encode(v.encode()).decode() for k, v in wrong.items()}})
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in wrong.items()}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "stale"}, "data": data}
+    api.put("/api/v1/namespaces/ml/secrets", secret)
     code, rows = _doctor(kubeconfig, "--checkpoint", "s3://mfr-test/doctor", "--secret", "stale")
     assert code == 1 and rows["checkpoint storage"]["status"] == "fail", rows["checkpoint storage"]
     assert wrong["AWS_SECRET_ACCESS_KEY"] not in json.dumps(rows)

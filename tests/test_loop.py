@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -40,7 +41,7 @@ def test_a_step_updates_the_model_and_returns_the_loss(trainer):
     before = [p.detach().clone() for p in (*trainer.model.parameters(), *trainer.head.parameters())]
     loss = trainer.train_step(images, labels)
     assert loss is not None and math.isfinite(loss)
-    after = list((*trainer.model.parameters(), *trainer.head.parameters()))
+    after = [*trainer.model.parameters(), *trainer.head.parameters()]
     assert all(not torch.equal(b, a) for b, a in zip(before, after))
     assert trainer.step == 1
 
@@ -80,7 +81,7 @@ def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(s, 110, cfg) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.25)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
     cosine = cfg.model_copy(update={"schedule": "cosine"})
     assert lr_factor(60, 110, cosine) == pytest.approx(0.5)
 

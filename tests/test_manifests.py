@@ -31,7 +31,12 @@ def test_manifests_are_plain_kubectl_yaml():
     docs = [d for name in MANIFESTS for d in yaml.safe_load_all((manifests_dir() / name).read_text()) if d]
     assert {d["kind"] for d in docs} == {"NetworkPolicy", "ConfigMap", "PyTorchJob", "TrainingRuntime", "TrainJob"}
     assert all("namespace" not in d["metadata"] for d in docs)  # kubectl apply -n <ns> decides
-    static = next(d for d in yaml.safe_load_all((manifests_dir() / "static-8x8gpu.yaml").read_text()) if d and d["kind"] == "PyTorchJob")
+    static = next(
+        d
+        for d in yaml.safe_load_all((manifests_dir() / "static-8x8gpu.yaml").read_text())
+        if d and d["kind"] == "PyTorchJob"
+    )
     assert static["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 7 and static["spec"]["nprocPerNode"] == "8"
-    elastic = next(d for d in yaml.safe_load_all((manifests_dir() / "elastic-4to8x8gpu.yaml").read_text()) if d and d["kind"] == "PyTorchJob")
+    elastic_objects = yaml.safe_load_all((manifests_dir() / "elastic-4to8x8gpu.yaml").read_text())
+    elastic = next(d for d in elastic_objects if d and d["kind"] == "PyTorchJob")
     assert (elastic["spec"]["elasticPolicy"]["minReplicas"], elastic["spec"]["elasticPolicy"]["maxReplicas"]) == (4, 8)

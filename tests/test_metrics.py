@@ -63,9 +63,18 @@ def test_training_goes_on_when_the_metrics_port_is_taken(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        sets = ["run.steps=2", "optim.warmup_steps=0", "eval.num_identities=4", "eval.images_per_identity=2", "eval.at_start=false",
-                "data.batch_size=8", "checkpoint.every_steps=null", f"run.output_dir={tmp_path}",
-                "metrics.address=127.0.0.1", f"metrics.port={port}"]
+        sets = [
+            "run.steps=2",
+            "optim.warmup_steps=0",
+            "eval.num_identities=4",
+            "eval.images_per_identity=2",
+            "eval.at_start=false",
+            "data.batch_size=8",
+            "checkpoint.every_steps=null",
+            f"run.output_dir={tmp_path}",
+            "metrics.address=127.0.0.1",
+            f"metrics.port={port}",
+        ]
         proc = subprocess.run(
             [sys.executable, "-m", "mfr.trainer", *[a for s in sets for a in ("--set", s)]],
             capture_output=True, text=True, timeout=300,

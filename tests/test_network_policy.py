@@ -42,7 +42,7 @@ def _objects(values):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_jobs_pods_reach_each_other_on_any_port_and_strangers_on_none(case):
-    job, policies, trainers, stores = _objects(CASES[case])
+    _job, policies, trainers, stores = _objects(CASES[case])
     rendezvous = trainers[0].ports["pytorchjob-port"]
     for source in trainers:
         for destination in trainers:

@@ -105,7 +105,9 @@ def live_run(prometheus_factory, tmp_path_factory) -> LiveRun:
 def test_mfrctl_train_prints_where_every_rank_serves_metrics(live_run):
     assert live_run.returncode == 0, live_run.stderr
     for rank in (0, 1):
-        line = f"metrics of node {rank} process 0 (rank {rank}): http://127.0.0.1:{live_run.metrics_port + rank}/metrics"
+        line = (
+            f"metrics of node {rank} process 0 (rank {rank}): http://127.0.0.1:{live_run.metrics_port + rank}/metrics"
+        )
         assert line in live_run.stderr, live_run.stderr
 
 
@@ -165,8 +167,8 @@ def _dashboard_expr(expr: str) -> str:
 def test_every_dashboard_panel_query_returns_data_from_the_live_run(live_run):
     import json
 
-    from charts.generate.dashboard import panel_queries
     from charts.generate import dashboard_path
+    from charts.generate.dashboard import panel_queries
 
     queries = panel_queries(json.loads(dashboard_path().read_text()))
     assert len(queries) >= 20

@@ -32,7 +32,9 @@ def test_helm_lint_is_clean_with_monitoring(values):
 
 def test_monitoring_objects_are_off_by_default():
     assert not {"PodMonitor", "PrometheusRule"} & set(_objects({}))
-    assert all(o["metadata"]["name"] != "mfr-training-dashboard" for o in render({}, name=NAME, namespace=NAMESPACE).objects)
+    assert all(
+        o["metadata"]["name"] != "mfr-training-dashboard" for o in render({}, name=NAME, namespace=NAMESPACE).objects
+    )
 
 
 def test_podmonitor_scrapes_every_process_of_every_pod():
@@ -51,7 +53,8 @@ def test_podmonitor_scrapes_every_process_of_every_pod():
 
 
 def test_release_label_is_a_value_and_extra_labels_apply():
-    objects = _objects({**MONITORING, "monitoring": {**MONITORING["monitoring"], "release": "prom", "labels": {"team": "faces"}}})
+    monitoring = {**MONITORING["monitoring"], "release": "prom", "labels": {"team": "faces"}}
+    objects = _objects({**MONITORING, "monitoring": monitoring})
     for kind in ("PodMonitor", "PrometheusRule"):
         assert objects[kind]["metadata"]["labels"]["release"] == "prom"
         assert objects[kind]["metadata"]["labels"]["team"] == "faces"
@@ -186,7 +189,7 @@ def test_promtool_test_rules_every_alert_fires_on_failure_and_not_when_healthy(t
 @pytest.mark.parametrize("alert", sorted(CASES))
 def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
     """Each case can fail: with the failure and healthy histories swapped, promtool reports a mismatch."""
-    failing, healthy, at, labels = CASES[alert]
+    _failing, healthy, at, labels = CASES[alert]
     swapped = [{
         "interval": "1m",
         "input_series": [{"series": s, "values": v} for s, v in healthy.items()],
@@ -199,8 +202,8 @@ def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
 # --- the dashboard ------------------------------------------------------------------------------------------------
 def test_dashboard_json_in_the_chart_is_the_generated_one():
     """Fails when charts/generate/dashboard.py changed and `python -m charts.generate` was not run."""
-    from charts.generate.dashboard import dashboard_json
     from charts.generate import dashboard_path
+    from charts.generate.dashboard import dashboard_json
 
     assert dashboard_path().read_text() == dashboard_json()
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 import pytest
 import s3fs
 import yaml
+
+from charts.generate import MANIFESTS, SECRET, manifests_dir
 from mfr.ctl.chart import merge, render
 from mfr.ctl.launcher import free_port
-
 from tests.support.apiserver import ApiServer
 from tests.support.kubelet import Kubelet
 from tests.support.operator_rules import (
@@ -39,7 +40,6 @@ from tests.support.operator_rules import (
     trainjob_webhook_errors,
     webhook_errors,
 )
-from charts.generate import MANIFESTS, SECRET, manifests_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -162,8 +162,9 @@ def test_mfrctl_submit_nodes_3_on_a_workspace_claim_trains(kubelet, tmp_path):
     api = ApiServer().start()
     try:
         config = api.kubeconfig(tmp_path / "kubeconfig")
-        from mfr.ctl.main import app
         from typer.testing import CliRunner
+
+        from mfr.ctl.main import app
 
         result = CliRunner().invoke(app, ["submit", "--name", "sub", "--nodes", "3", "--workspace-claim", "runs",
                                           "--kubeconfig", str(config)], catch_exceptions=False)

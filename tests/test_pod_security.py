@@ -13,11 +13,11 @@ import copy
 
 import pytest
 import yaml
-from mfr.ctl.chart import render
 
+from charts.generate import MANIFESTS, manifests_dir
+from mfr.ctl.chart import render
 from tests.support.operator_rules import init_containers, operator_pod, replicas, trainjob_pods
 from tests.support.pod_security import restricted_violations
-from charts.generate import MANIFESTS, manifests_dir
 
 INIT_TEMPLATE = (manifests_dir() / "operator" / "initContainer.yaml").read_text()
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}

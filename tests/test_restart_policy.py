@@ -117,7 +117,10 @@ def test_retryable_failures_recreate_the_pod_until_it_succeeds(tmp_path):
     code, running, said = _run(tmp_path, [(0,), (137, 129, 0)])
     assert code == 0 and running.restarts == 2
     assert [(f.pod, f.code) for f in running.failures] == [("worker-0", 137), ("worker-0", 129)]
-    assert said[0] == "mfr: pod worker-0 (node 1) exited 137 (SIGKILL, retryable); restarting it (restart 1 of backoffLimit 6)"
+    assert (
+        said[0]
+        == "mfr: pod worker-0 (node 1) exited 137 (SIGKILL, retryable); restarting it (restart 1 of backoffLimit 6)"
+    )
 
 
 def test_a_permanent_code_fails_the_job_at_once(tmp_path):
@@ -136,7 +139,7 @@ def test_the_backoff_limit_bounds_the_restarts(tmp_path):
 
 
 def test_a_lost_peers_129_is_not_blamed_when_the_pod_it_lost_ended_in_the_same_look(tmp_path):
-    code, running, _ = _run(tmp_path, [(129,), (137,)], backoff_limit=0, one_look=True)
+    _code, running, _ = _run(tmp_path, [(129,), (137,)], backoff_limit=0, one_look=True)
     assert running.failure_message().startswith("pod worker-0 (node 1) exited 137")
 
 
@@ -159,8 +162,12 @@ def test_mfrctl_trains_emulated_pods_have_each_apis_environment_contract(tmp_pat
         for node in range(3):
             if api == "trainjob":
                 (runtime,) = [o for o in objects if o["kind"] == "TrainingRuntime"]
-                expected = trainjob_env(job, runtime, node) | {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": "4242"}
+                expected = trainjob_env(job, runtime, node) | {
+                    "PET_MASTER_ADDR": "127.0.0.1",
+                    "PET_MASTER_PORT": "4242",
+                }
             else:
                 rtype, index = ("Master", 0) if node == 0 else ("Worker", node - 1)
-                expected = {k: v.replace("exp-master-0", "127.0.0.1") for k, v in operator_env(job, rtype, index).items()}
+                env = operator_env(job, rtype, index)
+                expected = {k: v.replace("exp-master-0", "127.0.0.1") for k, v in env.items()}
             assert local.node_env(node) == expected, (api, node)

@@ -96,7 +96,9 @@ def _one_step_frozen_bn(rank, world, configs):
         trainer = _trainer(rank, world, [*overrides, "data.batch_size=8", "head.sample_rate=1.0"])
         trainer.backbone.eval()  # frozen BN statistics: the only way micro-batches can be exact, see the test
         calls = []
-        trainer.head.register_forward_hook(lambda mod, args, out: calls.append((args[0].shape[0], float(out))))
+        trainer.head.register_forward_hook(
+            lambda mod, args, out, calls=calls: calls.append((args[0].shape[0], float(out)))
+        )
         images, labels = next(iter(trainer.data))
         loss = trainer.train_step(images, labels)
         runs[name] = {"loss": loss, "norm": trainer.last_grad_norm, "calls": calls, **_weights(trainer)}

@@ -25,7 +25,7 @@ SIZE = 112
 
 def _eye_line_row(landmarks: np.ndarray) -> int:
     """The first row a mask may touch: 4 px below the lower eye (written out independently of masks.py)."""
-    return int(math.ceil(float(landmarks[:2, 1].max()))) + 4
+    return math.ceil(float(landmarks[:2, 1].max())) + 4
 
 
 def _posed_landmarks(rng: np.random.Generator) -> np.ndarray:
@@ -143,7 +143,7 @@ def test_items_have_the_documented_shape_range_and_labels():
     for index in range(len(faces)):
         image, label = faces[index]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-        assert -1.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.1
+        assert image.min() >= -1.0 and image.max() <= 1.0 and image.std() > 0.1
         assert type(label) is int and label == index // 4
     with pytest.raises(IndexError):
         faces[12]

@@ -94,7 +94,7 @@ def test_the_runtime_carries_the_pod_template_and_failure_semantics():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert [p["name"] for p in container["ports"]] == ["rendezvous", "metrics-0", "metrics-1"]
     assert "PodMonitor" in {o["kind"] for o in objects}
-    gpus, gpu_runtime, _ = _objects(CASES["gpus"])
+    gpus, _gpu_runtime, _ = _objects(CASES["gpus"])
     assert gpus["spec"]["trainer"]["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": 8}}
     assert _objects(CASES["gang-volcano"])[1]["spec"]["podGroupPolicy"] == {"volcano": {}}
     assert _objects(CASES["gang-coscheduling"])[1]["spec"]["podGroupPolicy"] == {
@@ -106,7 +106,10 @@ def test_the_trial_store_and_its_secret_reach_the_trainjobs_pods():
     ((_, pod), _) = trainjob_pods(trainjob, runtime)
     (container,) = pod["spec"]["containers"]
     env = {v["name"]: v for v in container["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "exp-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "exp-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     assert {"Secret", "Deployment", "Service"} <= {o["kind"] for o in objects}
 
 

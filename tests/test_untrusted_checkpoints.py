@@ -106,8 +106,9 @@ def _mfrctl(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def gallery(checkpoints):
     """A folder of two identities, two photos each, for mfrctl eval."""
-    from mfr.trainer.data.synthetic import SyntheticFaces
     from PIL import Image
+
+    from mfr.trainer.data.synthetic import SyntheticFaces
 
     root = checkpoints["base"] / "gallery"
     faces = SyntheticFaces(num_identities=2, images_per_identity=2, seed=0)

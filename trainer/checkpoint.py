@@ -42,9 +42,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import metrics
@@ -53,7 +53,6 @@ from .config import ConfigError, TrainConfig
 from .dist import DistEnv
 from .progress import Progress, log
 from .storage import CheckpointInfo, Storage, StorageError, step_dir
-
 
 # DCP reports failures of any rank as CheckpointException, a BaseException.
 _SAVE_ERRORS = (Exception, CheckpointException)
@@ -434,7 +433,8 @@ class Checkpointer:
             self.last_saved_step = info.step
             self.progress.event("resume", step=info.step, url=info.url, from_world_size=info.world_size)
             log.info(
-                f"resumed from {info.url} at step {info.step} (saved by {info.world_size} ranks, now {self.env.world_size})"
+                f"resumed from {info.url} at step {info.step} "
+                f"(saved by {info.world_size} ranks, now {self.env.world_size})"
                 + (f"; changed settings: {', '.join(notes)}" if notes else "")
             )
             return info
@@ -458,7 +458,11 @@ class Checkpointer:
             error = err
         refused, unreadable = self._any(isinstance(error, CheckpointRefused), error is not None)
         if refused:
-            raise error if isinstance(error, CheckpointRefused) else CheckpointRefused(f"{info.url}: refused by another rank")
+            raise (
+                error
+                if isinstance(error, CheckpointRefused)
+                else CheckpointRefused(f"{info.url}: refused by another rank")
+            )
         if unreadable:
             raise error or StorageError(f"{info.url}/{METADATA}: unreadable on another rank")
         dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.io_group)

@@ -54,7 +54,15 @@ from .storage import Storage, StorageError, fsspec_options
 
 METADATA = ".metadata"
 # The top-level entries of a checkpoint, as ``Trainer.state_dict`` writes them; readers load by these names.
-BACKBONE, HEAD, OPTIM, PROGRESS, SCALER, DISTILL, RNG = "backbone", "head", "optim", "progress", "scaler", "distill", "rng"
+BACKBONE, HEAD, OPTIM, PROGRESS, SCALER, DISTILL, RNG = (
+    "backbone",
+    "head",
+    "optim",
+    "progress",
+    "scaler",
+    "distill",
+    "rng",
+)
 # Every class a torch 2.13 dcp.save writes into .metadata (dense, ShardedTensor and DTensor entries alike).
 _ALLOWED_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)

@@ -28,9 +28,9 @@ from .config import ConfigError
 from .data.binsets import read_bin
 from .data.sources import BadSample, open_dataset
 from .evaluate import Embedder, evaluate_pairs, read_pairs
-from .saved_models import load_backbone
 from .features import Features
 from .rocplot import plot_roc
+from .saved_models import load_backbone
 from .score import PAIRS_FILE, embedding_folders
 from .storage import StorageError, open_file
 from .verification import DEFAULT_FPRS

@@ -90,9 +90,9 @@ def _fold_sequential(seq: nn.Sequential) -> None:
             layers[i] = nn.Identity()  # eval mode: the identity already
     for i in range(len(layers) - 1):
         layer, after = layers[i], layers[i + 1]
-        if isinstance(after, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d):
-            layers[i], layers[i + 1] = _fold_output(layer, after), nn.Identity()
-        elif isinstance(after, nn.BatchNorm1d) and isinstance(layer, nn.Linear):
+        if (isinstance(after, nn.BatchNorm2d) and isinstance(layer, nn.Conv2d)) or (
+            isinstance(after, nn.BatchNorm1d) and isinstance(layer, nn.Linear)
+        ):
             layers[i], layers[i + 1] = _fold_output(layer, after), nn.Identity()
     for i, layer in enumerate(layers):
         if not isinstance(layer, nn.BatchNorm2d):

@@ -304,7 +304,9 @@ class PartialFC(nn.Module):
             shard_sizes=list(local.shape),
             placement=f"rank:{self.rank}/{local.device}",
         )
-        return init_from_local_shards([Shard(local, meta)], self.num_classes, *local.shape[1:], process_group=self.group)
+        return init_from_local_shards(
+            [Shard(local, meta)], self.num_classes, *local.shape[1:], process_group=self.group
+        )
 
     def sampler_state(self) -> torch.Tensor:
         """The negative-class sampler's stream (this rank's)."""

@@ -480,7 +480,7 @@ def run(argv: list[str] | None = None) -> int:
         return main(argv)
     except SystemExit as err:
         return err.code if isinstance(err.code, int) else 2
-    except BaseException:  # noqa: BLE001 - reported as a traceback and exit code 1
+    except BaseException:
         traceback.print_exc()
         return exitcodes.ABORTED
 

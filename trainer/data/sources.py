@@ -35,7 +35,6 @@ from . import recordio
 from .augment import Augment
 from .synthetic import SIZE
 
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_REPLACEMENTS = 64  # consecutive bad samples before giving up on a batch slot
 # An aligned crop is 112x112; even a loose, high-resolution face crop stays far below this.  Larger images

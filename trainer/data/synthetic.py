@@ -57,7 +57,7 @@ T = TypeVar("T")
 
 
 def _rgb(values: Sequence[float]) -> Colour:
-    r, g, b = (int(round(min(255.0, max(0.0, float(v))))) for v in values)
+    r, g, b = (round(min(255.0, max(0.0, float(v)))) for v in values)
     return r, g, b
 
 
