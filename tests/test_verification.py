@@ -295,3 +295,39 @@ def test_report_serialises_to_strict_json() -> None:
 )
 def test_format_fpr(fpr: float, label: str) -> None:
     assert format_fpr(fpr) == label
+
+
+def _held_out_report(rank: int, world: int) -> dict:
+    import torch
+    from torch import nn
+
+    from mfr.trainer.config import DataConfig, EvalConfig
+    from mfr.trainer.dist import DistEnv
+    from mfr.trainer.evaluate import HeldOutEvaluator
+
+    torch.manual_seed(0)  # the same backbone on every rank
+    backbone = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 6))
+    cfg = EvalConfig(num_identities=2, images_per_identity=2, fprs=[0.5], batch_size=3)
+    env = DistEnv(rank, 0, world, world, 0, torch.device("cpu"))
+    evaluator = HeldOutEvaluator(cfg, DataConfig(), num_train_classes=10, env=env)
+    return {name: result.to_dict() for name, result in evaluator(backbone).items()}
+
+
+def test_held_out_evaluation_is_the_same_on_any_world_size_even_with_more_ranks_than_photos():
+    """4 photos on 5 ranks: the last rank holds none (it pads), and the gathered embeddings are the 4 in order."""
+    from tests.support.distributed import run_distributed
+
+    (alone,) = run_distributed(_held_out_report, 1)
+    spread = run_distributed(_held_out_report, 5)
+    assert all(report == spread[0] for report in spread)
+    assert spread[0].keys() == alone.keys()
+    assert _numbers(spread[0]) == pytest.approx(_numbers(alone))  # batches of other sizes round differently
+    assert alone["unmasked-unmasked"]["n_genuine"] == 2 and alone["unmasked-unmasked"]["n_impostor"] == 4
+
+
+def _numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for key in sorted(tree) for x in _numbers(tree[key])]
+    if isinstance(tree, list):
+        return [x for item in tree for x in _numbers(item)]
+    return [float(tree)] if isinstance(tree, (int, float)) else []
