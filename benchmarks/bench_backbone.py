@@ -74,8 +74,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"CPU: {_cpu_model()}; torch {torch.__version__}, ISA {torch.backends.cpu.get_cpu_capability()}")
-    print(f"torch.get_num_threads() = {torch.get_num_threads()}; batch {args.batch}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps (median)")
+    print(
+        f"torch.get_num_threads() = {torch.get_num_threads()}; batch {args.batch}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps (median)"
+    )
     print()
     header = f"{'backbone':<9} {'params':>8} {'precision':<9} {'step ms':>9} {'samples/s':>10} {'vs fp32':>8}"
     print(header)

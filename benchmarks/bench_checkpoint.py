@@ -42,12 +42,23 @@ def _bench(rank: int, world: int, uri: str, classes: int, embedding: int, repeat
     from mfr.trainer.dist import DistEnv
     from mfr.trainer.loop import Trainer
 
-    cfg = load_config(None, [
-        f"head.num_classes={classes}", f"model.embedding_size={embedding}", "data.images_per_identity=1",
-        "data.batch_size=16", "data.num_workers=0", "eval.num_identities=2", "eval.images_per_identity=2",
-        "head.sample_rate=0.1", "run.device=cpu", "checkpoint.every_steps=null", "checkpoint.keep=1",
-        f"checkpoint.uri={json.dumps(uri)}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"head.num_classes={classes}",
+            f"model.embedding_size={embedding}",
+            "data.images_per_identity=1",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "eval.num_identities=2",
+            "eval.images_per_identity=2",
+            "head.sample_rate=0.1",
+            "run.device=cpu",
+            "checkpoint.every_steps=null",
+            "checkpoint.keep=1",
+            f"checkpoint.uri={json.dumps(uri)}",
+        ],
+    )
     trainer = Trainer(cfg, DistEnv(rank, 0, world, world, 0, torch.device("cpu")))
     logging.getLogger("mfr").setLevel(logging.WARNING)  # no progress lines in the timings
     batches = iter(trainer.data)
@@ -86,8 +97,10 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"# head {args.classes} x {args.embedding} fp32 + SGD momentum, 2 gloo ranks; median of {args.repeats}")
-    print("| target | state MB | sync save s (MB/s) | async: loop blocked s | async save s | restore s (MB/s) "
-          "| stall / sync |")
+    print(
+        "| target | state MB | sync save s (MB/s) | async: loop blocked s | async save s | restore s (MB/s) "
+        "| stall / sync |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         server = None

@@ -101,8 +101,11 @@ def bench_cpu(n: int, repeats: int) -> dict:
     for p in (0.35, 0.0):
         ours = max(mfr_pipeline(jpegs, p) for _ in range(repeats))
         base = max(baseline_pipeline(jpegs, p) for _ in range(repeats))
-        result[f"mask_p={p}"] = {"mfr_img_s": round(ours), "baseline_img_s": round(base),
-                                 "speedup": round(ours / base, 2)}
+        result[f"mask_p={p}"] = {
+            "mfr_img_s": round(ours),
+            "baseline_img_s": round(base),
+            "speedup": round(ours / base, 2),
+        }
     return result
 
 
@@ -118,8 +121,13 @@ def write_shards(put, samples: list[tuple[str, int, bytes, str]], shard_size: in
         put(shards.offsets_name(name), offsets)
         entries.append({"name": name, "count": count})
         total += len(tar)
-    index = {"format": shards.FORMAT, "classes": [str(i) for i in range(labels)], "counts": [0] * labels,
-             "images": len(samples), "shards": entries}
+    index = {
+        "format": shards.FORMAT,
+        "classes": [str(i) for i in range(labels)],
+        "counts": [0] * labels,
+        "images": len(samples),
+        "shards": entries,
+    }
     put(shards.INDEX, json.dumps(index).encode())
     return total
 
@@ -148,8 +156,9 @@ def bench_s3(n: int, shard_size: int, batch: int, span: int, repeats: int) -> di
         try:
             os.environ.update(server.env())
             fs = s3fs.S3FileSystem(endpoint_url=server.endpoint)
-            total = write_shards(lambda name, data: fs.pipe_file(f"mfr-test/bench-data/{name}", data),
-                                 samples, shard_size, 100)
+            total = write_shards(
+                lambda name, data: fs.pipe_file(f"mfr-test/bench-data/{name}", data), samples, shard_size, 100
+            )
             names = sorted(f for f in fs.ls("mfr-test/bench-data") if f.endswith(".tar"))
 
             def raw() -> float:
@@ -178,13 +187,23 @@ def bench_s3(n: int, shard_size: int, batch: int, span: int, repeats: int) -> di
 
             rounds = []
             for r in range(repeats):  # alternated, so that all three see the same load
-                rounds.append({"raw": raw(), "spans": reader(r, Layout(1, batch, 1)),
-                               "per_batch": reader(r, Layout(2, batch // 2, 1))})
+                rounds.append(
+                    {
+                        "raw": raw(),
+                        "spans": reader(r, Layout(1, batch, 1)),
+                        "per_batch": reader(r, Layout(2, batch // 2, 1)),
+                    }
+                )
         finally:
             server.stop()
     med = {k: float(np.median([x[k] for x in rounds])) for k in rounds[0]}
     return {
-        "images": n, "shards": len(names), "tar_bytes": total, "batch": batch, "span": span, "repeats": repeats,
+        "images": n,
+        "shards": len(names),
+        "tar_bytes": total,
+        "batch": batch,
+        "span": span,
+        "repeats": repeats,
         "raw_s3fs_MBps": round(med["raw"] / 1e6, 1),
         "spans_with_read_ahead_MBps": round(med["spans"] / 1e6, 1),
         "per_batch_after_a_layout_change_MBps": round(med["per_batch"] / 1e6, 1),
@@ -258,11 +277,19 @@ def bench_e2e(steps: int, workers: int, on_s3: bool) -> dict:
             else:
                 uri = tmp
                 write_shards(lambda name, blob: Path(tmp, name).write_bytes(blob), samples, 512, 256)
-            cfg = load_config(None, [
-                "data.source=shards", f"data.uri={uri}", f"data.num_workers={workers}", f"run.steps={steps}",
-                "metrics.enabled=false", "eval.at_start=false", f"run.output_dir={tmp}/run",
-                "checkpoint.every_steps=100000",
-            ])
+            cfg = load_config(
+                None,
+                [
+                    "data.source=shards",
+                    f"data.uri={uri}",
+                    f"data.num_workers={workers}",
+                    f"run.steps={steps}",
+                    "metrics.enabled=false",
+                    "eval.at_start=false",
+                    f"run.output_dir={tmp}/run",
+                    "checkpoint.every_steps=100000",
+                ],
+            )
             wait = metrics.TRAIN_DATA_WAIT_SECONDS.labels(rank="0")
             step = metrics.TRAIN_STEP_SECONDS.labels(rank="0")
             wait_before, step_before = wait._sum.get(), step._sum.get()
@@ -280,10 +307,17 @@ def bench_e2e(steps: int, workers: int, on_s3: bool) -> dict:
             if server is not None:
                 server.stop()
     wait_s, step_s = wait._sum.get() - wait_before, step._sum.get() - step_before
-    return {"source": "s3" if on_s3 else "local", "steps": steps, "num_workers": workers,
-            "batch": cfg.data.batch_size, "span": cfg.data.shard_chunk, "first_batch_s": round(first_batch_s, 2),
-            "step_time_s": round(step_s / steps, 3),
-            "data_wait_s": round(wait_s / steps, 4), "data_wait_share": round(wait_s / step_s, 3)}
+    return {
+        "source": "s3" if on_s3 else "local",
+        "steps": steps,
+        "num_workers": workers,
+        "batch": cfg.data.batch_size,
+        "span": cfg.data.shard_chunk,
+        "first_batch_s": round(first_batch_s, 2),
+        "step_time_s": round(step_s / steps, 3),
+        "data_wait_s": round(wait_s / steps, 4),
+        "data_wait_share": round(wait_s / step_s, 3),
+    }
 
 
 def main() -> None:
@@ -298,12 +332,16 @@ def main() -> None:
     parser.add_argument("--order-size", type=int, default=260_000_000, help="order: samples in the epoch")
     parser.add_argument("--order-world", type=int, default=8, help="order: ranks sharing the epoch")
     parser.add_argument("--order-count", type=int, default=5_000_000, help="order: indices drawn by rank 0")
-    parser.add_argument("--targets", nargs="+", default=["cpu", "s3", "order"],
-                        choices=["cpu", "s3", "order", "e2e", "e2e-s3"])
+    parser.add_argument(
+        "--targets", nargs="+", default=["cpu", "s3", "order"], choices=["cpu", "s3", "order", "e2e", "e2e-s3"]
+    )
     parser.add_argument("--steps", type=int, default=60, help="e2e: training steps")
     args = parser.parse_args()
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-              "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
     if "cpu" in args.targets:
         report["decode_augment_normalise_per_core"] = bench_cpu(args.images, args.repeats)
     if "s3" in args.targets:

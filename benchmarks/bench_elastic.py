@@ -41,13 +41,29 @@ def _wait(predicate, timeout: float = 300):
 
 
 def measure(rdzv_conf: str, run_dir: Path) -> tuple[float, float]:
-    cfg = load_config(None, ["run.steps=100000", "run.log_every=1", "checkpoint.every_steps=5", "eval.at_start=false",
-                             f"run.output_dir={json.dumps(str(run_dir))}"])
+    cfg = load_config(
+        None,
+        [
+            "run.steps=100000",
+            "run.log_every=1",
+            "checkpoint.every_steps=5",
+            "eval.at_start=false",
+            f"run.output_dir={json.dumps(str(run_dir))}",
+        ],
+    )
     config = run_dir / "config.yaml"
     run_dir.mkdir(parents=True)
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
-    job = LocalJob(nodes=2, nproc_per_node=1, config_path=config, run_dir=run_dir, master_port=free_port(),
-                   elastic=(1, 2), run_id=run_dir.name, rdzv_conf=rdzv_conf)
+    job = LocalJob(
+        nodes=2,
+        nproc_per_node=1,
+        config_path=config,
+        run_dir=run_dir,
+        master_port=free_port(),
+        elastic=(1, 2),
+        run_id=run_dir.name,
+        rdzv_conf=rdzv_conf,
+    )
     running = RunningJob.start(job)
     try:
         _wait(lambda: [e for e in read_events(run_dir) if e["event"] == "checkpoint"])
@@ -56,8 +72,13 @@ def measure(rdzv_conf: str, run_dir: Path) -> tuple[float, float]:
         killed = time.time()
         kill_tree(lost)
         restart = _wait(lambda: [e for e in read_events(run_dir) if e["event"] == "start" and e["time"] > killed])[0]
-        events = _wait(lambda: (ev := read_events(run_dir)) and any(
-            e["event"] == "step" and e["time"] > restart["time"] for e in ev) and ev)
+        events = _wait(
+            lambda: (
+                (ev := read_events(run_dir))
+                and any(e["event"] == "step" and e["time"] > restart["time"] for e in ev)
+                and ev
+            )
+        )
         step = next(e for e in events if e["event"] == "step" and e["time"] > restart["time"])
         return restart["time"] - killed, step["time"] - killed
     finally:
@@ -72,8 +93,10 @@ def main() -> None:
     print("| rendezvous settings | kill -> workers restarted (s) | kill -> first resumed step (s) | vs default |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: measure(conf, Path(tmp) / name.split()[0])
-                   for name, conf in (("torchrun defaults", ""), (f"mfr: {RDZV_CONF}", RDZV_CONF))}
+        results = {
+            name: measure(conf, Path(tmp) / name.split()[0])
+            for name, conf in (("torchrun defaults", ""), (f"mfr: {RDZV_CONF}", RDZV_CONF))
+        }
     base = results["torchrun defaults"][1]
     for name, (restarted, stepped) in results.items():
         print(f"| {name} | {restarted:.1f} | {stepped:.1f} | {stepped / base:.2f} |", flush=True)

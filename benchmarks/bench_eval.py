@@ -95,8 +95,9 @@ def with_ranks(url: str, nproc: int) -> tuple[dict, float]:
     """The report of ``nproc`` local ranks (as ``mfrctl eval --nproc`` runs them) and the wall time."""
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        entry = score_with_ranks(url, Path(url).name, DEFAULT_FPRS, 0, None, nproc, Path(work),
-                                 lambda protocol, done, total: None)
+        entry = score_with_ranks(
+            url, Path(url).name, DEFAULT_FPRS, 0, None, nproc, Path(work), lambda protocol, done, total: None
+        )
         return entry, time.perf_counter() - start
 
 
@@ -120,13 +121,18 @@ def measure_throughput(url: str, runs: int) -> None:
         wall_ratios.append(rates[-1] / (max(before[0], after[0]) * 1e9 / (2 * DIM)))
         per_cpu = scoring["pairs"] / scoring["cpu_seconds"][0]
         cpu_ratios.append(per_cpu / (max(before[1], after[1]) * 1e9 / (2 * DIM)))
-        print(f"#   run: {rates[-1]:,.0f} pairs/s ({per_cpu:,.0f} per CPU second), "
-              f"sgemm {before[0]:.1f} / {after[0]:.1f} GFLOP/s ({before[1]:.1f} / {after[1]:.1f} per CPU second): "
-              f"{wall_ratios[-1]:.2f} of the limit by wall time, {cpu_ratios[-1]:.2f} by CPU time", flush=True)
-    print(f"| throughput per core, 1 rank x 1 thread, {entry['scoring']['pairs']:.3g} pairs | "
-          f"{statistics.median(cpu_ratios):.2f} of the sgemm limit by CPU time, "
-          f"{statistics.median(wall_ratios):.2f} by wall time (medians of {runs}) | "
-          f"{statistics.median(rates):,.0f} pairs/s | TPR {_tprs(entry)} |")
+        print(
+            f"#   run: {rates[-1]:,.0f} pairs/s ({per_cpu:,.0f} per CPU second), "
+            f"sgemm {before[0]:.1f} / {after[0]:.1f} GFLOP/s ({before[1]:.1f} / {after[1]:.1f} per CPU second): "
+            f"{wall_ratios[-1]:.2f} of the limit by wall time, {cpu_ratios[-1]:.2f} by CPU time",
+            flush=True,
+        )
+    print(
+        f"| throughput per core, 1 rank x 1 thread, {entry['scoring']['pairs']:.3g} pairs | "
+        f"{statistics.median(cpu_ratios):.2f} of the sgemm limit by CPU time, "
+        f"{statistics.median(wall_ratios):.2f} by wall time (medians of {runs}) | "
+        f"{statistics.median(rates):,.0f} pairs/s | TPR {_tprs(entry)} |"
+    )
 
 
 def measure_ranks(url: str, runs: int) -> None:
@@ -141,14 +147,19 @@ def measure_ranks(url: str, runs: int) -> None:
         for n, entry in ((1, one), (2, two)):
             walls[n].append(entry["scoring"]["pairs_per_second"])
             per_cpu[n].append(entry["scoring"]["pairs"] / sum(entry["scoring"]["cpu_seconds"]))
-        print(f"#   run: 1 rank {walls[1][-1]:,.0f} pairs/s, 2 ranks {walls[2][-1]:,.0f} pairs/s; per CPU second "
-              f"{per_cpu[1][-1]:,.0f} and {per_cpu[2][-1]:,.0f}", flush=True)
+        print(
+            f"#   run: 1 rank {walls[1][-1]:,.0f} pairs/s, 2 ranks {walls[2][-1]:,.0f} pairs/s; per CPU second "
+            f"{per_cpu[1][-1]:,.0f} and {per_cpu[2][-1]:,.0f}",
+            flush=True,
+        )
     median = statistics.median(walls[2]) / statistics.median(walls[1])
     best = max(walls[2]) / max(walls[1])
     efficiency = statistics.median(per_cpu[2]) / statistics.median(per_cpu[1])
-    print(f"| 2 ranks x 1 thread vs 1 rank x 1 thread, {one['scoring']['pairs']:.3g} pairs | {median:.2f}x pairs/s "
-          f"(medians of {runs}), {best:.2f}x best vs best; pairs per CPU second {efficiency:.2f}x (2 x that is the "
-          f"speed-up on 2 free cores) | reports {'identical' if identical else 'DIFFER'} | |")
+    print(
+        f"| 2 ranks x 1 thread vs 1 rank x 1 thread, {one['scoring']['pairs']:.3g} pairs | {median:.2f}x pairs/s "
+        f"(medians of {runs}), {best:.2f}x best vs best; pairs per CPU second {efficiency:.2f}x (2 x that is the "
+        f"speed-up on 2 free cores) | reports {'identical' if identical else 'DIFFER'} | |"
+    )
 
 
 def measure_scale(url: str) -> None:
@@ -156,9 +167,11 @@ def measure_scale(url: str) -> None:
     scoring = entry["scoring"]
     peaks = ", ".join(f"{b / 2**30:.2f}" for b in scoring["peak_rss_bytes"])
     passes = [p["passes"] for p in entry["protocols"]]
-    print(f"| {scoring['pairs']:.3g} pairs, 2 ranks | {wall:.1f} s wall ({scoring['seconds']:.1f} s scoring, "
-          f"{scoring['pairs_per_second']:,.0f} pairs/s) | peak RSS per rank {peaks} GiB, passes {passes} | "
-          f"TPR {_tprs(entry)} |")
+    print(
+        f"| {scoring['pairs']:.3g} pairs, 2 ranks | {wall:.1f} s wall ({scoring['seconds']:.1f} s scoring, "
+        f"{scoring['pairs_per_second']:,.0f} pairs/s) | peak RSS per rank {peaks} GiB, passes {passes} | "
+        f"TPR {_tprs(entry)} |"
+    )
 
 
 def measure_exact(url: str) -> None:
@@ -178,15 +191,21 @@ def measure_exact(url: str) -> None:
     reference = tpr_at_fpr(scores, np.arange(scores.size) < genuine.size, DEFAULT_FPRS)
     got = entry["protocols"][0]["points"]
     same = [tuple(p.values()) for p in got] == [tuple(vars(p).values()) for p in reference]
-    print(f"| exact: scorer vs brute force, {scores.size:.3g} pairs | TPR, threshold and FPR at "
-          f"{len(reference)} targets {'identical' if same else 'DIFFER'} | passes "
-          f"{entry['protocols'][0]['passes']} | TPR {_tprs(entry)} |")
+    print(
+        f"| exact: scorer vs brute force, {scores.size:.3g} pairs | TPR, threshold and FPR at "
+        f"{len(reference)} targets {'identical' if same else 'DIFFER'} | passes "
+        f"{entry['protocols'][0]['passes']} | TPR {_tprs(entry)} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mfr-bench-eval",
-                        help="where the synthetic embeddings are written (reused by later runs)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "mfr-bench-eval",
+        help="where the synthetic embeddings are written (reused by later runs)",
+    )
     parser.add_argument("--only", nargs="*", default=["throughput", "ranks", "exact", "1e9", "1e10"])
     parser.add_argument("--noise", type=float, default=2.0, help="noise norm per image (genuine cos ~ 1/(1+noise^2))")
     parser.add_argument("--runs", type=int, default=3)
@@ -194,12 +213,19 @@ def main() -> None:
     parser.add_argument("--exact-images", type=int, default=14143)  # 1.0e8 pairs: ~6 GB for the brute force
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    sizes = {"throughput": args.throughput_images, "ranks": args.throughput_images, "exact": args.exact_images,
-             "1e9": 44722, "1e10": 141422}  # n (n - 1) / 2 >= 1e9, 1e10
+    sizes = {
+        "throughput": args.throughput_images,
+        "ranks": args.throughput_images,
+        "exact": args.exact_images,
+        "1e9": 44722,
+        "1e10": 141422,
+    }  # n (n - 1) / 2 >= 1e9, 1e10
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__} (OpenBLAS), D = {DIM} fp32, "
-          f"tile {pairsets.TILE}, load average {' '.join(load)}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__} (OpenBLAS), D = {DIM} fp32, "
+        f"tile {pairsets.TILE}, load average {' '.join(load)}"
+    )
     print("| measure | result | detail | |")
     print("|---|---|---|---|")
     for what in args.only:

@@ -99,8 +99,13 @@ def _batches(classes: int, rank: int):
     """This rank's embeddings and labels, a new batch every step (cycling through 16): the same for every
     implementation."""
     gen = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(BATCH_PER_RANK, EMBEDDING, generator=gen, requires_grad=True),
-                torch.randint(0, classes, (BATCH_PER_RANK,), generator=gen)) for _ in range(16)]
+    batches = [
+        (
+            torch.randn(BATCH_PER_RANK, EMBEDDING, generator=gen, requires_grad=True),
+            torch.randint(0, classes, (BATCH_PER_RANK,), generator=gen),
+        )
+        for _ in range(16)
+    ]
     return itertools.cycle(batches)
 
 
@@ -175,11 +180,14 @@ def _rank(rank, world, init_file, impl, classes, sample_rate, margins, warmup, s
     torch.manual_seed(rank)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     if impl == "mfr":
+
         def make(c):
             return _mfr_step(c, sample_rate, margins, rank)
     else:
+
         def make(c):
             return _arcface_step(impl, c, sample_rate, margins, rank)
+
     result = _measure(make, classes, warmup, steps)
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -212,29 +220,39 @@ def _run_naive(classes, global_batch, warmup, steps) -> dict:
 
 
 def _against_naive(args) -> None:
-    print("| C | implementation | world | sample_rate | step s/rank | head MB/rank | time vs naive "
-          "| memory vs naive | time vs sample_rate 1.0 |")
+    print(
+        "| C | implementation | world | sample_rate | step s/rank | head MB/rank | time vs naive "
+        "| memory vs naive | time vs sample_rate 1.0 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for classes in args.classes:
         global_batch = BATCH_PER_RANK * max(args.worlds)
         naive = _run_naive(classes, global_batch, args.warmup, args.steps)
-        print(f"| {classes:,} | naive full softmax (batch {global_batch}) | 1 | 1.0 | "
-              f"{naive['seconds']:.3f} | {naive['memory_mb']:.0f} | 1.00 | 1.00 | |", flush=True)
+        print(
+            f"| {classes:,} | naive full softmax (batch {global_batch}) | 1 | 1.0 | "
+            f"{naive['seconds']:.3f} | {naive['memory_mb']:.0f} | 1.00 | 1.00 | |",
+            flush=True,
+        )
         for world in args.worlds:
             full = None
             for rate in sorted(args.sample_rates, reverse=True):
                 r = _run_sharded("mfr", world, classes, rate, ARCFACE, args.warmup, args.steps)
                 full = full or (r if rate == 1.0 else None)
                 vs_full = f"{r['seconds'] / full['seconds']:.2f}" if full else ""
-                print(f"| {classes:,} | PartialFC | {world} | {rate} | {r['seconds']:.3f} | {r['memory_mb']:.0f} | "
-                      f"{r['seconds'] / naive['seconds']:.2f} | {r['memory_mb'] / naive['memory_mb']:.2f} "
-                      f"| {vs_full} |", flush=True)
+                print(
+                    f"| {classes:,} | PartialFC | {world} | {rate} | {r['seconds']:.3f} | {r['memory_mb']:.0f} | "
+                    f"{r['seconds'] / naive['seconds']:.2f} | {r['memory_mb'] / naive['memory_mb']:.2f} "
+                    f"| {vs_full} |",
+                    flush=True,
+                )
 
 
 def _against_arcface_torch(args) -> None:
-    print("| C | world | sample_rate | step s: ours / arcface_torch (median) | time ratio | per-round time ratios "
-          "| peak RSS MB/rank: ours / theirs | RSS ratio | head MB/rank: ours / theirs | head ratio "
-          "| loss, first and last step: ours / theirs |")
+    print(
+        "| C | world | sample_rate | step s: ours / arcface_torch (median) | time ratio | per-round time ratios "
+        "| peak RSS MB/rank: ours / theirs | RSS ratio | head MB/rank: ours / theirs | head ratio "
+        "| loss, first and last step: ours / theirs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for classes in args.classes:
         for world in args.worlds:
@@ -251,14 +269,17 @@ def _against_arcface_torch(args) -> None:
                     return statistics.median(r[key] for r in rs)
 
                 per_round = " ".join(f"{a['seconds'] / b['seconds']:.2f}" for a, b in zip(ours, theirs))
-                print(f"| {classes:,} | {world} | {rate} | {med(ours, 'seconds'):.3f} / {med(theirs, 'seconds'):.3f} "
-                      f"| **{med(ours, 'seconds') / med(theirs, 'seconds'):.2f}** | {per_round} "
-                      f"| {med(ours, 'peak_mb'):.0f} / {med(theirs, 'peak_mb'):.0f} "
-                      f"| **{med(ours, 'peak_mb') / med(theirs, 'peak_mb'):.2f}** "
-                      f"| {med(ours, 'memory_mb'):.0f} / {med(theirs, 'memory_mb'):.0f} "
-                      f"| {med(ours, 'memory_mb') / med(theirs, 'memory_mb'):.2f} "
-                      f"| {ours[0]['losses'][0]:.4f}, {ours[0]['losses'][-1]:.4f} / "
-                      f"{theirs[0]['losses'][0]:.4f}, {theirs[0]['losses'][-1]:.4f} |", flush=True)
+                print(
+                    f"| {classes:,} | {world} | {rate} | {med(ours, 'seconds'):.3f} / {med(theirs, 'seconds'):.3f} "
+                    f"| **{med(ours, 'seconds') / med(theirs, 'seconds'):.2f}** | {per_round} "
+                    f"| {med(ours, 'peak_mb'):.0f} / {med(theirs, 'peak_mb'):.0f} "
+                    f"| **{med(ours, 'peak_mb') / med(theirs, 'peak_mb'):.2f}** "
+                    f"| {med(ours, 'memory_mb'):.0f} / {med(theirs, 'memory_mb'):.0f} "
+                    f"| {med(ours, 'memory_mb') / med(theirs, 'memory_mb'):.2f} "
+                    f"| {ours[0]['losses'][0]:.4f}, {ours[0]['losses'][-1]:.4f} / "
+                    f"{theirs[0]['losses'][0]:.4f}, {theirs[0]['losses'][-1]:.4f} |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -272,13 +293,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration (arcface_torch)")
     args = parser.parse_args()
     if args.arcface_torch and not os.path.isfile(os.path.join(args.arcface_torch, "partial_fc_v2.py")):
-        parser.error(f"--arcface-torch {args.arcface_torch}: no partial_fc_v2.py there "
-                     "(give the recognition/arcface_torch folder)")
+        parser.error(
+            f"--arcface-torch {args.arcface_torch}: no partial_fc_v2.py there "
+            "(give the recognition/arcface_torch folder)"
+        )
     args.worlds = args.worlds or ([2] if args.arcface_torch else [1, 2])
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"1 thread per process, D={EMBEDDING}, {BATCH_PER_RANK} samples per rank, MALLOC_*={malloc or 'unset'}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps per run")
+    print(
+        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"1 thread per process, D={EMBEDDING}, {BATCH_PER_RANK} samples per rank, MALLOC_*={malloc or 'unset'}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps per run"
+    )
     if args.arcface_torch:
         _against_arcface_torch(args)
     else:

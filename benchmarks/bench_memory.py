@@ -35,10 +35,22 @@ from mfr.trainer.memory import measure_train_step
 from tests.support.configs import MEMORY_MEASURED
 
 BASES = {  # activation-bound, and parameter-bound (where ZeRO matters)
-    "small": ["model.backbone=custom", "model.layers=[2,2,2,2]", "model.width=0.25", "model.embedding_size=128",
-              "head.num_classes=50001", "data.batch_size=16"],
-    "wide": ["model.backbone=custom", "model.layers=[1,1,2,1]", "model.width=1.0", "model.embedding_size=512",
-             "head.num_classes=20001", "data.batch_size=2"],
+    "small": [
+        "model.backbone=custom",
+        "model.layers=[2,2,2,2]",
+        "model.width=0.25",
+        "model.embedding_size=128",
+        "head.num_classes=50001",
+        "data.batch_size=16",
+    ],
+    "wide": [
+        "model.backbone=custom",
+        "model.layers=[1,1,2,1]",
+        "model.width=1.0",
+        "model.embedding_size=512",
+        "head.num_classes=20001",
+        "data.batch_size=2",
+    ],
 }
 SWITCHES = {
     "baseline (DDP, fp32, none)": [],
@@ -58,8 +70,9 @@ def _rank(rank: int, world: int, init_file: str, overrides: list[str], device: s
     dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     try:
         env = DistEnv(rank, rank, world, world, 0, dev)
         memory = measure_train_step(load_config(None, overrides), env)
@@ -95,8 +108,10 @@ def main() -> None:
     parser.add_argument("--base", choices=list(BASES), default="small")
     parser.add_argument("--only", nargs="*", help="run only these switches (names as printed)")
     args = parser.parse_args()
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cpus; torch {torch.__version__}; "
-          f"device {args.device}, {args.ranks} ranks")
+    print(
+        f"machine: {_cpu_name()}, {os.cpu_count()} cpus; torch {torch.__version__}; "
+        f"device {args.device}, {args.ranks} ranks"
+    )
     print(f"base {args.base}: " + " ".join(BASES[args.base]))
     print("| switch | peak rank 0 | peak rank 1 | vs baseline | plan (rank 0) | plan error |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -114,8 +129,11 @@ def main() -> None:
             plan = planned(overrides, args.ranks)
             baseline = baseline or peaks[0]
             others = format_bytes(peaks[1]) if len(peaks) > 1 else "-"
-            print(f"| {name} | {format_bytes(peaks[0])} | {others} | {peaks[0] / baseline:.2f}x | "
-                  f"{format_bytes(plan)} | {plan / peaks[0] - 1:+.1%} |", flush=True)
+            print(
+                f"| {name} | {format_bytes(peaks[0])} | {others} | {peaks[0] / baseline:.2f}x | "
+                f"{format_bytes(plan)} | {plan / peaks[0] - 1:+.1%} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

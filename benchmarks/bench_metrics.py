@@ -73,14 +73,24 @@ def main() -> None:
     from mfr.trainer.config import load_config
     from mfr.trainer.dist import DistEnv
     from mfr.trainer.loop import Trainer
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = load_config(None, [
-        f"data.batch_size={args.batch_size}", "run.device=cpu", "checkpoint.every_steps=null", "optim.warmup_steps=0",
-        "eval.num_identities=2", "eval.images_per_identity=2", "run.output_dir=/tmp/mfr-bench-metrics",
-        "metrics.address=127.0.0.1", f"metrics.port={port}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.batch_size={args.batch_size}",
+            "run.device=cpu",
+            "checkpoint.every_steps=null",
+            "optim.warmup_steps=0",
+            "eval.num_identities=2",
+            "eval.images_per_identity=2",
+            "run.output_dir=/tmp/mfr-bench-metrics",
+            "metrics.address=127.0.0.1",
+            f"metrics.port={port}",
+        ],
+    )
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     trainer = Trainer(cfg, DistEnv(0, 0, 1, 1, 0, torch.device("cpu")))
     logging.getLogger("mfr").setLevel(logging.WARNING)  # no progress lines in the timings
@@ -91,7 +101,8 @@ def main() -> None:
     flag = Path(tempfile.mkdtemp()) / "scrape"  # the scraper process scrapes while this file exists
     scraper = subprocess.Popen(
         [sys.executable, "-c", _SCRAPER, trainer.metrics_url, str(flag), str(args.scrape_interval)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
 
     class scraping:
@@ -109,8 +120,15 @@ def main() -> None:
         fetched = time.perf_counter()
         loss = trainer.train_step(images, labels)
         trainer.checkpointer.after_step(trainer.step)
-        instruments.after_step(trainer.step, cfg.data.batch_size, loss, trainer.lr, trainer.last_grad_norm,
-                               seconds=time.perf_counter() - started, data_wait=fetched - started)
+        instruments.after_step(
+            trainer.step,
+            cfg.data.batch_size,
+            loss,
+            trainer.lr,
+            trainer.last_grad_norm,
+            seconds=time.perf_counter() - started,
+            data_wait=fetched - started,
+        )
         return time.perf_counter() - started
 
     for _ in range(3):  # warm-up

@@ -53,8 +53,14 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     events = run_dir / "events.jsonl"
     events.unlink(missing_ok=True)
     env = {**os.environ, "MFR_EVENTS_FILE": str(events)}
-    args = [sys.executable, "-m", "mfr.trainer", *[a for o in overrides for a in ("--set", o)],
-            "--set", f"run.output_dir={run_dir}"]
+    args = [
+        sys.executable,
+        "-m",
+        "mfr.trainer",
+        *[a for o in overrides for a in ("--set", o)],
+        "--set",
+        f"run.output_dir={run_dir}",
+    ]
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -62,9 +68,7 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     for line in events.read_text().splitlines():
         event = json.loads(line)
         if event["event"] == "eval" and event["stage"] == "trained":
-            results = {
-                r["protocol"]: {f"{p['target_fpr']:g}": p["tpr"] for p in r["points"]} for r in event["results"]
-            }
+            results = {r["protocol"]: {f"{p['target_fpr']:g}": p["tpr"] for p in r["points"]} for r in event["results"]}
             return {"results": results, "seconds": seconds}
     raise RuntimeError(f"{run_dir}: no evaluation of the trained model in {events}")
 
@@ -85,24 +89,54 @@ def main() -> None:
 
     teacher_ckpt = work / "teacher" / "checkpoints"
     features = work / "teacher-features"
-    all_results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                         "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    all_results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": {},
+    }
     if (work / "results.json").exists():  # a later invocation (more seeds) adds to the earlier runs
         all_results["runs"] = json.loads((work / "results.json").read_text())["runs"]
     if "distilled" in args.variants and not (features / "index.json").exists():
-        teacher = train(work / "teacher", [*DATA, *TEACHER, f"run.steps={args.teacher_steps}", "data.batch_size=64",
-                                           "optim.warmup_steps=25", "run.seed=0", "checkpoint.resume=auto"])
+        teacher = train(
+            work / "teacher",
+            [
+                *DATA,
+                *TEACHER,
+                f"run.steps={args.teacher_steps}",
+                "data.batch_size=64",
+                "optim.warmup_steps=25",
+                "run.seed=0",
+                "checkpoint.resume=auto",
+            ],
+        )
         all_results["runs"]["teacher"] = teacher
         print(f"teacher: {json.dumps(teacher)}", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "mfr.ctl.main", "distill", "extract", "--teacher", str(teacher_ckpt),
-             "--out", str(features), "-j", "0", *[a for o in (*DATA, *TEACHER_ARCH) for a in ("--set", o)]],
+            [
+                sys.executable,
+                "-m",
+                "mfr.ctl.main",
+                "distill",
+                "extract",
+                "--teacher",
+                str(teacher_ckpt),
+                "--out",
+                str(features),
+                "-j",
+                "0",
+                *[a for o in (*DATA, *TEACHER_ARCH) for a in ("--set", o)],
+            ],
             check=True,
         )
     variants = {
         "scratch": [],
-        "distilled": ["distill.mode=offline", f"distill.features={features}", f"distill.alpha={args.alpha}",
-                      f"distill.weight={args.weight}", *TEACHER_ARCH],
+        "distilled": [
+            "distill.mode=offline",
+            f"distill.features={features}",
+            f"distill.alpha={args.alpha}",
+            f"distill.weight={args.weight}",
+            *TEACHER_ARCH,
+        ],
         "no-mask": ["data.mask_prob=0"],
         "sr-0.1": ["head.sample_rate=0.1"],
     }

@@ -107,8 +107,14 @@ def _scrape(urls: list[str], stop: threading.Event, count: Counter) -> None:
 def run_pod(job: int, kind: str, run_dir: Path, extra: list[str], hook_env: dict[str, str]) -> Run:
     """One run of the job's pod; SIGTERMed once it has trained 4 steps when ``kind`` is "sigtermed"."""
     port = free_port(2)
-    pod = LocalJob(nodes=1, nproc_per_node=2, config_path=run_dir / "config.yaml", run_dir=run_dir,
-                   master_port=free_port(), metrics_port=port)
+    pod = LocalJob(
+        nodes=1,
+        nproc_per_node=2,
+        config_path=run_dir / "config.yaml",
+        run_dir=run_dir,
+        master_port=free_port(),
+        metrics_port=port,
+    )
     env = os.environ | pod.node_env(0) | {"OMP_NUM_THREADS": "1", EVENTS_ENV: str(pod.events_path)} | hook_env
     stop, scrapes = threading.Event(), Counter()
     urls = [url for _, _, url in pod.metrics_endpoints("127.0.0.1")]
@@ -123,7 +129,8 @@ def run_pod(job: int, kind: str, run_dir: Path, extra: list[str], hook_env: dict
         if kind == "sigtermed":
             seen = len(read_events(run_dir))
             while proc.poll() is None and not any(
-                    e["event"] == "step" and e["step"] >= 4 for e in read_events(run_dir)[seen:]):
+                e["event"] == "step" and e["step"] >= 4 for e in read_events(run_dir)[seen:]
+            ):
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=600)
@@ -134,8 +141,16 @@ def run_pod(job: int, kind: str, run_dir: Path, extra: list[str], hook_env: dict
         stop.set()
         scraper.join()
     text = log.read_text(errors="replace").splitlines()
-    return Run(job, kind, 143 if kind == "sigtermed" else 0, code, time.monotonic() - started, scrapes["ok"],
-               sum("[gil_delay]" in line for line in text), [line for line in text if WHY.search(line)][:12])
+    return Run(
+        job,
+        kind,
+        143 if kind == "sigtermed" else 0,
+        code,
+        time.monotonic() - started,
+        scrapes["ok"],
+        sum("[gil_delay]" in line for line in text),
+        [line for line in text if WHY.search(line)][:12],
+    )
 
 
 def run_job(job: int, root: Path, hook_env: dict[str, str]) -> list[Run]:
@@ -149,8 +164,11 @@ def run_job(job: int, root: Path, hook_env: dict[str, str]) -> list[Run]:
         resumed.why.insert(0, "the second run did not resume from the first's checkpoint")
         resumed.code = f"{resumed.code} (no resume)"
     for run in (first, resumed):
-        print(f"job {job:3d} {run.kind:9s} exit {run.code} (expected {run.expected}) {run.seconds:6.1f} s "
-              f"{run.scrapes} scrapes" + (f", {run.delayed} GIL takes delayed" if hook_env else ""), flush=True)
+        print(
+            f"job {job:3d} {run.kind:9s} exit {run.code} (expected {run.expected}) {run.seconds:6.1f} s "
+            f"{run.scrapes} scrapes" + (f", {run.delayed} GIL takes delayed" if hook_env else ""),
+            flush=True,
+        )
     return [first, resumed]
 
 
@@ -160,8 +178,12 @@ def timing_hook(tmp: Path) -> dict[str, str]:
     source = Path(__file__).with_name("gil_delay.c")
     subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source), "-ldl"], check=True)
     (tmp / "sitecustomize.py").write_text(HOOK_SITECUSTOMIZE)
-    return {"LD_PRELOAD": str(library), "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get(
-        "PYTHONPATH")])), "GIL_DELAY_MS": "1000", "GIL_DELAY_LOCK_MS": "20"}
+    return {
+        "LD_PRELOAD": str(library),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp), os.environ.get("PYTHONPATH")])),
+        "GIL_DELAY_MS": "1000",
+        "GIL_DELAY_LOCK_MS": "20",
+    }
 
 
 def _cpu() -> str:
@@ -182,9 +204,11 @@ def main() -> int:
 
     import torch
 
-    print(f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.jobs} jobs x 2 runs, "
-          f"{args.lanes} at a time, {args.burners} busy loops" + (", timing hook on" if args.timing_hook else ""),
-          flush=True)
+    print(
+        f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.jobs} jobs x 2 runs, "
+        f"{args.lanes} at a time, {args.burners} busy loops" + (", timing hook on" if args.timing_hook else ""),
+        flush=True,
+    )
     burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.burners)]
     for b in burners:
         b.start()
@@ -200,8 +224,10 @@ def main() -> int:
         for b in burners:
             b.terminate()
     bad = [r for r in runs if not r.ok]
-    print(f"\n{len(runs)} runs in {time.monotonic() - started:.0f} s (load average at the end "
-          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}); exit codes {dict(Counter(str(r.code) for r in runs))}")
+    print(
+        f"\n{len(runs)} runs in {time.monotonic() - started:.0f} s (load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}); exit codes {dict(Counter(str(r.code) for r in runs))}"
+    )
     print(f"unexpected exit codes: {len(bad)} of {len(runs)}")
     for r in bad:
         print(f"  job {r.job} {r.kind}: exit {r.code}, expected {r.expected}")

@@ -23,8 +23,18 @@ CHART = "mfr-trainer"
 # Helm's install order for the kinds the chart renders; the job goes last so
 # that what its pods mount already exists.
 KIND_ORDER = (
-    "NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "PodMonitor", "PrometheusRule",
-    "TrainingRuntime", "ClusterTrainingRuntime", "PyTorchJob", "TrainJob",
+    "NetworkPolicy",
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "Service",
+    "Deployment",
+    "PodMonitor",
+    "PrometheusRule",
+    "TrainingRuntime",
+    "ClusterTrainingRuntime",
+    "PyTorchJob",
+    "TrainJob",
 )
 JOB_KINDS = ("PyTorchJob", "TrainJob")
 # The operator names pods and Services <job>-<type>-<index>, which must stay a
@@ -167,8 +177,10 @@ def flag_values(
         values.setdefault("train", {}).setdefault("checkpoint", {})["uri"] = checkpoint
     if workspace_claim is not None:
         if not _DNS1123_SUBDOMAIN.match(workspace_claim) or len(workspace_claim) > 253:
-            raise ChartError(f"--workspace-claim {workspace_claim!r}: not a PersistentVolumeClaim name "
-                             "(lowercase letters, digits, '-' and '.')")
+            raise ChartError(
+                f"--workspace-claim {workspace_claim!r}: not a PersistentVolumeClaim name "
+                "(lowercase letters, digits, '-' and '.')"
+            )
         values["workspace"] = {"existingClaim": workspace_claim}
     if queue is not None:
         if len(queue) > 63 or not _DNS1123.match(queue):
@@ -272,4 +284,3 @@ def _render_message(message: str) -> str:
     """The chart's own ``fail`` message, without Go's template position."""
     match = re.search(r"execution error at \(.*?\): (.*)", message)
     return match[1].strip() if match else " ".join(message.split())
-

@@ -19,7 +19,9 @@ from .console import Output, OutputOpt, err, fail, print_columns, print_data
 
 ckpt_app = typer.Typer(help="List and inspect checkpoints (local paths or s3://).", no_args_is_help=True)
 
-UriArg = Annotated[str, typer.Argument(metavar="URI", help="A run's checkpoint.uri, e.g. s3://bucket/runs/r1/checkpoints.")]
+UriArg = Annotated[
+    str, typer.Argument(metavar="URI", help="A run's checkpoint.uri, e.g. s3://bucket/runs/r1/checkpoints.")
+]
 
 
 def _storage(uri: str) -> Storage:
@@ -85,8 +87,12 @@ def ckpt_ls(uri: UriArg, output: OutputOpt = Output.table) -> None:
     newest = max((c.step for c in found if c.committed), default=None)
     rows = [
         [
-            c.name, str(c.step), "yes (newest)" if c.step == newest else ("yes" if c.committed else "no"),
-            _when(c.time), str(c.world_size or "-"), human_size(c.bytes),
+            c.name,
+            str(c.step),
+            "yes (newest)" if c.step == newest else ("yes" if c.committed else "no"),
+            _when(c.time),
+            str(c.world_size or "-"),
+            human_size(c.bytes),
         ]
         for c in found
     ]

@@ -136,8 +136,14 @@ def pack(
         "shards": [{"name": shards.shard_name(n), "count": results[n][0]} for n in sorted(results)],
     }
     fs.pipe_file(f"{root}/{shards.INDEX}", json.dumps(index).encode())
-    summary = {"source": src, "destination": dst, "images": len(all_labels), "classes": len(classes),
-               "shards": len(groups), "bad_samples_skipped": len(bad)}
+    summary = {
+        "source": src,
+        "destination": dst,
+        "images": len(all_labels),
+        "classes": len(classes),
+        "shards": len(groups),
+        "bad_samples_skipped": len(bad),
+    }
     for line in sorted(bad) if verbose else ():
         err.print(f"skipped bad sample {line}", highlight=False, soft_wrap=True)
     if bad and not verbose:
@@ -205,9 +211,7 @@ def _grid(dataset, path: str, n: int, seed: int) -> int:
 @data_app.command("inspect")
 def inspect(
     uri: Annotated[str, typer.Argument(metavar="URI", help="Image folder, RecordIO .rec/folder, or shard folder.")],
-    grid: Annotated[
-        str | None, typer.Option("--grid", help="Write a PNG of samples with and without masks.")
-    ] = None,
+    grid: Annotated[str | None, typer.Option("--grid", help="Write a PNG of samples with and without masks.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Samples in the grid.")] = 8,
     output: OutputOpt = Output.table,
 ) -> None:

@@ -53,9 +53,7 @@ NameOpt = Annotated[
 NamespaceOpt = Annotated[
     str | None, typer.Option("--namespace", "-n", help="Namespace; default: the kubeconfig context's, else default.")
 ]
-NodesOpt = Annotated[
-    int | None, typer.Option(help="Pods: static = 1 Master + N-1 Workers; elastic default = MAX.")
-]
+NodesOpt = Annotated[int | None, typer.Option(help="Pods: static = 1 Master + N-1 Workers; elastic default = MAX.")]
 GpusOpt = Annotated[int | None, typer.Option(help="nvidia.com/gpu per pod (0 = CPU).")]
 NprocOpt = Annotated[int | None, typer.Option(help="Training processes per pod; default: one per GPU, 1 on CPU.")]
 ElasticOpt = Annotated[
@@ -69,22 +67,28 @@ ConfigOpt = Annotated[
 CheckpointOpt = Annotated[
     str | None,
     typer.Option(
-        "--checkpoint", metavar="URI",
+        "--checkpoint",
+        metavar="URI",
         help="Checkpoint storage every pod reaches: s3://bucket/prefix (credentials from --set "
-             "s3.existingSecret=NAME), any remote fsspec URL, or a path on --workspace-claim.  A job of several "
-             "pods needs it, or the trial store that demo runs get (values trialStore).",
+        "s3.existingSecret=NAME), any remote fsspec URL, or a path on --workspace-claim.  A job of several "
+        "pods needs it, or the trial store that demo runs get (values trialStore).",
     ),
 ]
 QueueOpt = Annotated[
     str | None,
-    typer.Option("--queue", metavar="NAME",
-                 help="Kueue LocalQueue: the job waits, suspended, until Kueue admits it against the queue's quota."),
+    typer.Option(
+        "--queue",
+        metavar="NAME",
+        help="Kueue LocalQueue: the job waits, suspended, until Kueue admits it against the queue's quota.",
+    ),
 ]
 ClaimOpt = Annotated[
     str | None,
-    typer.Option("--workspace-claim", metavar="NAME",
-                 help="A ReadWriteMany PersistentVolumeClaim mounted at /workspace in every pod; checkpoints go "
-                      "there."),
+    typer.Option(
+        "--workspace-claim",
+        metavar="NAME",
+        help="A ReadWriteMany PersistentVolumeClaim mounted at /workspace in every pod; checkpoints go there.",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -131,8 +135,10 @@ def render_cmd(
     workspace_claim: ClaimOpt = None,
     queue: QueueOpt = None,
     api: Annotated[
-        Api | None, typer.Option(help="pytorchjob (the default here: no cluster to ask) or trainjob "
-                                         "(Kubeflow Trainer v2, static runs only).")
+        Api | None,
+        typer.Option(
+            help="pytorchjob (the default here: no cluster to ask) or trainjob (Kubeflow Trainer v2, static runs only)."
+        ),
     ] = None,
     set_: SetOpt = None,
     values: ValuesOpt = None,
@@ -143,13 +149,27 @@ def render_cmd(
     if api == Api.auto:
         raise fail("--api auto asks the cluster which API it serves: render has no cluster; use pytorchjob or trainjob")
     rendered = render_run(
-        name, namespace or "default", nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
-        elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
-        queue=queue, api=api.value if api else None, sets=set_, files=values,
+        name,
+        namespace or "default",
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        nproc_per_node=nproc_per_node,
+        elastic=elastic,
+        image=image,
+        config=config,
+        checkpoint=checkpoint,
+        workspace_claim=workspace_claim,
+        queue=queue,
+        api=api.value if api else None,
+        sets=set_,
+        files=values,
     )
     if namespace is None and any(o["kind"] in ("PodMonitor", "PrometheusRule") for o in rendered.objects):
-        raise fail("--namespace: the alerts and the dashboard select the run's series as job <namespace>/" + name
-                   + ", so the objects must be rendered for the namespace they will be applied in: pass -n")
+        raise fail(
+            "--namespace: the alerts and the dashboard select the run's series as job <namespace>/"
+            + name
+            + ", so the objects must be rendered for the namespace they will be applied in: pass -n"
+        )
     if api is None:
         _say(f"rendered a {rendered.job['kind']} (the default; --api trainjob renders a Kubeflow Trainer v2 TrainJob)")
     if output == Format.json:
@@ -197,8 +217,11 @@ def submit_cmd(
     workspace_claim: ClaimOpt = None,
     queue: QueueOpt = None,
     api: Annotated[
-        Api, typer.Option(help="auto: a TrainJob (Kubeflow Trainer v2) for a static run where the cluster serves it, "
-                               "else a PyTorchJob (elastic runs always).")
+        Api,
+        typer.Option(
+            help="auto: a TrainJob (Kubeflow Trainer v2) for a static run where the cluster serves it, "
+            "else a PyTorchJob (elastic runs always)."
+        ),
     ] = Api.auto,
     set_: SetOpt = None,
     values: ValuesOpt = None,
@@ -209,17 +232,22 @@ def submit_cmd(
     ] = DryRun.none,
     monitoring: Annotated[
         bool | None,
-        typer.Option("--monitoring/--no-monitoring",
-                     help="A PodMonitor and a PrometheusRule for the run (prometheus-operator, e.g. "
-                          "kube-prometheus-stack); default: when the cluster serves monitoring.coreos.com/v1."),
+        typer.Option(
+            "--monitoring/--no-monitoring",
+            help="A PodMonitor and a PrometheusRule for the run (prometheus-operator, e.g. "
+            "kube-prometheus-stack); default: when the cluster serves monitoring.coreos.com/v1.",
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish; exit 0 if it succeeded.")] = False,
     follow: Annotated[
         bool, typer.Option("--follow", help="Stream rank 0's log until the job ends (implies --wait).")
     ] = False,
     timeout: Annotated[
-        str | None, typer.Option(metavar="DURATION", help="With --wait/--follow: give up after this long (30s, 5m, "
-                                                             "2h30m), exit 1 with the job's state.")
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="With --wait/--follow: give up after this long (30s, 5m, 2h30m), exit 1 with the job's state.",
+        ),
     ] = None,
 ) -> None:
     """Render the chart and create the run on the cluster: its PyTorchJob, ConfigMap, NetworkPolicy, ...
@@ -234,9 +262,21 @@ def submit_cmd(
 
     def rendered_with(monitoring: bool | None, kind: Api) -> Rendered:
         return render_run(
-            name, cluster.namespace, nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc_per_node,
-            elastic=elastic, image=image, config=config, checkpoint=checkpoint, workspace_claim=workspace_claim,
-            queue=queue, monitoring=monitoring, api=kind.value, sets=set_, files=values,
+            name,
+            cluster.namespace,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            nproc_per_node=nproc_per_node,
+            elastic=elastic,
+            image=image,
+            config=config,
+            checkpoint=checkpoint,
+            workspace_claim=workspace_claim,
+            queue=queue,
+            monitoring=monitoring,
+            api=kind.value,
+            sets=set_,
+            files=values,
         )
 
     rendered = rendered_with(monitoring, Api.pytorchjob if api == Api.auto else api)  # every usage mistake, unsent
@@ -248,8 +288,10 @@ def submit_cmd(
         raise fail(f"{failed[0].detail}: {failed[0].fix}", code=1)
     if monitoring is None and not _mentions_monitoring(set_, values) and _cluster_call(cluster.serves, MONITORING_API):
         rendered = rendered_with(True, Api(rendered.job["kind"].lower()))
-        _say("the cluster serves the prometheus-operator's API: the run gets a PodMonitor and a PrometheusRule "
-             "(--no-monitoring leaves them out)")
+        _say(
+            "the cluster serves the prometheus-operator's API: the run gets a PodMonitor and a PrometheusRule "
+            "(--no-monitoring leaves them out)"
+        )
     if dry_run == DryRun.client:
         for obj in rendered.objects:
             print(f"{obj['kind'].lower()}/{obj['metadata']['name']} created (dry run)")
@@ -286,7 +328,8 @@ def _duration(text: str, flag: str = "--timeout") -> float:
 def _mentions_monitoring(sets: list[str] | None, files: list[Path] | None) -> bool:
     """Did the user choose the monitoring values (then mfrctl does not choose for them)?"""
     return any(s.startswith("monitoring.") for s in sets or []) or any(
-        "monitoring" in file_values(path) for path in files or [])
+        "monitoring" in file_values(path) for path in files or []
+    )
 
 
 def _say(what: str, detail: str = "") -> None:
@@ -340,30 +383,67 @@ def describe_cmd(
     conditions = (job.get("status") or {}).get("conditions") or []
     restarts = sum(1 for c in conditions if c.get("type") == "Restarting") + sum(p["restarts"] for p in pods)
     report = {
-        "job": summary, "conditions": conditions, "restarts": restarts, "pods": pods,
-        "events": [{"object": f"{e['involvedObject'].get('kind', '').lower()}/{e['involvedObject'].get('name')}",
-                    "type": e.get("type", ""), "reason": e.get("reason", ""), "message": e.get("message", ""),
-                    "count": e.get("count", 1), "last": e.get("lastTimestamp") or e.get("eventTime") or ""}
-                   for e in events[-20:]],
+        "job": summary,
+        "conditions": conditions,
+        "restarts": restarts,
+        "pods": pods,
+        "events": [
+            {
+                "object": f"{e['involvedObject'].get('kind', '').lower()}/{e['involvedObject'].get('name')}",
+                "type": e.get("type", ""),
+                "reason": e.get("reason", ""),
+                "message": e.get("message", ""),
+                "count": e.get("count", 1),
+                "last": e.get("lastTimestamp") or e.get("eventTime") or "",
+            }
+            for e in events[-20:]
+        ],
     }
     if output != Output.table:
         print_data(report, output)
         return
-    print(f"Name:       {name}\nNamespace:  {summary['namespace']}\nState:      {summary['state']}"
-          f"\nMode:       {summary['mode']}\nRestarts:   {restarts}")
+    print(
+        f"Name:       {name}\nNamespace:  {summary['namespace']}\nState:      {summary['state']}"
+        f"\nMode:       {summary['mode']}\nRestarts:   {restarts}"
+    )
     print("Conditions:")
-    print_columns(["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"],
-                  [[c.get("type", ""), c.get("status", ""), c.get("reason", ""), age(c.get("lastTransitionTime", "")),
-                    c.get("message", "")] for c in conditions] or [["-", "", "", "", ""]])
+    print_columns(
+        ["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"],
+        [
+            [
+                c.get("type", ""),
+                c.get("status", ""),
+                c.get("reason", ""),
+                age(c.get("lastTransitionTime", "")),
+                c.get("message", ""),
+            ]
+            for c in conditions
+        ]
+        or [["-", "", "", "", ""]],
+    )
     print("Pods:")
-    print_columns(["POD", "REPLICA", "NODE", "PHASE", "RESTARTS", "EXIT CODE", "REASON"],
-                  [[p["name"], p["replica"], p["node"], p["phase"], str(p["restarts"]),
-                    "" if p["exit_code"] is None else str(p["exit_code"]), p["reason"]] for p in pods]
-                  or [["(none yet)", "", "", "", "", "", ""]])
+    print_columns(
+        ["POD", "REPLICA", "NODE", "PHASE", "RESTARTS", "EXIT CODE", "REASON"],
+        [
+            [
+                p["name"],
+                p["replica"],
+                p["node"],
+                p["phase"],
+                str(p["restarts"]),
+                "" if p["exit_code"] is None else str(p["exit_code"]),
+                p["reason"],
+            ]
+            for p in pods
+        ]
+        or [["(none yet)", "", "", "", "", "", ""]],
+    )
     print("Events:")
-    print_columns(["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
-                  [[age(e["last"]), e["type"], e["reason"], e["object"], e["message"]] for e in report["events"]]
-                  or [["-", "", "", "", "no recent events"]])
+    print_columns(
+        ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        [[age(e["last"]), e["type"], e["reason"], e["object"], e["message"]] for e in report["events"]]
+        or [["-", "", "", "", "no recent events"]],
+    )
 
 
 def logs_cmd(
@@ -375,9 +455,7 @@ def logs_cmd(
     all_pods: Annotated[bool, typer.Option("--all-pods", help="Every pod of the run, each line prefixed.")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the logs until the pods end.")] = False,
     tail: Annotated[int | None, typer.Option(min=0, help="Only the last N lines of each pod.")] = None,
-    since: Annotated[
-        str | None, typer.Option(metavar="DURATION", help="Only lines newer than this (5m, 1h).")
-    ] = None,
+    since: Annotated[str | None, typer.Option(metavar="DURATION", help="Only lines newer than this (5m, 1h).")] = None,
     previous: Annotated[
         bool, typer.Option("--previous", "-p", help="The log of the pod's previous run (before a container restart).")
     ] = False,
@@ -484,8 +562,10 @@ def list_cmd(
         return
     print_columns(
         ["NAMESPACE", "NAME", "STATE", "MODE", "PODS", "AGE"],
-        [[r["namespace"], r["name"], r["state"], r["mode"], str(sum(r["replicas"].values())), age(r["created"])]
-         for r in runs],
+        [
+            [r["namespace"], r["name"], r["state"], r["mode"], str(sum(r["replicas"].values())), age(r["created"])]
+            for r in runs
+        ],
     )
 
 
@@ -509,8 +589,9 @@ def doctor_cmd(
     cluster = _connect(kubeconfig, context, namespace)
     # the run's pods, as the chart would render them, for the Pod Security check (storage: the named one, or a stand-in)
     sets = ([f"s3.existingSecret={secret}"] if secret else []) if checkpoint else ["trialStore.enabled=true"]
-    rendered = render_run("mfr", cluster.namespace, nodes=nodes, gpus_per_node=gpus_per_node, checkpoint=checkpoint,
-                          sets=sets)
+    rendered = render_run(
+        "mfr", cluster.namespace, nodes=nodes, gpus_per_node=gpus_per_node, checkpoint=checkpoint, sets=sets
+    )
     checks = [_cluster_call(namespace_check, cluster)]
     if checks[0].status != "fail":
         checks += _cluster_call(api_checks, cluster)
@@ -541,8 +622,12 @@ def _dashboard(namespace: str, annotations: list[str] | None) -> dict:
         if not sep or not key:
             raise fail(f"--annotation {item!r}: expected KEY=VALUE, e.g. grafana_folder=ML")
         notes[key] = value
-    values = {"nodes": 1, "trialStore": {"enabled": False}, "resources": {"requests": {"cpu": "1"}},
-              "monitoring": {"dashboard": {"enabled": True, "namespace": namespace, "annotations": notes}}}
+    values = {
+        "nodes": 1,
+        "trialStore": {"enabled": False},
+        "resources": {"requests": {"cpu": "1"}},
+        "monitoring": {"dashboard": {"enabled": True, "namespace": namespace, "annotations": notes}},
+    }
     try:
         objects = render(values, name="mfr", namespace=namespace).objects
     except ChartError as e:
@@ -572,13 +657,16 @@ def dashboard_install(
         print(Rendered([board], [""], "").to_yaml(), end="")
         return
     _cluster_call(cluster.apply, board, dry_run=dry_run == DryRun.server)
-    print(f"configmap/{board['metadata']['name']} configured in namespace {cluster.namespace}"
-          + (" (server dry run)" if dry_run == DryRun.server else ""))
+    print(
+        f"configmap/{board['metadata']['name']} configured in namespace {cluster.namespace}"
+        + (" (server dry run)" if dry_run == DryRun.server else "")
+    )
 
 
 @dashboard_app.command("uninstall")
-def dashboard_uninstall(namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None,
-                        context: ContextOpt = None) -> None:
+def dashboard_uninstall(
+    namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None
+) -> None:
     """Delete the shared dashboard ConfigMap (every run's panels go with it)."""
     cluster = _connect(kubeconfig, context, namespace)
     board = _dashboard(cluster.namespace, None)

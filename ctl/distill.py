@@ -63,8 +63,12 @@ def extract(
             raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
         use = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
         bar = Progress(
-            TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err, transient=True,
+            TextColumn("extracting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
         )
         task = bar.add_task("extract", total=None)
 
@@ -83,7 +87,8 @@ def extract(
     except OSError as e:
         raise fail(f"{out}: cannot write ({type(e).__name__}: {str(e)[:200]})", code=1) from None
     summary = {k: index[k] for k in ("count", "embedding_size", "data", "teacher")} | {
-        "shards": len(index["shards"]), "out": out,
+        "shards": len(index["shards"]),
+        "out": out,
     }
     if output != Output.table:
         print_data(summary, output)

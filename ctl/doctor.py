@@ -57,8 +57,10 @@ def preflight(cluster: Cluster, job: dict[str, Any], *, queue: bool) -> list[Che
         )
     )
     if queue:
-        checks += [c if c.status == OK else Check(c.name, FAIL, c.detail, "install Kueue, or drop --queue")
-                   for c in api_checks(cluster, ["Kueue"])]
+        checks += [
+            c if c.status == OK else Check(c.name, FAIL, c.detail, "install Kueue, or drop --queue")
+            for c in api_checks(cluster, ["Kueue"])
+        ]
     return checks
 
 
@@ -66,11 +68,19 @@ def namespace_check(cluster: Cluster) -> Check:
     try:
         namespace = cluster.namespace_object()
     except ClusterError as err:  # forbidden: namespaces are cluster-scoped, many users may not read them
-        return Check("namespace", WARN, f"{cluster.namespace}: cannot read it ({err})",
-                     "the mfrctl-doctor ClusterRole of manifests/rbac/mfrctl.yaml lets mfrctl look")
+        return Check(
+            "namespace",
+            WARN,
+            f"{cluster.namespace}: cannot read it ({err})",
+            "the mfrctl-doctor ClusterRole of manifests/rbac/mfrctl.yaml lets mfrctl look",
+        )
     if namespace is None:
-        return Check("namespace", FAIL, f'namespace "{cluster.namespace}" not found',
-                     f"kubectl create namespace {cluster.namespace}")
+        return Check(
+            "namespace",
+            FAIL,
+            f'namespace "{cluster.namespace}" not found',
+            f"kubectl create namespace {cluster.namespace}",
+        )
     return Check("namespace", OK, cluster.namespace)
 
 
@@ -84,8 +94,15 @@ def api_checks(cluster: Cluster, names: list[str] | None = None) -> list[Check]:
             continue
         required = name == "PyTorchJob API" and not jobs  # one of the two job APIs must be there
         status = OK if served[api] else (FAIL if required else WARN)
-        fix = "" if served[api] else ("install the Kubeflow training operator v1.9 (manifests/README.md)" if required
-                                      else f"only needed for {purpose}")
+        fix = (
+            ""
+            if served[api]
+            else (
+                "install the Kubeflow training operator v1.9 (manifests/README.md)"
+                if required
+                else f"only needed for {purpose}"
+            )
+        )
         checks.append(Check(name, status, f"{api} {'served' if served[api] else 'not served'}", fix))
     return checks
 
@@ -101,8 +118,12 @@ def gpu_check(cluster: Cluster, nodes: int, gpus_per_node: int) -> Check:
     detail = f"{len(fitting)} of {len(items)} nodes have {gpus_per_node} allocatable GPUs ({total} GPUs in all)"
     if len(fitting) >= nodes:
         return Check("GPU nodes", OK, detail)
-    return Check("GPU nodes", FAIL, detail + f"; the run needs {nodes}",
-                 "fewer --nodes or --gpus-per-node, or wait for capacity (allocatable, not free, is counted here)")
+    return Check(
+        "GPU nodes",
+        FAIL,
+        detail + f"; the run needs {nodes}",
+        "fewer --nodes or --gpus-per-node, or wait for capacity (allocatable, not free, is counted here)",
+    )
 
 
 def pod_security_check(cluster: Cluster, rendered: list[dict[str, Any]]) -> Check:
@@ -110,26 +131,41 @@ def pod_security_check(cluster: Cluster, rendered: list[dict[str, Any]]) -> Chec
     try:
         labels = ((cluster.namespace_object() or {}).get("metadata") or {}).get("labels") or {}
     except ClusterError as err:
-        return Check("pod security", WARN, f"cannot read namespace {cluster.namespace} ({err})",
-                     "the mfrctl-doctor ClusterRole of manifests/rbac/mfrctl.yaml lets mfrctl look")
+        return Check(
+            "pod security",
+            WARN,
+            f"cannot read namespace {cluster.namespace} ({err})",
+            "the mfrctl-doctor ClusterRole of manifests/rbac/mfrctl.yaml lets mfrctl look",
+        )
     level = labels.get(POD_SECURITY, "privileged")
     job = next((o for o in rendered if o["kind"] == "PyTorchJob"), None)
     pod = (next(iter(job["spec"]["pytorchReplicaSpecs"].values()))["template"]["spec"]) if job else {}  # the same
     # pod template as a TrainJob's runtime holds
     privileged = pod.get("hostNetwork") or any(
         "IPC_LOCK" in ((c.get("securityContext") or {}).get("capabilities") or {}).get("add", [])
-        for c in pod.get("containers", []))
-    static = job is not None and "Master" in job["spec"]["pytorchReplicaSpecs"] and "Worker" in job["spec"][
-        "pytorchReplicaSpecs"]
+        for c in pod.get("containers", [])
+    )
+    static = (
+        job is not None
+        and "Master" in job["spec"]["pytorchReplicaSpecs"]
+        and "Worker" in job["spec"]["pytorchReplicaSpecs"]
+    )
     if level == "privileged":
         return Check("pod security", OK, f"namespace enforces {level}")
     if privileged:
-        return Check("pod security", FAIL, f"namespace enforces {level}; the pods ask for hostNetwork or IPC_LOCK",
-                     "leave nccl.hostNetwork/ipcLock off, or run in a namespace that allows them")
+        return Check(
+            "pod security",
+            FAIL,
+            f"namespace enforces {level}; the pods ask for hostNetwork or IPC_LOCK",
+            "leave nccl.hostNetwork/ipcLock off, or run in a namespace that allows them",
+        )
     if level == "restricted" and static:
-        return Check("pod security", WARN, "namespace enforces restricted; the operator adds init-pytorch to static "
-                     "Worker pods", "install the operator from manifests/operator (a restricted init-pytorch), "
-                     "or run --elastic N:N")
+        return Check(
+            "pod security",
+            WARN,
+            "namespace enforces restricted; the operator adds init-pytorch to static Worker pods",
+            "install the operator from manifests/operator (a restricted init-pytorch), or run --elastic N:N",
+        )
     return Check("pod security", OK, f"namespace enforces {level}; the pods meet it")
 
 
@@ -143,13 +179,24 @@ def storage_check(cluster: Cluster, uri: str, secret: str | None) -> Check:
     if secret is not None:
         data = cluster.secret_data(secret)
         if data is None:
-            return Check("checkpoint storage", FAIL, f'secret "{secret}" not found in {cluster.namespace}',
-                         f"kubectl create secret generic {secret} --from-literal=AWS_ACCESS_KEY_ID=... "
-                         "--from-literal=AWS_SECRET_ACCESS_KEY=...")
+            return Check(
+                "checkpoint storage",
+                FAIL,
+                f'secret "{secret}" not found in {cluster.namespace}',
+                f"kubectl create secret generic {secret} --from-literal=AWS_ACCESS_KEY_ID=... "
+                "--from-literal=AWS_SECRET_ACCESS_KEY=...",
+            )
         keys = {k: base64.b64decode(v).decode() for k, v in data.items()}
-        options = {k: v for k, v in {"key": keys.get("AWS_ACCESS_KEY_ID"), "secret": keys.get("AWS_SECRET_ACCESS_KEY"),
-                                     "token": keys.get("AWS_SESSION_TOKEN"),
-                                     "endpoint_url": keys.get("AWS_ENDPOINT_URL")}.items() if v}
+        options = {
+            k: v
+            for k, v in {
+                "key": keys.get("AWS_ACCESS_KEY_ID"),
+                "secret": keys.get("AWS_SECRET_ACCESS_KEY"),
+                "token": keys.get("AWS_SESSION_TOKEN"),
+                "endpoint_url": keys.get("AWS_ENDPOINT_URL"),
+            }.items()
+            if v
+        }
     probe = f"{uri.rstrip('/')}/.mfr-doctor-{uuid.uuid4().hex}"
     try:
         fs, path = fsspec.core.url_to_fs(probe, **options) if "://" in uri else (None, probe)
@@ -160,8 +207,12 @@ def storage_check(cluster: Cluster, uri: str, secret: str | None) -> Check:
         fs.rm_file(path)
     except Exception as err:  # every fsspec backend raises its own: one line, no credentials
         reason = redact(str(err).splitlines()[0]) if str(err) else type(err).__name__
-        return Check("checkpoint storage", FAIL, f"{uri}: {reason}",
-                     "check the bucket, the endpoint (AWS_ENDPOINT_URL) and the Secret's keys")
+        return Check(
+            "checkpoint storage",
+            FAIL,
+            f"{uri}: {reason}",
+            "check the bucket, the endpoint (AWS_ENDPOINT_URL) and the Secret's keys",
+        )
     return Check("checkpoint storage", OK if ok else FAIL, f"{uri}: wrote, read back and removed a probe object")
 
 

@@ -44,7 +44,8 @@ def evaluate(
     bins: Annotated[
         list[str] | None,
         typer.Option(
-            "--bin", metavar="URL",
+            "--bin",
+            metavar="URL",
             help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...); repeatable.",
         ),
     ] = None,
@@ -78,7 +79,8 @@ def evaluate(
     split: Annotated[
         int,
         typer.Option(
-            min=0, metavar="G",
+            min=0,
+            metavar="G",
             help="Galleries: each identity's first G images are its gallery, the others probes, and every probe is "
             "compared with every gallery image; 0: all-vs-all.",
         ),
@@ -121,8 +123,11 @@ def evaluate(
     ] = None,
     max_kept: Annotated[
         int | None,
-        typer.Option(min=1, help="Impostor scores kept per protocol (default 16,777,216: 64 MB); FPRs beyond are "
-                     "bracketed from a sample (galleries only)."),
+        typer.Option(
+            min=1,
+            help="Impostor scores kept per protocol (default 16,777,216: 64 MB); FPRs beyond are "
+            "bracketed from a sample (galleries only).",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
@@ -164,9 +169,21 @@ def evaluate(
     from mfr.trainer.verification import DEFAULT_FPRS
 
     request = EvalRequest(
-        model=model, bins=tuple(bins or ()), galleries=tuple(galleries or ()), pairs=tuple(pair_sets),
-        embedded=tuple(embedded or ()), embeddings=embeddings, roc=roc, fprs=tuple(fprs or DEFAULT_FPRS), flip=flip,
-        masks=masks, mask_seed=mask_seed, folds=folds, max_images=max_images, split=split, batch_size=batch_size,
+        model=model,
+        bins=tuple(bins or ()),
+        galleries=tuple(galleries or ()),
+        pairs=tuple(pair_sets),
+        embedded=tuple(embedded or ()),
+        embeddings=embeddings,
+        roc=roc,
+        fprs=tuple(fprs or DEFAULT_FPRS),
+        flip=flip,
+        masks=masks,
+        mask_seed=mask_seed,
+        folds=folds,
+        max_images=max_images,
+        split=split,
+        batch_size=batch_size,
         device=device,
     )
     score = functools.partial(_score, fprs=request.fprs, nproc=nproc, max_kept=max_kept)
@@ -188,8 +205,16 @@ def evaluate(
         print_data(data, output)
 
 
-def _score(name: str, url: str, split: int, pairs_hint: int, *, fprs: tuple[float, ...], nproc: int | None,
-           max_kept: int | None) -> dict[str, Any]:
+def _score(
+    name: str,
+    url: str,
+    split: int,
+    pairs_hint: int,
+    *,
+    fprs: tuple[float, ...],
+    nproc: int | None,
+    max_kept: int | None,
+) -> dict[str, Any]:
     """Score one embedded set here or on local ranks, with a progress bar; its report entry."""
     from .scoring import ScoringFailed, score_in_process, score_with_ranks
 
@@ -204,8 +229,11 @@ def _score(name: str, url: str, split: int, pairs_hint: int, *, fprs: tuple[floa
     except ScoringFailed as e:
         raise fail(f"{name}: {e}", code=e.code) from None
     scoring = entry["scoring"]
-    err.print(f"mfr: {name}: {scoring['pairs']:,} pairs scored in {scoring['seconds']:.1f} s "
-              f"({scoring['pairs_per_second']:,.0f} pairs/s, {scoring['world_size']} rank(s))", highlight=False)
+    err.print(
+        f"mfr: {name}: {scoring['pairs']:,} pairs scored in {scoring['seconds']:.1f} s "
+        f"({scoring['pairs_per_second']:,.0f} pairs/s, {scoring['world_size']} rank(s))",
+        highlight=False,
+    )
     return entry
 
 
@@ -230,9 +258,15 @@ def _scoring_progress(name: str) -> Iterator[Callable[[str, int, int], None]]:
     """A transient bar per protocol (pairs, pairs/s, ETA), started at the first report; yields ``progress``."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("scoring {task.description}"), BarColumn(),
-                   TextColumn("{task.completed:,.0f}/{task.total:,.0f} pairs"), _PairsPerSecond(),
-                   TimeRemainingColumn(), console=err, transient=True)
+    bar = Progress(
+        TextColumn("scoring {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} pairs"),
+        _PairsPerSecond(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
     tasks: dict[str, Any] = {}
 
     def progress(protocol: str, done: int, total: int) -> None:

@@ -40,11 +40,26 @@ class JobApi:
     install: str  # what serves it, for the error when the cluster does not
 
 
-PYTORCHJOB = JobApi("PyTorchJob", "kubeflow.org/v1", "pytorchjobs", "pytorch", "training.kubeflow.org/job-name",
-                    "training.kubeflow.org/replica-type", "training.kubeflow.org/replica-index",
-                    "the Kubeflow training operator v1.9 (see manifests/README.md)")
-TRAINJOB = JobApi("TrainJob", TRAINER_API, "trainjobs", "node", "jobset.sigs.k8s.io/jobset-name", None,
-                  "batch.kubernetes.io/job-completion-index", "Kubeflow Trainer v2.3 (or use --api pytorchjob)")
+PYTORCHJOB = JobApi(
+    "PyTorchJob",
+    "kubeflow.org/v1",
+    "pytorchjobs",
+    "pytorch",
+    "training.kubeflow.org/job-name",
+    "training.kubeflow.org/replica-type",
+    "training.kubeflow.org/replica-index",
+    "the Kubeflow training operator v1.9 (see manifests/README.md)",
+)
+TRAINJOB = JobApi(
+    "TrainJob",
+    TRAINER_API,
+    "trainjobs",
+    "node",
+    "jobset.sigs.k8s.io/jobset-name",
+    None,
+    "batch.kubernetes.io/job-completion-index",
+    "Kubeflow Trainer v2.3 (or use --api pytorchjob)",
+)
 JOB_APIS = (PYTORCHJOB, TRAINJOB)
 # API version and collection name of every kind the chart renders.
 KINDS = {
@@ -203,8 +218,9 @@ class Cluster:
                 if is_shared(obj) and self._exists(obj):
                     continue
                 try:
-                    with self._errors(f"create {obj['kind']} {obj['metadata']['name']}", conflict=name,
-                                      passthrough_404=True):
+                    with self._errors(
+                        f"create {obj['kind']} {obj['metadata']['name']}", conflict=name, passthrough_404=True
+                    ):
                         stored = self._request("POST", self._collection(obj), body=obj, query=query)
                 except ApiException as err:
                     raise self._missing(obj, err) from None
@@ -235,8 +251,9 @@ class Cluster:
         if missing_ok:
             return None
         kinds = " or ".join(api.kind for api in served)
-        raise ClusterError(f"no {kinds} {name} in namespace {self.namespace} "
-                           f"(mfrctl list -n {self.namespace} shows the runs)")
+        raise ClusterError(
+            f"no {kinds} {name} in namespace {self.namespace} (mfrctl list -n {self.namespace} shows the runs)"
+        )
 
     def _get_job(self, api: JobApi, name: str) -> dict[str, Any] | None:
         from kubernetes.client.rest import ApiException
@@ -256,8 +273,10 @@ class Cluster:
         for api in served:
             path = collection_path(api.api_version, api.kind, None if all_namespaces else self.namespace)
             with self._errors(f"list {api.kind}s"):
-                jobs += [item | {"kind": api.kind, "apiVersion": api.api_version} for item in self._request(
-                    "GET", path, query=[("labelSelector", CHART_SELECTOR)])["items"]]
+                jobs += [
+                    item | {"kind": api.kind, "apiVersion": api.api_version}
+                    for item in self._request("GET", path, query=[("labelSelector", CHART_SELECTOR)])["items"]
+                ]
         return sorted(jobs, key=lambda job: (job["metadata"].get("namespace", ""), job["metadata"]["name"]))
 
     def pods(self, job: dict[str, Any], replica: str | None = None, index: int | None = None) -> list[dict[str, Any]]:
@@ -269,28 +288,39 @@ class Cluster:
         if index is not None:
             selector += f",{api.index_label}={index}"
         with self._errors(f"list the pods of {name}"):
-            items = self._request("GET", f"/api/v1/namespaces/{self.namespace}/pods",
-                                  query=[("labelSelector", selector)])["items"]
+            items = self._request(
+                "GET", f"/api/v1/namespaces/{self.namespace}/pods", query=[("labelSelector", selector)]
+            )["items"]
         return sorted(items, key=lambda pod: (replica_of(pod)[0] != "master", replica_of(pod)[1]))
 
-    def pod_log(self, pod: dict[str, Any], *, tail: int | None = None, since: int | None = None,
-                previous: bool = False) -> str:
+    def pod_log(
+        self, pod: dict[str, Any], *, tail: int | None = None, since: int | None = None, previous: bool = False
+    ) -> str:
         """The log of a pod's trainer container (``previous``: of its last terminated run)."""
         name = pod["metadata"]["name"]
         with self._errors(f"read the log of pod {name}"):
-            return self._request("GET", f"/api/v1/namespaces/{self.namespace}/pods/{name}/log",
-                                 query=_log_query(pod, tail, since, previous), accept="text/plain")
+            return self._request(
+                "GET",
+                f"/api/v1/namespaces/{self.namespace}/pods/{name}/log",
+                query=_log_query(pod, tail, since, previous),
+                accept="text/plain",
+            )
 
-    def follow_log(self, pod: dict[str, Any], on_line: Callable[[str], None], *, tail: int | None = None,
-                   since: int | None = None) -> None:
+    def follow_log(
+        self, pod: dict[str, Any], on_line: Callable[[str], None], *, tail: int | None = None, since: int | None = None
+    ) -> None:
         """Stream a pod's trainer log to ``on_line`` until the container ends."""
         name = pod["metadata"]["name"]
         with self._errors(f"follow the log of pod {name}"):
             response = self.api.call_api(
-                f"/api/v1/namespaces/{self.namespace}/pods/{name}/log", "GET",
+                f"/api/v1/namespaces/{self.namespace}/pods/{name}/log",
+                "GET",
                 query_params=[*_log_query(pod, tail, since, False), ("follow", "true")],
-                header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"],
-                _preload_content=False, _return_http_data_only=True, _request_timeout=(REQUEST_TIMEOUT[0], None),
+                header_params={"Accept": "text/plain"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=(REQUEST_TIMEOUT[0], None),
             )
             pending = b""
             for chunk in response.stream(4096):
@@ -306,8 +336,11 @@ class Cluster:
         found = []
         for name in names:
             with self._errors(f"list the events of {name}"):
-                found += self._request("GET", f"/api/v1/namespaces/{self.namespace}/events",
-                                       query=[("fieldSelector", f"involvedObject.name={name}")])["items"]
+                found += self._request(
+                    "GET",
+                    f"/api/v1/namespaces/{self.namespace}/events",
+                    query=[("fieldSelector", f"involvedObject.name={name}")],
+                )["items"]
         return sorted(found, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
     def delete_run(self, name: str) -> list[str]:
@@ -328,8 +361,11 @@ class Cluster:
                 continue
             try:
                 with self._errors(f"list the {plural} of {name}", passthrough_404=True, passthrough_403=True):
-                    items = self._request("GET", collection_path(api_version, kind, self.namespace),
-                                          query=[("labelSelector", run_selector(name))])["items"]
+                    items = self._request(
+                        "GET",
+                        collection_path(api_version, kind, self.namespace),
+                        query=[("labelSelector", run_selector(name))],
+                    )["items"]
             except ApiException as err:
                 if err.status == 403:
                     skipped.append(plural)
@@ -338,16 +374,21 @@ class Cluster:
         runtime = (job or {}).get("spec", {}).get("runtimeRef") or {}
         if runtime.get("kind") in CLUSTER_SCOPED:  # a cluster-wide runtime the chart made for this run
             api_version = KINDS[runtime["kind"]][0]
-            shipped = self._get_or_none(f"{collection_path(api_version, runtime['kind'], None)}/{runtime['name']}",
-                                        f"get {runtime['kind']} {runtime['name']}")
+            shipped = self._get_or_none(
+                f"{collection_path(api_version, runtime['kind'], None)}/{runtime['name']}",
+                f"get {runtime['kind']} {runtime['name']}",
+            )
             if shipped and (shipped["metadata"].get("labels") or {}).get(RUN_LABEL) == name:
                 found.append((api_version, runtime["kind"], runtime["name"]))
         deleted = []
         if job is not None:
             try:
                 with self._errors(f"delete {job['kind']} {name}", passthrough_404=True):
-                    self._request("DELETE", self._object_path(job["apiVersion"], job["kind"], name),
-                                  query=[("propagationPolicy", "Background")])
+                    self._request(
+                        "DELETE",
+                        self._object_path(job["apiVersion"], job["kind"], name),
+                        query=[("propagationPolicy", "Background")],
+                    )
             except ApiException:  # deleted meanwhile
                 pass
             deleted.append(f"{job['kind'].lower()}/{name}")
@@ -366,8 +407,13 @@ class Cluster:
             self.warn(f"not allowed to list {', '.join(skipped)} in namespace {self.namespace}: skipped")
         return deleted
 
-    def wait(self, name: str, on_change: Callable[[str, str], None], poll: float = POLL_SECONDS,
-             deadline: float | None = None) -> str:
+    def wait(
+        self,
+        name: str,
+        on_change: Callable[[str, str], None],
+        poll: float = POLL_SECONDS,
+        deadline: float | None = None,
+    ) -> str:
         """Poll the job until it succeeds or fails (or ``deadline``, a time.monotonic(), passes); its last state."""
         previous = None
         while True:
@@ -432,9 +478,13 @@ class Cluster:
         query = [("fieldManager", FIELD_MANAGER), ("force", "true"), ("fieldValidation", "Strict")]
         try:
             with self._errors(f"apply {obj['kind']} {obj['metadata']['name']}", passthrough_404=True):
-                self._request("PATCH", f"{self._collection(obj)}/{obj['metadata']['name']}", body=obj,
-                              query=query + ([("dryRun", "All")] if dry_run else []),
-                              content_type="application/apply-patch+yaml")
+                self._request(
+                    "PATCH",
+                    f"{self._collection(obj)}/{obj['metadata']['name']}",
+                    body=obj,
+                    query=query + ([("dryRun", "All")] if dry_run else []),
+                    content_type="application/apply-patch+yaml",
+                )
         except ApiException as err:
             raise self._missing(obj, err) from None
 
@@ -453,13 +503,26 @@ class Cluster:
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, body: Any = None, query: list[tuple[str, str]] | None = None,
-                 content_type: str = "application/json", accept: str = "application/json") -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+    ) -> Any:
         return self.api.call_api(
-            path, method, query_params=query or [], body=body,
+            path,
+            method,
+            query_params=query or [],
+            body=body,
             header_params={"Accept": accept, "Content-Type": content_type},
-            auth_settings=["BearerToken"], response_type="object" if accept == "application/json" else "str",
-            _return_http_data_only=True, _request_timeout=REQUEST_TIMEOUT,
+            auth_settings=["BearerToken"],
+            response_type="object" if accept == "application/json" else "str",
+            _return_http_data_only=True,
+            _request_timeout=REQUEST_TIMEOUT,
         )
 
     def _collection(self, obj: dict[str, Any]) -> str:
@@ -481,12 +544,20 @@ class Cluster:
 
     def _own(self, obj: dict[str, Any], owner: dict[str, Any]) -> None:
         """Make ``owner`` (the job) the owner of ``obj``, now that its uid is known."""
-        reference = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
-                     "uid": owner["metadata"]["uid"], "blockOwnerDeletion": False}
+        reference = {
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
+            "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"],
+            "blockOwnerDeletion": False,
+        }
         with self._errors(f"set the owner of {obj['kind']} {obj['metadata']['name']}"):
-            self._request("PATCH", f"{self._collection(obj)}/{obj['metadata']['name']}",
-                          body={"metadata": {"ownerReferences": [reference]}},
-                          content_type="application/merge-patch+json")
+            self._request(
+                "PATCH",
+                f"{self._collection(obj)}/{obj['metadata']['name']}",
+                body={"metadata": {"ownerReferences": [reference]}},
+                content_type="application/merge-patch+json",
+            )
 
     def _rollback(self, objects: list[dict[str, Any]]) -> None:
         for obj in reversed(objects):
@@ -507,8 +578,9 @@ class Cluster:
     def _missing_api(self, kind: str) -> ClusterError:
         if kind in KIND_OF_JOBS:
             api = job_api(kind)
-            return ClusterError(f"the cluster at {self.server} serves no {api.api_version} {kind} API: install "
-                                f"{api.install}")
+            return ClusterError(
+                f"the cluster at {self.server} serves no {api.api_version} {kind} API: install {api.install}"
+            )
         if KINDS[kind][0] == MONITORING_API:
             return ClusterError(
                 f"the cluster at {self.server} serves no {MONITORING_API} {kind} API: install the prometheus-operator "
@@ -526,7 +598,12 @@ class Cluster:
 
     @contextmanager
     def _errors(
-        self, action: str, *, conflict: str | None = None, passthrough_404: bool = False, missing_api: bool = False,
+        self,
+        action: str,
+        *,
+        conflict: str | None = None,
+        passthrough_404: bool = False,
+        missing_api: bool = False,
         passthrough_403: bool = False,
     ) -> Iterator[None]:
         """Turn client and SDK exceptions into one ClusterError line."""

@@ -85,8 +85,11 @@ class LocalJob:
         env = {} if self.metrics_port is None else {METRICS_PORT_ENV: str(self.node_metrics_port(node_rank))}
         if self.api == "trainjob":  # v2.3.0: PET_* only; no MASTER_ADDR, RANK or WORLD_SIZE
             return env | {
-                "PET_NNODES": str(self.nodes), "PET_NPROC_PER_NODE": str(self.nproc_per_node),
-                "PET_NODE_RANK": str(node_rank), "PET_MASTER_ADDR": LOOPBACK, "PET_MASTER_PORT": str(self.master_port),
+                "PET_NNODES": str(self.nodes),
+                "PET_NPROC_PER_NODE": str(self.nproc_per_node),
+                "PET_NODE_RANK": str(node_rank),
+                "PET_MASTER_ADDR": LOOPBACK,
+                "PET_MASTER_PORT": str(self.master_port),
             }
         env |= {"PYTHONUNBUFFERED": "1", "PET_NPROC_PER_NODE": str(self.nproc_per_node)}
         if self.elastic is None:
@@ -255,12 +258,20 @@ class RunningJob:
         job = self.job
         threads = max(1, (os.cpu_count() or 1) // job.world_size)
         # gloo's connections between ranks listen on loopback only (torch's TCPStores bind every address)
-        env = os.environ | job.node_env(node) | {"OMP_NUM_THREADS": str(threads), EVENTS_ENV: str(job.events_path),
-                                                 "GLOO_SOCKET_IFNAME": "lo"}
+        env = (
+            os.environ
+            | job.node_env(node)
+            | {"OMP_NUM_THREADS": str(threads), EVENTS_ENV: str(job.events_path), "GLOO_SOCKET_IFNAME": "lo"}
+        )
         with open(self.logs[node], "ab") as out:
             return subprocess.Popen(
-                job.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+                job.command(),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def poll(self) -> list[int | None]:
@@ -291,8 +302,9 @@ class RunningJob:
             if not failure.retryable or self.restarts > self.job.backoff_limit:
                 self.failed = failure
             else:
-                self.say(f"mfr: {failure}; restarting it (restart {self.restarts} of backoffLimit "
-                         f"{self.job.backoff_limit})")
+                self.say(
+                    f"mfr: {failure}; restarting it (restart {self.restarts} of backoffLimit {self.job.backoff_limit})"
+                )
                 with open(self.logs[node], "ab") as out:
                     out.write(f"\n--- mfr: {failure}; restarted ---\n".encode())
                 self.agents[node] = self._start_agent(node)

@@ -91,13 +91,20 @@ def train(
         bool, typer.Option("--fresh", help="Start over, ignoring checkpoints already in the run's checkpoint.uri.")
     ] = False,
     backoff_limit: Annotated[
-        int, typer.Option(min=0, help="Pod failures with a retryable exit code (>= 128) that are restarted, "
-                                      "as the operator's runPolicy.backoffLimit; 0 fails the job on the first.")
+        int,
+        typer.Option(
+            min=0,
+            help="Pod failures with a retryable exit code (>= 128) that are restarted, "
+            "as the operator's runPolicy.backoffLimit; 0 fails the job on the first.",
+        ),
     ] = 6,
     api: Annotated[
-        str, typer.Option(metavar="pytorchjob|trainjob",
-                          help="Whose environment contract the pods get: the v1 operator's PyTorchJob "
-                               "(MASTER_ADDR, RANK, WORLD_SIZE, PET_*) or Kubeflow Trainer v2's TrainJob (PET_* only).")
+        str,
+        typer.Option(
+            metavar="pytorchjob|trainjob",
+            help="Whose environment contract the pods get: the v1 operator's PyTorchJob "
+            "(MASTER_ADDR, RANK, WORLD_SIZE, PET_*) or Kubeflow Trainer v2's TrainJob (PET_* only).",
+        ),
     ] = "pytorchjob",
     output: OutputOpt = Output.table,
 ) -> None:
@@ -116,8 +123,10 @@ def train(
     if api not in ("pytorchjob", "trainjob"):
         raise fail(f"--api {api!r}: pytorchjob or trainjob")
     if api == "trainjob" and elastic_range:
-        raise fail("--api trainjob --elastic: elastic training runs as a PyTorchJob (Kubeflow Trainer v2.2 removed "
-                   "ElasticPolicy); drop one")
+        raise fail(
+            "--api trainjob --elastic: elastic training runs as a PyTorchJob (Kubeflow Trainer v2.2 removed "
+            "ElasticPolicy); drop one"
+        )
     overrides = list(set_ or [])
     if fresh:
         overrides.append("checkpoint.resume=never")
@@ -203,13 +212,16 @@ def _print_results(events: EventTail, running: RunningJob, output: Output) -> No
             err.print(f"mfr: {running.restarts} pod restart(s): {'; '.join(restarted)}", highlight=False)
         out.print(results_table(events.evals))
         return
-    print_data({
-        "steps": events.last_step,
-        "restarts": running.restarts,
-        "pod_failures": [{"pod": f.pod, "node": f.node, "exit_code": f.code} for f in running.failures],
-        "resumed_at": [e["step"] for e in events.resumes],
-        "eval": {stage: ev["results"] for stage, ev in events.evals.items()},
-    }, output)
+    print_data(
+        {
+            "steps": events.last_step,
+            "restarts": running.restarts,
+            "pod_failures": [{"pod": f.pod, "node": f.node, "exit_code": f.code} for f in running.failures],
+            "resumed_at": [e["step"] for e in events.resumes],
+            "eval": {stage: ev["results"] for stage, ev in events.evals.items()},
+        },
+        output,
+    )
 
 
 add_kubernetes_commands(app)  # render, submit, status, logs, delete, list

@@ -119,8 +119,9 @@ class Architecture:
     @classmethod
     def named(cls, backbone: str, layers=None, width=None, embedding: int = 512) -> Architecture:
         """The architecture of a validated ``model:`` (or ``distill.teacher:``) section's fields."""
-        return cls(backbone_layers(backbone, layers), DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width,
-                   embedding)
+        return cls(
+            backbone_layers(backbone, layers), DEFAULT_WIDTHS.get(backbone, 1.0) if width is None else width, embedding
+        )
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -180,7 +181,7 @@ def backbone_activations(arch: Architecture, checkpointing: str, every: int, ele
     checkpointed = checkpointing != "none"
     transient = FP32 * (BACKWARD_TRANSIENT_TENSORS + (AUTOCAST_TRANSIENT_TENSORS if element < FP32 else 0))
     segments = arch.segments(checkpointing, every)
-    kept = [seg[0].in_channels * seg[0].size**2 if checkpointed else seg[0].saved() for seg in segments]
+    kept = [seg[0].in_channels * seg[0].size ** 2 if checkpointed else seg[0].saved() for seg in segments]
     stem = arch.stem_saved() + (3 * INPUT_SIZE**2 if element < FP32 else 0)  # + the image cast by autocast
     end_of_forward = stem + sum(kept) + arch.top_saved()
     most = element * stem + transient * arch.channels[0] * INPUT_SIZE**2
@@ -219,11 +220,21 @@ class PlanSpec:
     def from_config(cls, cfg: TrainConfig, **cluster: Any) -> PlanSpec:
         """The spec of a validated TrainConfig, on ``cluster`` (nodes, gpus_per_node, gpu_memory, reserve)."""
         return cls(
-            classes=cfg.head.num_classes, embedding=cfg.model.embedding_size, backbone=cfg.model.backbone,
-            layers=tuple(cfg.model.layers) if cfg.model.layers else None, width=cfg.model.width,
-            batch=cfg.data.batch_size, sample_rate=cfg.head.sample_rate, precision=cfg.run.amp, zero=cfg.optim.zero,
-            activation_checkpointing=cfg.model.activation_checkpointing, checkpoint_every=cfg.model.checkpoint_every,
-            micro_batches=cfg.optim.micro_batches, optimizer=cfg.optim.name, momentum=cfg.optim.momentum, **cluster,
+            classes=cfg.head.num_classes,
+            embedding=cfg.model.embedding_size,
+            backbone=cfg.model.backbone,
+            layers=tuple(cfg.model.layers) if cfg.model.layers else None,
+            width=cfg.model.width,
+            batch=cfg.data.batch_size,
+            sample_rate=cfg.head.sample_rate,
+            precision=cfg.run.amp,
+            zero=cfg.optim.zero,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+            checkpoint_every=cfg.model.checkpoint_every,
+            micro_batches=cfg.optim.micro_batches,
+            optimizer=cfg.optim.name,
+            momentum=cfg.optim.momentum,
+            **cluster,
         )
 
     @property
@@ -343,15 +354,20 @@ def plan_memory(spec: PlanSpec) -> Plan:
             Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last")
         )
         in_step.append(Item("head", "accumulated gradient", centres, "earlier micro-batches"))
-    backbone_grads = Item("backbone", "gradients", full if spec.zero == 0 else shard,
-                          "fp32" if spec.zero == 0 else f"reduce-scattered to 1/{world} per unit")
+    backbone_grads = Item(
+        "backbone",
+        "gradients",
+        full if spec.zero == 0 else shard,
+        "fp32" if spec.zero == 0 else f"reduce-scattered to 1/{world} per unit",
+    )
     head_grad = Item("head", "gradient", centres, "dense over the shard, also when sampling")
 
     kept, backbone_peak = backbone_activations(arch, spec.activation_checkpointing, spec.checkpoint_every, act)
     checkpointing = (
-        "" if spec.activation_checkpointing == "none"
-        else f", {spec.activation_checkpointing} checkpointing" + (
-            f" every {spec.checkpoint_every}" if spec.activation_checkpointing == "block" else "")
+        ""
+        if spec.activation_checkpointing == "none"
+        else f", {spec.activation_checkpointing} checkpointing"
+        + (f" every {spec.checkpoint_every}" if spec.activation_checkpointing == "block" else "")
     )
     logits = HEAD_LOGIT_BUFFERS * FP32 * rows * sampled + FP32 * sampled * e * (2 if sampled < num_local else 1)
     centre_side = HEAD_CENTRE_BUFFERS * FP32 * sampled * e
@@ -360,20 +376,32 @@ def plan_memory(spec: PlanSpec) -> Plan:
     centre_side += FP32 * rows * sampled  # the logits' gradient
     head_backward = [
         Item("backbone", "activations", micro * kept, f"saved for backward, {micro} samples{checkpointing}"),
-        Item("head", "logits and softmax" if logits >= centre_side else "centre gradients",
-             int(max(logits, centre_side)),
-             f"{rows} rows x {sampled:,} classes" if logits >= centre_side
-             else f"normalised centres and their gradients, {sampled:,} x {e}"),
+        Item(
+            "head",
+            "logits and softmax" if logits >= centre_side else "centre gradients",
+            int(max(logits, centre_side)),
+            f"{rows} rows x {sampled:,} classes"
+            if logits >= centre_side
+            else f"normalised centres and their gradients, {sampled:,} x {e}",
+        ),
         Item("head", "all-gathered embeddings", 3 * FP32 * rows * e, f"{rows} x {e}: gathered, normalised, gradient"),
     ]
     backbone_backward = [
-        Item("backbone", "activations", micro * backbone_peak,
-             f"still saved, recomputed and gradients of one block, {micro} samples{checkpointing}"),
-        *([backbone_grads, head_grad] if spec.micro_batches == 1 else [
-            # measured: the last micro-batch's gradients exist beside the accumulated ones before the sum
-            Item("backbone", "new gradients", full, "this micro-batch's, before they are accumulated"),
-            Item("head", "new gradient", centres, "this micro-batch's, before it is accumulated"),
-        ]),
+        Item(
+            "backbone",
+            "activations",
+            micro * backbone_peak,
+            f"still saved, recomputed and gradients of one block, {micro} samples{checkpointing}",
+        ),
+        *(
+            [backbone_grads, head_grad]
+            if spec.micro_batches == 1
+            else [
+                # measured: the last micro-batch's gradients exist beside the accumulated ones before the sum
+                Item("backbone", "new gradients", full, "this micro-batch's, before they are accumulated"),
+                Item("head", "new gradient", centres, "this micro-batch's, before it is accumulated"),
+            ]
+        ),
     ]
     step = [
         backbone_grads,

@@ -25,10 +25,19 @@ from .memory_model import Plan, PlanError, PlanSpec, format_bytes, parse_memory,
 FITS, DOES_NOT_FIT = 0, 3
 # The flags that stand for a TrainConfig setting: --batch 64 is --set data.batch_size=64.
 CONFIG_FLAGS = {
-    "classes": "head.num_classes", "embedding": "model.embedding_size", "backbone": "model.backbone",
-    "layers": "model.layers", "width": "model.width", "batch": "data.batch_size", "sample_rate": "head.sample_rate",
-    "precision": "run.amp", "zero": "optim.zero", "activation_checkpointing": "model.activation_checkpointing",
-    "checkpoint_every": "model.checkpoint_every", "micro_batches": "optim.micro_batches", "optimizer": "optim.name",
+    "classes": "head.num_classes",
+    "embedding": "model.embedding_size",
+    "backbone": "model.backbone",
+    "layers": "model.layers",
+    "width": "model.width",
+    "batch": "data.batch_size",
+    "sample_rate": "head.sample_rate",
+    "precision": "run.amp",
+    "zero": "optim.zero",
+    "activation_checkpointing": "model.activation_checkpointing",
+    "checkpoint_every": "model.checkpoint_every",
+    "micro_batches": "optim.micro_batches",
+    "optimizer": "optim.name",
 }
 
 
@@ -144,18 +153,30 @@ def plan(
     script can run `mfrctl plan ... -o json >/dev/null && submit`.
     """
     given = {
-        "classes": classes, "embedding": embedding, "backbone": backbone, "width": width, "batch": batch,
-        "sample_rate": sample_rate, "precision": precision, "zero": zero,
-        "activation_checkpointing": activation_checkpointing, "checkpoint_every": checkpoint_every,
-        "micro_batches": micro_batches, "optimizer": optimizer, "layers": layers,
+        "classes": classes,
+        "embedding": embedding,
+        "backbone": backbone,
+        "width": width,
+        "batch": batch,
+        "sample_rate": sample_rate,
+        "precision": precision,
+        "zero": zero,
+        "activation_checkpointing": activation_checkpointing,
+        "checkpoint_every": checkpoint_every,
+        "micro_batches": micro_batches,
+        "optimizer": optimizer,
+        "layers": layers,
     }
     flags = {name: value for name, value in given.items() if value is not None}
     try:
         if layers is not None:
             flags["layers"] = _parse_layers(layers)
         spec = PlanSpec.from_config(
-            _config(config, set_ or [], flags), nodes=nodes, gpus_per_node=gpus_per_node,
-            gpu_memory=parse_memory(gpu_memory), reserve=_parse_reserve(reserve),
+            _config(config, set_ or [], flags),
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            gpu_memory=parse_memory(gpu_memory),
+            reserve=_parse_reserve(reserve),
         )
         result = plan_memory(spec)
     except (PlanError, ConfigError) as e:

@@ -88,9 +88,7 @@ class TrainProgress:
                 )
             elif kind == "step":
                 loss = "non-finite" if event["loss"] is None else f"{event['loss']:.3f}"
-                self._bar.update(
-                    self._task, completed=event["step"], rate=f"{event['samples_per_s']:.0f}", loss=loss
-                )
+                self._bar.update(self._task, completed=event["step"], rate=f"{event['samples_per_s']:.0f}", loss=loss)
             elif kind == "resume":
                 self._bar.update(self._task, completed=event["step"])
                 self._console.print(
@@ -101,7 +99,8 @@ class TrainProgress:
             elif kind == "checkpoint_failed":
                 self._console.print(
                     f"mfr: warning: checkpoint of step {event['step']} failed, training continues: {event['message']}",
-                    highlight=False, markup=False,
+                    highlight=False,
+                    markup=False,
                 )
             elif kind == "eval":
                 self._console.print(f"mfr: evaluated the {event['stage']} model at step {event['step']}")

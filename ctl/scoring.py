@@ -35,8 +35,9 @@ class ScoringFailed(RuntimeError):
         self.code = code
 
 
-def score_in_process(embeddings: str, name: str, fprs: tuple[float, ...], split: int, max_kept: int | None,
-                     progress: ProgressFn) -> dict[str, Any]:
+def score_in_process(
+    embeddings: str, name: str, fprs: tuple[float, ...], split: int, max_kept: int | None, progress: ProgressFn
+) -> dict[str, Any]:
     """One rank, here (needs numpy only): the set's report entry."""
     from mfr.trainer.config import ConfigError
     from mfr.trainer.score import MAX_KEPT, Ranks, open_set, score_set
@@ -48,17 +49,30 @@ def score_in_process(embeddings: str, name: str, fprs: tuple[float, ...], split:
         raise ScoringFailed(str(e), 2) from None
 
 
-def score_with_ranks(embeddings: str, name: str, fprs: tuple[float, ...], split: int, max_kept: int | None,
-                     nproc: int, workdir: Path, progress: ProgressFn) -> dict[str, Any]:
+def score_with_ranks(
+    embeddings: str,
+    name: str,
+    fprs: tuple[float, ...],
+    split: int,
+    max_kept: int | None,
+    nproc: int,
+    workdir: Path,
+    progress: ProgressFn,
+) -> dict[str, Any]:
     """``nproc`` local ranks of the scorer; the set's report entry (written by rank 0 into ``workdir``)."""
     report, events = workdir / "report.json", workdir / "events.jsonl"
     args = [embeddings, "--report", str(report), "--name", name, "--split", str(split)]
     args += [a for f in fprs for a in ("--fpr", repr(f))] + (["--max-kept", str(max_kept)] if max_kept else [])
     port = free_port()
     base = os.environ | {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1", EVENTS_ENV: str(events),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        EVENTS_ENV: str(events),
     }
     ranks: list[subprocess.Popen] = []
     logs = [workdir / f"rank-{rank}.log" for rank in range(nproc)]
@@ -66,11 +80,17 @@ def score_with_ranks(embeddings: str, name: str, fprs: tuple[float, ...], split:
     try:
         for rank in range(nproc):
             with open(logs[rank], "w") as log:
-                ranks.append(subprocess.Popen(
-                    SCORER + args, env=base | {"RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                ))
+                ranks.append(
+                    subprocess.Popen(
+                        SCORER + args,
+                        env=base | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                )
         while any(p.poll() is None for p in ranks) and not any(p.poll() for p in ranks):
             _follow(tail, progress)
             time.sleep(0.2)

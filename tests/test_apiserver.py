@@ -47,24 +47,43 @@ def configmap(name: str, **labels: str) -> dict:
 
 
 def pod(name: str, *containers: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-            "spec": {"containers": [{"name": c, "image": "busybox"} for c in containers or ("main",)]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": c, "image": "busybox"} for c in containers or ("main",)]},
+    }
 
 
 def pytorchjob(name: str, workers=2) -> dict:
     def template():
         return {"spec": {"containers": [{"name": "pytorch", "image": "mfr-trainer:1"}]}}
 
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PyTorchJob", "metadata": {"name": name},
-            "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "template": template()},
-                                             "Worker": {"replicas": workers, "template": template()}}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {"replicas": 1, "template": template()},
+                "Worker": {"replicas": workers, "template": template()},
+            }
+        },
+    }
 
 
 def call(kube: client.ApiClient, method: str, path: str, body=None, content_type="application/json", **query):
     """A raw request, for what the generated API classes cannot send (apply patches) or hide (headers)."""
-    return kube.call_api(path, method, query_params=list(query.items()), body=body, response_type="object",
-                         header_params={"Content-Type": content_type, "Accept": "application/json"},
-                         auth_settings=["BearerToken"], _return_http_data_only=False)
+    return kube.call_api(
+        path,
+        method,
+        query_params=list(query.items()),
+        body=body,
+        response_type="object",
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        auth_settings=["BearerToken"],
+        _return_http_data_only=False,
+    )
 
 
 # -- namespaces --------------------------------------------------------------------------
@@ -80,8 +99,15 @@ def test_namespaces_exist_or_are_not_found(api, kube):
     # The NamespaceLifecycle admission plugin: NotFound about the namespace, not about the ConfigMap.
     assert err.value.status == 404
     assert status_of(err.value) | {"metadata": {}} == {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 404, "reason": "NotFound",
-        "message": 'namespaces "nope" not found', "details": {"name": "nope", "kind": "namespaces"}}
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "code": 404,
+        "reason": "NotFound",
+        "message": 'namespaces "nope" not found',
+        "details": {"name": "nope", "kind": "namespaces"},
+    }
     with pytest.raises(ApiException) as err:
         core.read_namespace("nope")
     assert status_of(err.value)["details"] == {"name": "nope", "kind": "namespaces"}
@@ -96,7 +122,10 @@ def test_the_objects_namespace_must_be_the_requests(kube):
     with pytest.raises(ApiException) as err:
         core.create_namespaced_config_map("ml", obj)
     assert (err.value.status, status_of(err.value)["reason"], status_of(err.value)["message"]) == (
-        400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request")
+        400,
+        "BadRequest",
+        "the namespace of the provided object does not match the namespace sent on the request",
+    )
     assert core.create_namespaced_config_map("default", obj).metadata.namespace == "default"
 
 
@@ -113,11 +142,14 @@ def test_field_validation_strict_warn_ignore_on_a_builtin_kind(kube):
     assert err.value.status == 400 and status_of(err.value)["reason"] == "BadRequest"
     assert status_of(err.value)["message"] == (
         'Pod in version "v1" cannot be handled as a Pod: strict decoding error: '
-        'unknown field "spec.foo", unknown field "spec.tolerations[0].efect"')
+        'unknown field "spec.foo", unknown field "spec.tolerations[0].efect"'
+    )
     created, code, headers = core.create_namespaced_pod_with_http_info("ml", bad)  # Warn is the default
     assert code == 201 and created.spec.tolerations[0].effect is None
-    assert headers.getlist("Warning") == ['299 - "unknown field \\"spec.foo\\""',
-                                          '299 - "unknown field \\"spec.tolerations[0].efect\\""']
+    assert headers.getlist("Warning") == [
+        '299 - "unknown field \\"spec.foo\\""',
+        '299 - "unknown field \\"spec.tolerations[0].efect\\""',
+    ]
     quiet = bad | {"metadata": {"name": "q"}}
     _, _, headers = core.create_namespaced_pod_with_http_info("ml", quiet, field_validation="Ignore")
     assert headers.getlist("Warning") == []
@@ -139,8 +171,11 @@ def test_builtin_types_and_required_fields(kube):
         core.create_namespaced_pod("ml", nameless)
     assert err.value.status == 422
     assert status_of(err.value)["message"] == 'Pod "p" is invalid: spec.containers[0].name: Required value'
-    assert status_of(err.value)["details"] == {"name": "p", "kind": "Pod", "causes": [
-        {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.containers[0].name"}]}
+    assert status_of(err.value)["details"] == {
+        "name": "p",
+        "kind": "Pod",
+        "causes": [{"reason": "FieldValueRequired", "message": "Required value", "field": "spec.containers[0].name"}],
+    }
     with pytest.raises(ApiException) as err:
         core.create_namespaced_config_map("ml", configmap("Bad_Name"))
     assert err.value.status == 422 and "a lowercase RFC 1123 subdomain" in status_of(err.value)["message"]
@@ -159,16 +194,20 @@ def test_pytorchjob_bodies_are_validated_against_the_vendored_crd(kube):
     assert status["details"]["group"] == GROUP
     assert sorted((c["field"], c["reason"]) for c in status["details"]["causes"]) == [
         ("spec.pytorchReplicaSpecs.Master.template.spec.containers[0].name", "FieldValueRequired"),
-        ("spec.pytorchReplicaSpecs.Worker.replicas", "FieldValueTypeInvalid")]
+        ("spec.pytorchReplicaSpecs.Worker.replicas", "FieldValueTypeInvalid"),
+    ]
     assert status["message"].startswith('PyTorchJob.kubeflow.org "exp1" is invalid: [')
-    assert ('spec.pytorchReplicaSpecs.Worker.replicas: Invalid value: "string": spec.pytorchReplicaSpecs.Worker'
-            '.replicas in body must be of type integer: "string"') in status["message"]
+    assert (
+        'spec.pytorchReplicaSpecs.Worker.replicas: Invalid value: "string": spec.pytorchReplicaSpecs.Worker'
+        '.replicas in body must be of type integer: "string"'
+    ) in status["message"]
     unknown = pytorchjob("exp1")
     unknown["spec"]["foo"] = True
     with pytest.raises(ApiException) as err:
         jobs.create_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, unknown, field_validation="Strict")
-    assert status_of(err.value)["message"] == ('PyTorchJob in version "v1" cannot be handled as a PyTorchJob: '
-                                               'strict decoding error: unknown field "spec.foo"')
+    assert status_of(err.value)["message"] == (
+        'PyTorchJob in version "v1" cannot be handled as a PyTorchJob: strict decoding error: unknown field "spec.foo"'
+    )
     created = jobs.create_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, unknown)
     assert "foo" not in created["spec"]  # pruned, as a structural schema prunes
 
@@ -187,12 +226,19 @@ def test_resource_version_uid_generation_and_optimistic_concurrency(kube):
     assert err.value.status == 409 and status_of(err.value)["reason"] == "Conflict"
     assert status_of(err.value)["message"] == (
         'Operation cannot be fulfilled on configmaps "a": the object has been modified; please apply your changes '
-        "to the latest version and try again")
+        "to the latest version and try again"
+    )
     first.metadata.resource_version = None  # no resourceVersion: an unconditional update
     assert core.replace_namespaced_config_map("a", "ml", first).data == {"k": "w"}
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {
-        "selector": {"matchLabels": {"app": "d"}},
-        "template": {"metadata": {"labels": {"app": "d"}}, "spec": pod("x")["spec"]}}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "d"}},
+            "template": {"metadata": {"labels": {"app": "d"}}, "spec": pod("x")["spec"]},
+        },
+    }
     created = apps.create_namespaced_deployment("ml", deployment)
     assert created.metadata.generation == 1
     assert apps.patch_namespaced_deployment("d", "ml", {"spec": {"replicas": 3}}).metadata.generation == 2
@@ -207,8 +253,14 @@ def test_status_subresource_of_a_job(kube):
     created["status"] = {"conditions": [{"type": "Running", "status": "True"}]}
     replaced = jobs.replace_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, "exp1", created)
     assert "status" not in replaced and replaced["metadata"]["generation"] == 1  # the main resource ignores it
-    patched = jobs.patch_namespaced_custom_object_status(GROUP, VERSION, "ml", JOBS, "exp1", {
-        "spec": {"runPolicy": {"suspend": True}}, "status": {"conditions": [{"type": "Running", "status": "True"}]}})
+    patched = jobs.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        "ml",
+        JOBS,
+        "exp1",
+        {"spec": {"runPolicy": {"suspend": True}}, "status": {"conditions": [{"type": "Running", "status": "True"}]}},
+    )
     assert patched["status"]["conditions"][0]["type"] == "Running"
     assert "runPolicy" not in patched["spec"] and patched["metadata"]["generation"] == 1
 
@@ -221,16 +273,28 @@ def test_merge_strategic_and_json_patches(kube):
     core.create_namespaced_pod("ml", pod("p", "a", "b"))
     patched = core.patch_namespaced_pod("p", "ml", {"spec": {"containers": [{"name": "b", "image": "new"}]}})
     assert [(c.name, c.image) for c in patched.spec.containers] == [("a", "busybox"), ("b", "new")]  # by name
-    patched = core.patch_namespaced_pod("p", "ml", [{"op": "add", "path": "/metadata/labels", "value": {"x": "1"}},
-                                                    {"op": "remove", "path": "/spec/containers/0"}])
+    patched = core.patch_namespaced_pod(
+        "p",
+        "ml",
+        [
+            {"op": "add", "path": "/metadata/labels", "value": {"x": "1"}},
+            {"op": "remove", "path": "/spec/containers/0"},
+        ],
+    )
     assert patched.metadata.labels == {"x": "1"} and [c.name for c in patched.spec.containers] == ["b"]
     jobs.create_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, pytorchjob("exp1"))
-    merged = jobs.patch_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, "exp1",
-                                                 {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}}})
+    merged = jobs.patch_namespaced_custom_object(
+        GROUP, VERSION, "ml", JOBS, "exp1", {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}}}
+    )
     assert merged["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "q"}
     with pytest.raises(ApiException) as err:  # strategic merge is for built-in kinds only
-        call(kube, "PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/ml/{JOBS}/exp1", {"metadata": {}},
-             "application/strategic-merge-patch+json")
+        call(
+            kube,
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/ml/{JOBS}/exp1",
+            {"metadata": {}},
+            "application/strategic-merge-patch+json",
+        )
     assert err.value.status == 415 and status_of(err.value)["reason"] == "UnsupportedMediaType"
     with pytest.raises(ApiException) as err:
         core.patch_namespaced_pod("missing", "ml", {"metadata": {}})
@@ -241,9 +305,15 @@ def test_server_side_apply_owns_fields_and_conflicts(kube):
     path = "/api/v1/namespaces/ml/configmaps/cm"
 
     def apply(manager, labels, **query):
-        return call(kube, "PATCH", path, {"apiVersion": "v1", "kind": "ConfigMap",
-                                          "metadata": {"name": "cm", "labels": labels}},
-                    "application/apply-patch+yaml", fieldManager=manager, **query)
+        return call(
+            kube,
+            "PATCH",
+            path,
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm", "labels": labels}},
+            "application/apply-patch+yaml",
+            fieldManager=manager,
+            **query,
+        )
 
     obj, code, _ = apply("a", {"x": "1", "y": "2"})
     assert code == 201 and obj["metadata"]["managedFields"][0]["manager"] == "a"
@@ -252,7 +322,8 @@ def test_server_side_apply_owns_fields_and_conflicts(kube):
     assert err.value.status == 409 and status_of(err.value)["reason"] == "Conflict"
     assert status_of(err.value)["message"] == 'Apply failed with 1 conflict: conflict with "a": .metadata.labels.x'
     assert status_of(err.value)["details"]["causes"] == [
-        {"reason": "FieldManagerConflict", "message": 'conflict with "a"', "field": ".metadata.labels.x"}]
+        {"reason": "FieldManagerConflict", "message": 'conflict with "a"', "field": ".metadata.labels.x"}
+    ]
     assert apply("b", {"x": "3"}, force=True)[0]["metadata"]["labels"] == {"x": "3", "y": "2"}
     assert apply("a", {"y": "2"})[0]["metadata"]["labels"] == {"x": "3", "y": "2"}  # x is b's now
     assert apply("a", {})[0]["metadata"]["labels"] == {"x": "3"}  # a no longer applies y: it goes
@@ -277,9 +348,19 @@ def test_deleting_an_owner_collects_its_dependents(kube):
     core, jobs = client.CoreV1Api(kube), client.CustomObjectsApi(kube)
 
     def owned_by(obj, name):
-        return configmap(name) | {"metadata": {"name": name, "ownerReferences": [{
-            "apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
-            "uid": obj["metadata"]["uid"]}]}}
+        return configmap(name) | {
+            "metadata": {
+                "name": name,
+                "ownerReferences": [
+                    {
+                        "apiVersion": obj["apiVersion"],
+                        "kind": obj["kind"],
+                        "name": obj["metadata"]["name"],
+                        "uid": obj["metadata"]["uid"],
+                    }
+                ],
+            }
+        }
 
     def names():
         return sorted(c.metadata.name for c in core.list_namespaced_config_map("ml").items)
@@ -288,8 +369,9 @@ def test_deleting_an_owner_collects_its_dependents(kube):
         job = jobs.create_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, pytorchjob("exp1"))
         child = core.create_namespaced_config_map("ml", owned_by(job, "child")).to_dict()
         child |= {"apiVersion": "v1", "kind": "ConfigMap"}
-        core.create_namespaced_config_map("ml", owned_by({**child, "metadata": {
-            "name": "child", "uid": child["metadata"]["uid"]}}, "grandchild"))
+        core.create_namespaced_config_map(
+            "ml", owned_by({**child, "metadata": {"name": "child", "uid": child["metadata"]["uid"]}}, "grandchild")
+        )
         jobs.delete_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, "exp1", propagation_policy=policy)
         if policy == "Orphan":
             assert names() == ["child", "grandchild"]
@@ -304,8 +386,14 @@ def test_deleting_an_owner_collects_its_dependents(kube):
 
 def test_a_dependent_of_a_missing_owner_is_collected(kube):
     core = client.CoreV1Api(kube)
-    orphan = configmap("orphan") | {"metadata": {"name": "orphan", "ownerReferences": [
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PyTorchJob", "name": "gone", "uid": str(uuid.uuid4())}]}}
+    orphan = configmap("orphan") | {
+        "metadata": {
+            "name": "orphan",
+            "ownerReferences": [
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PyTorchJob", "name": "gone", "uid": str(uuid.uuid4())}
+            ],
+        }
+    }
     assert core.create_namespaced_config_map("ml", orphan).metadata.name == "orphan"  # accepted, then collected
     with pytest.raises(ApiException) as err:
         core.read_namespaced_config_map("orphan", "ml")
@@ -329,8 +417,9 @@ def test_list_and_delete_collection_by_selectors(kube):
     with pytest.raises(ApiException) as err:
         listed(field_selector="data.k=v")
     assert err.value.status == 400 and status_of(err.value)["message"] == "field label not supported: data.k"
-    gone = json.loads(core.delete_collection_namespaced_config_map("ml", label_selector="run=1",
-                                                                   _preload_content=False).data)
+    gone = json.loads(
+        core.delete_collection_namespaced_config_map("ml", label_selector="run=1", _preload_content=False).data
+    )
     assert gone["kind"] == "ConfigMapList" and [c["metadata"]["name"] for c in gone["items"]] == ["a", "b"]
     assert listed() == ["c"]
 
@@ -346,11 +435,17 @@ def test_watch_pods_from_a_resource_version_with_selectors(api, kube):
     core.patch_namespaced_pod("p", "ml", {"metadata": {"labels": {"app": "y"}}})  # stops matching app=x
     core.create_namespaced_pod("ml", pod("q"))
     core.delete_namespaced_pod("q", "ml")
-    seen = [(e["type"], e["object"].metadata.name) for e in watch.Watch().stream(
-        core.list_namespaced_pod, "ml", resource_version=start, timeout_seconds=0.3)]
+    seen = [
+        (e["type"], e["object"].metadata.name)
+        for e in watch.Watch().stream(core.list_namespaced_pod, "ml", resource_version=start, timeout_seconds=0.3)
+    ]
     assert seen == [("ADDED", "p"), ("MODIFIED", "p"), ("MODIFIED", "p"), ("ADDED", "q"), ("DELETED", "q")]
-    selected = [(e["type"], e["object"].metadata.name) for e in watch.Watch().stream(
-        core.list_namespaced_pod, "ml", resource_version=start, label_selector="app=x", timeout_seconds=0.3)]
+    selected = [
+        (e["type"], e["object"].metadata.name)
+        for e in watch.Watch().stream(
+            core.list_namespaced_pod, "ml", resource_version=start, label_selector="app=x", timeout_seconds=0.3
+        )
+    ]
     assert selected == [("ADDED", "p"), ("MODIFIED", "p"), ("DELETED", "p")]
     api.compact()
     with pytest.raises(ApiException) as err:
@@ -380,8 +475,10 @@ def test_watch_a_pytorchjob_as_it_changes(api, kube):
     watcher.join(10)
     assert seen == [("ADDED", []), ("MODIFIED", ["Running"]), ("MODIFIED", ["Running", "Succeeded"])]
     job = jobs.get_namespaced_custom_object(GROUP, VERSION, "ml", JOBS, "exp1")
-    assert [(c["type"], c["status"]) for c in job["status"]["conditions"]] == [("Running", "False"),
-                                                                               ("Succeeded", "True")]
+    assert [(c["type"], c["status"]) for c in job["status"]["conditions"]] == [
+        ("Running", "False"),
+        ("Succeeded", "True"),
+    ]
 
 
 # -- pods, logs, events ------------------------------------------------------------------------
@@ -393,7 +490,9 @@ def test_pod_logs_as_kubelet_serves_them(api, kube):
     with pytest.raises(ApiException) as err:
         core.read_namespaced_pod_log("p", "ml")
     assert (err.value.status, status_of(err.value)["message"]) == (
-        400, "a container name must be specified for pod p, choose one of: [a b]")
+        400,
+        "a container name must be specified for pod p, choose one of: [a b]",
+    )
     api.set_pod_phase("ml", "p", "Pending", node="n1")
     with pytest.raises(ApiException) as err:
         core.read_namespaced_pod_log("p", "ml", container="a")
@@ -421,11 +520,19 @@ def test_events_by_involved_object(api, kube):
     a = core.create_namespaced_config_map("ml", configmap("a")).to_dict()
     b = core.create_namespaced_config_map("ml", configmap("b")).to_dict()
     for obj in (a, b):
-        api.emit_event({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-            "name": obj["metadata"]["name"], "namespace": "ml", "uid": obj["metadata"]["uid"]}}, "Seen", "hello")
+        api.emit_event(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": obj["metadata"]["name"], "namespace": "ml", "uid": obj["metadata"]["uid"]},
+            },
+            "Seen",
+            "hello",
+        )
     events = core.list_namespaced_event("ml", field_selector="involvedObject.name=a,involvedObject.kind=ConfigMap")
     assert [(e.involved_object.name, e.involved_object.uid, e.reason) for e in events.items] == [
-        ("a", a["metadata"]["uid"], "Seen")]
+        ("a", a["metadata"]["uid"], "Seen")
+    ]
 
 
 def test_operator_stand_in_creates_owned_pods_that_go_with_the_job(tmp_path):
@@ -466,13 +573,21 @@ def test_discovery_lists_exactly_the_installed_apis(tmp_path):
         assert (err.value.status, err.value.body) == (404, "404 page not found\n")
         trainer = call(kube, "GET", "/apis/trainer.kubeflow.org/v1alpha1")[0]["resources"]
         assert {(r["name"], r["namespaced"]) for r in trainer} >= {
-            ("trainjobs", True), ("trainingruntimes", True), ("clustertrainingruntimes", False)}
+            ("trainjobs", True),
+            ("trainingruntimes", True),
+            ("clustertrainingruntimes", False),
+        }
         custom = client.CustomObjectsApi(kube)
-        runtime = custom.get_cluster_custom_object("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes",
-                                                   "torch-distributed")
+        runtime = custom.get_cluster_custom_object(
+            "trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes", "torch-distributed"
+        )
         assert runtime["spec"]["mlPolicy"]["torch"] == {}
-        bad = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": "t"},
-               "spec": {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": "two"}}}
+        bad = {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": "t"},
+            "spec": {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": "two"}},
+        }
         with pytest.raises(ApiException) as err:
             custom.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "ml", "trainjobs", bad)
         assert [c["field"] for c in status_of(err.value)["details"]["causes"]] == ["spec.trainer.numNodes"]
@@ -491,13 +606,26 @@ def test_rbac_deny_and_access_review(api, kube):
     with pytest.raises(ApiException) as err:
         core.delete_collection_namespaced_service_account("ml")
     assert err.value.status == 403 and status_of(err.value) | {"metadata": {}} == {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 403, "reason": "Forbidden",
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "code": 403,
+        "reason": "Forbidden",
         "message": 'serviceaccounts is forbidden: User "tester" cannot deletecollection resource "serviceaccounts" '
-                   'in API group "" in the namespace "ml"', "details": {"kind": "serviceaccounts"}}
+        'in API group "" in the namespace "ml"',
+        "details": {"kind": "serviceaccounts"},
+    }
     assert core.list_namespaced_service_account("ml").items == []  # other verbs are allowed
-    review = client.AuthorizationV1Api(kube).create_self_subject_access_review({
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-        "spec": {"resourceAttributes": {"namespace": "ml", "verb": "deletecollection", "resource": "serviceaccounts"}}})
+    review = client.AuthorizationV1Api(kube).create_self_subject_access_review(
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {"namespace": "ml", "verb": "deletecollection", "resource": "serviceaccounts"}
+            },
+        }
+    )
     assert review.status.allowed is False
     unauthorized = client.ApiClient(client.Configuration(host=api.url))
     with pytest.raises(ApiException) as err:

@@ -45,11 +45,19 @@ MATRIX = {
     "placement": {
         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
-            "weight": 100,
-            "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
-                                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "mfr-trainer"}}},
-        }]}},
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "mfr-trainer"}},
+                        },
+                    }
+                ]
+            }
+        },
         "podAnnotations": {"team": "faces"},
         "podLabels": {"cost-center": "ml"},
         "imagePullSecrets": [{"name": "regcred"}],
@@ -93,8 +101,12 @@ def test_core_objects_and_pod_templates_pass_kubernetes_strict_schemas(case):
     for obj in core:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
     for rtype, spec in _job(objects)["spec"]["pytorchReplicaSpecs"].items():
-        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": rtype.lower()},
-                    "template": spec["template"]}
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": rtype.lower()},
+            "template": spec["template"],
+        }
         kubernetes_validate.validate(template, KUBE_VERSION, strict=True)
 
 
@@ -184,7 +196,10 @@ def test_elastic_job_shape():
 def test_gang_scheduling_policy():
     job = _job(_render(MATRIX["gang-volcano"]))
     assert job["spec"]["runPolicy"]["schedulingPolicy"] == {
-        "minAvailable": 2, "queue": "research", "priorityClass": "training-high", "scheduleTimeoutSeconds": 600,
+        "minAvailable": 2,
+        "queue": "research",
+        "priorityClass": "training-high",
+        "scheduleTimeoutSeconds": 600,
     }
     elastic = _job(_render({**MATRIX["elastic"], "gang": {"enabled": True}}))
     assert elastic["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4}
@@ -276,7 +291,7 @@ def test_image_and_pod_command_are_what_the_dockerfile_builds():
     assert 'pip install ".[train]"' in dockerfile
     assert f"USER {pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" in dockerfile
     assert f"WORKDIR {container['workingDir']}" in dockerfile
-    assert f'CMD {json.dumps([*container["command"], *container["args"]])}' in dockerfile
+    assert f"CMD {json.dumps([*container['command'], *container['args']])}" in dockerfile
 
 
 def test_pod_command_runs_from_the_package_install():
@@ -297,16 +312,26 @@ def test_render_error_from_the_chart_itself_is_one_line():
 # Elastic ranges, MIN:MAX and nodes: which rule each breaks, as mfrctl (--elastic, --nodes) and the chart
 # (elastic.minNodes/maxNodes, nodes: schema, then the template) word it.
 ELASTIC_RULES = {
-    "range": (r"^--elastic '\d+:\d+': expected MIN:MAX with 1 <= MIN <= MAX",
-              r"^(values elastic\.minNodes: minimum: got 0, want 1|elastic\.minNodes\.\.maxNodes \d+\.\.\d+: "
-              r"expected 1 <= minNodes <= maxNodes)"),
+    "range": (
+        r"^--elastic '\d+:\d+': expected MIN:MAX with 1 <= MIN <= MAX",
+        r"^(values elastic\.minNodes: minimum: got 0, want 1|elastic\.minNodes\.\.maxNodes \d+\.\.\d+: "
+        r"expected 1 <= minNodes <= maxNodes)",
+    ),
     "nodes": (r"^--nodes \d+ is outside --elastic \d+:\d+$", r"^nodes \d+ is outside elastic\.minNodes\.\.maxNodes"),
 }
 
 
-@pytest.mark.parametrize("low, high, nodes, rule", [
-    (3, 1, 2, "range"), (0, 2, 1, "range"), (2, 4, 5, "nodes"), (2, 4, 1, "nodes"), (2, 4, 3, None), (3, 3, 3, None),
-])
+@pytest.mark.parametrize(
+    "low, high, nodes, rule",
+    [
+        (3, 1, 2, "range"),
+        (0, 2, 1, "range"),
+        (2, 4, 5, "nodes"),
+        (2, 4, 1, "nodes"),
+        (2, 4, 3, None),
+        (3, 3, 3, None),
+    ],
+)
 def test_mfrctl_and_the_chart_reject_the_same_elastic_ranges(low, high, nodes, rule):
     values = {"nodes": nodes, "elastic": {"enabled": True, "minNodes": low, "maxNodes": high}}
     if rule is None:

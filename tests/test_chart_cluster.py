@@ -24,8 +24,14 @@ def _pod(values: dict, rtype: str = "Worker") -> dict:
 
 
 def test_the_queue_label_is_on_the_job_for_kueue_and_job_labels_never_hide_the_runs():
-    job = _job({"queue": "team-a", "jobLabels": {"cost": "ml", "app.kubernetes.io/instance": "stolen"},
-                "jobAnnotations": {"owner": "faces"}, **ON_S3})
+    job = _job(
+        {
+            "queue": "team-a",
+            "jobLabels": {"cost": "ml", "app.kubernetes.io/instance": "stolen"},
+            "jobAnnotations": {"owner": "faces"},
+            **ON_S3,
+        }
+    )
     labels = job["metadata"]["labels"]
     assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["cost"] == "ml"
     assert labels["app.kubernetes.io/instance"] == "exp"  # mfrctl finds the run's objects by it
@@ -42,9 +48,14 @@ def test_placement_values_reach_every_pod_and_pass_the_kubernetes_schema():
         **ON_S3,
         "runtimeClassName": "nvidia",
         "priorityClassName": "training-high",
-        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
-                                       "whenUnsatisfiable": "DoNotSchedule",
-                                       "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "exp"}}}],
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "DoNotSchedule",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "exp"}},
+            }
+        ],
         "extraVolumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "faces-cache"}}],
         "extraVolumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": True}],
     }
@@ -55,15 +66,22 @@ def test_placement_values_reach_every_pod_and_pass_the_kubernetes_schema():
         assert spec["topologySpreadConstraints"] == values["topologySpreadConstraints"]
         assert values["extraVolumes"][0] in spec["volumes"]
         assert values["extraVolumeMounts"][0] in spec["containers"][0]["volumeMounts"]
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                      "template": template}, KUBE_VERSION, strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+            KUBE_VERSION,
+            strict=True,
+        )
 
 
 def test_the_nccl_block_sets_fabric_variables_and_opt_in_privileges():
     default = _pod(ON_S3)
     assert not default["spec"].get("hostNetwork") and restricted_violations(default) == []
-    fabric = _pod({**ON_S3, "nccl": {"env": {"NCCL_IB_HCA": "mlx5", "NCCL_IB_GID_INDEX": 3}, "ipcLock": True,
-                                      "hostNetwork": True}})
+    fabric = _pod(
+        {
+            **ON_S3,
+            "nccl": {"env": {"NCCL_IB_HCA": "mlx5", "NCCL_IB_GID_INDEX": 3}, "ipcLock": True, "hostNetwork": True},
+        }
+    )
     (container,) = fabric["spec"]["containers"]
     env = {v["name"]: v.get("value") for v in container["env"]}
     assert env["NCCL_IB_HCA"] == "mlx5" and env["NCCL_IB_GID_INDEX"] == "3"
@@ -78,8 +96,10 @@ def test_the_nccl_block_sets_fabric_variables_and_opt_in_privileges():
     "values, message",
     [
         ({"resources": {"limit": {"memory": "64Gi"}}}, "values resources: additional properties 'limit' not allowed"),
-        ({"tolerations": [{"key": "gpu", "efect": "NoSchedule"}]},
-         "values tolerations.0: additional properties 'efect' not allowed"),
+        (
+            {"tolerations": [{"key": "gpu", "efect": "NoSchedule"}]},
+            "values tolerations.0: additional properties 'efect' not allowed",
+        ),
         ({"env": [{"name": "FOO", "valu": "x"}]}, "values env.0: additional properties 'valu' not allowed"),
         ({"affinity": {"nodeAffinty": {}}}, "values affinity: additional properties 'nodeAffinty' not allowed"),
         ({"securityContext": {"runAsUsr": 0}}, "values securityContext: additional properties 'runAsUsr' not allowed"),
@@ -88,9 +108,11 @@ def test_the_nccl_block_sets_fabric_variables_and_opt_in_privileges():
         ({"queue": "Team A"}, "values queue: 'Team A' does not match pattern"),
         ({"env": [{"name": "MASTER_ADDR", "value": "x"}]}, "env MASTER_ADDR is set by the training operator"),
         ({"env": [{"name": "PET_NNODES", "value": "2"}]}, "env PET_NNODES is set by the training operator"),
-        ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter2"}]},
-         "env AWS_SECRET_ACCESS_KEY holds a literal value, which would be stored in the job: pass it with "
-         "valueFrom.secretKeyRef"),
+        (
+            {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter2"}]},
+            "env AWS_SECRET_ACCESS_KEY holds a literal value, which would be stored in the job: pass it with "
+            "valueFrom.secretKeyRef",
+        ),
         ({"env": [{"name": "HF_TOKEN", "value": "hf_x"}]}, "env HF_TOKEN holds a literal value"),
         ({"env": [{"name": "WANDB_API_KEY", "value": "x"}]}, "env WANDB_API_KEY holds a literal value"),
     ],
@@ -109,8 +131,11 @@ def test_helm_itself_refuses_them_too():
 
 
 def test_secrets_by_reference_and_other_names_pass():
-    env = [{"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}},
-           {"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "KEYBOARD_LAYOUT", "value": "us"}]
+    env = [
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}},
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+        {"name": "KEYBOARD_LAYOUT", "value": "us"},
+    ]
     (container,) = _pod({**ON_S3, "env": env})["spec"]["containers"]
     assert all(var in container["env"] for var in env)
 
@@ -127,9 +152,16 @@ def _mebibytes(requests: dict) -> int:
 
 def test_render_sizes_requests_for_the_runs_config_unless_set():
     demo = _pod({})["spec"]["containers"][0]["resources"]["requests"]
-    big = {"train": {"head": {"num_classes": 2_000_000}, "model": {"embedding_size": 512},
-                     "data": {"num_workers": 4}, "checkpoint": {"uri": "s3://bucket/x"}},
-           "s3": {"existingSecret": "mfr-s3"}, "nprocPerNode": 2}
+    big = {
+        "train": {
+            "head": {"num_classes": 2_000_000},
+            "model": {"embedding_size": 512},
+            "data": {"num_workers": 4},
+            "checkpoint": {"uri": "s3://bucket/x"},
+        },
+        "s3": {"existingSecret": "mfr-s3"},
+        "nprocPerNode": 2,
+    }
     sized = _pod(big)["spec"]["containers"][0]["resources"]["requests"]
     assert sized["cpu"] == "10"  # 2 processes x (1 + 4 DataLoader workers)
     # two processes, each with 4 workers, a 1M-row head shard of 512 floats and its momentum

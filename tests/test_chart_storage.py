@@ -49,8 +49,11 @@ def _pod_env(objects: dict[str, list[dict]]) -> dict[str, dict]:
     [
         pytest.param({"train": REAL_DATA}, 2, id="defaults-on-real-data"),
         pytest.param({"nodes": 8, "gpusPerNode": 8, "train": REAL_DATA}, 8, id="static-8"),
-        pytest.param({"nodes": 1, "elastic": {"enabled": True, "minNodes": 1, "maxNodes": 4}, "train": REAL_DATA}, 4,
-                     id="elastic-may-grow"),
+        pytest.param(
+            {"nodes": 1, "elastic": {"enabled": True, "minNodes": 1, "maxNodes": 4}, "train": REAL_DATA},
+            4,
+            id="elastic-may-grow",
+        ),
         pytest.param({"trialStore": {"enabled": False}}, 2, id="demo-without-trial-store"),
         pytest.param({"train": {"checkpoint": {"uri": "/mnt/ckpt"}, **REAL_DATA}}, 2, id="a-local-path"),
         pytest.param({"train": {"checkpoint": {"uri": "file:///mnt/ckpt"}, **REAL_DATA}}, 2, id="a-file-url"),
@@ -64,22 +67,35 @@ def test_a_job_of_several_pods_without_shared_checkpoints_is_refused(values, pod
 
 def test_a_path_outside_the_claim_is_refused_by_name():
     values = {"workspace": {"existingClaim": "runs"}, "train": {"checkpoint": {"uri": "/mnt/ckpt"}, **REAL_DATA}}
-    with pytest.raises(ChartError, match=r"^a job of 2 pods has its checkpoint path /mnt/ckpt outside the workspace "
-                                         r"claim \(mounted at /workspace\): pass --checkpoint"):
+    with pytest.raises(
+        ChartError,
+        match=r"^a job of 2 pods has its checkpoint path /mnt/ckpt outside the workspace "
+        r"claim \(mounted at /workspace\): pass --checkpoint",
+    ):
         render(values, name="exp", namespace="ml")
 
 
 @pytest.mark.parametrize(
     "values, uri",
     [
-        pytest.param({"train": {"checkpoint": {"uri": "s3://bucket/runs/exp"}, **REAL_DATA}}, "s3://bucket/runs/exp",
-                     id="s3"),
-        pytest.param({"train": {"checkpoint": {"uri": "gs://bucket/runs/exp"}, **REAL_DATA}}, "gs://bucket/runs/exp",
-                     id="any-remote-fsspec-url"),
-        pytest.param({"workspace": {"existingClaim": "runs"}, "train": REAL_DATA}, "/workspace/checkpoints/exp",
-                     id="claim-default-per-job"),
-        pytest.param({"workspace": {"existingClaim": "runs"},
-                      "train": {"checkpoint": {"uri": "ckpt/exp"}, **REAL_DATA}}, "ckpt/exp", id="claim-relative-path"),
+        pytest.param(
+            {"train": {"checkpoint": {"uri": "s3://bucket/runs/exp"}, **REAL_DATA}}, "s3://bucket/runs/exp", id="s3"
+        ),
+        pytest.param(
+            {"train": {"checkpoint": {"uri": "gs://bucket/runs/exp"}, **REAL_DATA}},
+            "gs://bucket/runs/exp",
+            id="any-remote-fsspec-url",
+        ),
+        pytest.param(
+            {"workspace": {"existingClaim": "runs"}, "train": REAL_DATA},
+            "/workspace/checkpoints/exp",
+            id="claim-default-per-job",
+        ),
+        pytest.param(
+            {"workspace": {"existingClaim": "runs"}, "train": {"checkpoint": {"uri": "ckpt/exp"}, **REAL_DATA}},
+            "ckpt/exp",
+            id="claim-relative-path",
+        ),
         pytest.param({"nodes": 1, "train": REAL_DATA}, None, id="one-pod-may-keep-its-own"),
     ],
 )
@@ -95,8 +111,9 @@ def test_the_demo_gets_a_trial_store_with_generated_credentials():
     assert secret["metadata"]["name"] == service["metadata"]["name"] == deployment["metadata"]["name"] == "exp-s3"
     keys = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     identity = json.loads(keys["s3.json"])["identities"][0]
-    assert identity["credentials"] == [{"accessKey": keys["AWS_ACCESS_KEY_ID"],
-                                        "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}]
+    assert identity["credentials"] == [
+        {"accessKey": keys["AWS_ACCESS_KEY_ID"], "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}
+    ]
     assert len(keys["AWS_SECRET_ACCESS_KEY"]) == 40
     again = _objects({})["Secret"][0]["data"]
     assert again["AWS_SECRET_ACCESS_KEY"] != secret["data"]["AWS_SECRET_ACCESS_KEY"]  # generated, never a constant

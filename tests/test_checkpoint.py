@@ -30,9 +30,7 @@ def _resume(rank, world, uri, overrides):
     return {**snapshot(trainer), "resumed": None if info is None else info.step}
 
 
-@pytest.mark.parametrize(
-    ("save_world", "load_world", "optimizer"), [(2, 1, "sgd"), (2, 3, "adamw"), (3, 2, "sgd")]
-)
+@pytest.mark.parametrize(("save_world", "load_world", "optimizer"), [(2, 1, "sgd"), (2, 3, "adamw"), (3, 2, "sgd")])
 def test_head_rows_and_optimizer_state_land_on_their_new_owner(tmp_path, save_world, load_world, optimizer):
     uri = str(tmp_path / "ckpt")
     overrides = [f"optim.name={optimizer}"]
@@ -149,14 +147,20 @@ def test_lazily_stepped_rows_are_saved_up_to_date_and_resume_exactly_on_another_
     size must continue as it does."""
     # a small learning rate keeps the two fp32 runs within rounding of each other; a strong weight decay
     # makes a row that missed one step's decay differ by 5e-4 of its size
-    overrides = ["head.num_classes=40", "head.sample_rate=0.25", "data.images_per_identity=2", "optim.lr=0.01",
-                 "optim.weight_decay=0.05"]
+    overrides = [
+        "head.num_classes=40",
+        "head.sample_rate=0.25",
+        "data.images_per_identity=2",
+        "optim.lr=0.01",
+        "optim.weight_decay=0.05",
+    ]
     uris = {"lazy": str(tmp_path / "lazy"), "dense": str(tmp_path / "dense")}
     saved = run_distributed(_lazy_and_dense, 2, uris, overrides, None)
     resumed = run_distributed(_lazy_and_dense, 3, uris, overrides, uris["lazy"])
 
     def close(runs, expected, what):
         for key in ("weight", "momentum_buffer"):
+
             def value(r, key=key):
                 return r["weight"] if key == "weight" else r["head_state"][key]
 
@@ -220,8 +224,9 @@ def test_corrupt_and_uncommitted_checkpoints_are_skipped_for_the_previous_commit
     from mfr.trainer.storage import MARKER, Storage
 
     root = tmp_path / "ckpt"
-    run_distributed(_save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5",
-                                                 "checkpoint.async_save=false"], 6)  # every due save is taken
+    run_distributed(
+        _save_steps, 1, str(root), ["checkpoint.every_steps=2", "checkpoint.keep=5", "checkpoint.async_save=false"], 6
+    )  # every due save is taken
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     # step 6 committed but a shard lost; step 8 written but never committed
@@ -347,7 +352,11 @@ def test_training_survives_an_s3_outage_during_a_save(s3_env, tmp_path):
 def _trainer_cli(tmp_path: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mfr.trainer", *[a for o in (*CHECKPOINTED, *overrides) for a in ("--set", o)]],
-        env=os.environ | env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=os.environ | env | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
 
 

@@ -107,8 +107,17 @@ def test_pod_command_is_torchrun_of_the_trainer_with_retryable_exit_codes():
 def test_config_error_found_at_start_up_exits_2(tmp_path):
     """Only the trainer knows the world size: 100 samples cannot feed 2 ranks x 64."""
     proc = mfrctl(
-        "train", "--nodes", "2", "--output-dir", str(tmp_path),
-        "--set", "head.num_classes=100", "--set", "data.images_per_identity=1", "--set", "data.batch_size=64",
+        "train",
+        "--nodes",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "head.num_classes=100",
+        "--set",
+        "data.images_per_identity=1",
+        "--set",
+        "data.batch_size=64",
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
@@ -119,11 +128,31 @@ def test_config_error_found_at_start_up_exits_2(tmp_path):
 def test_several_processes_per_node(tmp_path):
     """--nproc-per-node: torchrun starts M workers per emulated pod, WORLD_SIZE = N x M."""
     proc = mfrctl(
-        "train", "--nodes", "2", "--nproc-per-node", "2", "--output-dir", str(tmp_path), "-o", "json",
-        "--set", "run.steps=2", "--set", "optim.warmup_steps=0", "--set", "eval.at_start=false",
-        "--set", "head.num_classes=16",
-        "--set", "data.images_per_identity=8", "--set", "data.batch_size=8",
-        "--set", "eval.num_identities=4", "--set", "eval.images_per_identity=2",
+        "train",
+        "--nodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+        "-o",
+        "json",
+        "--set",
+        "run.steps=2",
+        "--set",
+        "optim.warmup_steps=0",
+        "--set",
+        "eval.at_start=false",
+        "--set",
+        "head.num_classes=16",
+        "--set",
+        "data.images_per_identity=8",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "eval.num_identities=4",
+        "--set",
+        "eval.images_per_identity=2",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

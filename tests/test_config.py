@@ -82,7 +82,9 @@ def test_missing_and_malformed_files(tmp_path):
 def test_trainer_exits_2_on_bad_config_without_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "mfr.trainer", "--set", "head.margins=[1.0, -0.5, 0.0]"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

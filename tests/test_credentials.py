@@ -41,10 +41,20 @@ def test_mfrctl_render_refuses_a_nested_secret_instead_of_rendering_it():
 
     from mfr.ctl.main import app
 
-    result = CliRunner().invoke(app, [
-        "render", "--name", "r1", "--nodes", "1", "--image", "registry.example.com/mfr:1",
-        "--set", f"train.checkpoint.storage_options.client_kwargs.aws_secret_access_key={SECRET}",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "render",
+            "--name",
+            "r1",
+            "--nodes",
+            "1",
+            "--image",
+            "registry.example.com/mfr:1",
+            "--set",
+            f"train.checkpoint.storage_options.client_kwargs.aws_secret_access_key={SECRET}",
+        ],
+    )
     assert result.exit_code == 2
     assert SECRET not in result.stdout + result.stderr
     assert "client_kwargs.aws_secret_access_key" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -175,9 +175,15 @@ def test_the_permutation_looks_random():
     assert len({tuple(row) for row in inside}) == 50
 
 
-@pytest.mark.parametrize(("size", "span", "layout"), [
-    (50, 7, Layout(2, 4, 2)), (50, 50, Layout(1, 8, 2)), (1001, 64, Layout(3, 5, 3)), (1000, 100, Layout(2, 7, 1)),
-])
+@pytest.mark.parametrize(
+    ("size", "span", "layout"),
+    [
+        (50, 7, Layout(2, 4, 2)),
+        (50, 50, Layout(1, 8, 2)),
+        (1001, 64, Layout(3, 5, 3)),
+        (1000, 100, Layout(2, 7, 1)),
+    ],
+)
 def test_the_span_order_is_a_bijection_where_each_reader_streams_its_spans(size, span, layout):
     order = SpanOrder(size, span, 5, 2, layout)
     stream = order.stream_index(np.arange(size))
@@ -190,8 +196,12 @@ def test_the_span_order_is_a_bijection_where_each_reader_streams_its_spans(size,
     for rank in range(layout.world_size):
         for slot in range(workers):  # the batches one worker gets: consecutive stream indices
             mine = np.concatenate(
-                [order.stream_index(np.arange(k * g + rank * layout.batch_size, k * g + (rank + 1) * layout.batch_size))
-                 for k in range(slot, steps, workers)]
+                [
+                    order.stream_index(
+                        np.arange(k * g + rank * layout.batch_size, k * g + (rank + 1) * layout.batch_size)
+                    )
+                    for k in range(slot, steps, workers)
+                ]
             )
             assert np.all(np.diff(mine) == 1)
             assert order.part_end(int(mine[0])) == mine[-1] + 1
@@ -295,10 +305,20 @@ def test_the_trainer_exits_2_on_bad_data_input_before_training(tmp_path):
         port = str(s.getsockname()[1])
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     (tmp_path / "empty" / "id0").mkdir(parents=True)
-    args = ["head.num_classes=4", "data.source=folder", f"data.uri={tmp_path / 'empty'}", "metrics.enabled=false",
-            f"run.output_dir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-m", "mfr.trainer", *(x for a in args for x in ("--set", a))],
-                          capture_output=True, text=True, timeout=120, env=env)
+    args = [
+        "head.num_classes=4",
+        "data.source=folder",
+        f"data.uri={tmp_path / 'empty'}",
+        "metrics.enabled=false",
+        f"run.output_dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mfr.trainer", *(x for a in args for x in ("--set", a))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mfr: config error: data.uri {tmp_path / 'empty'}: no images in identity sub-folders "

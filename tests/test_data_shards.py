@@ -42,7 +42,12 @@ def test_pack_a_folder_then_read_the_same_multiset(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary | {"source": None, "destination": None} == {
-        "source": None, "destination": None, "images": 23, "classes": 5, "shards": 4, "bad_samples_skipped": 0,
+        "source": None,
+        "destination": None,
+        "images": 23,
+        "classes": 5,
+        "shards": 4,
+        "bad_samples_skipped": 0,
     }
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
     assert index["classes"] == [f"id{i:03d}" for i in range(5)] and index["counts"] == [5, 5, 5, 4, 4]
@@ -104,7 +109,12 @@ def test_shards_exactly_once_across_2_ranks_x_2_workers_and_resume(packed):
     following = [tag_of(img) for _ in range(6) for img in next(it)[0]]
     assert len(set(following)) == 48
     assert one.state_dict() | {"position": 0} == {  # epoch 1 was drawn for the resumed job's layout
-        "epoch": 1, "position": 0, "layout_world_size": 1, "layout_batch_size": 8, "layout_workers": 2}
+        "epoch": 1,
+        "position": 0,
+        "layout_world_size": 1,
+        "layout_batch_size": 8,
+        "layout_workers": 2,
+    }
 
 
 def test_bad_shard_samples_are_replaced_and_counted(tmp_path, caplog):
@@ -116,8 +126,13 @@ def test_bad_shard_samples_are_replaced_and_counted(tmp_path, caplog):
     tar, offsets, count = shards.write_shard(good)
     (tmp_path / "shard-000000.tar").write_bytes(tar)
     (tmp_path / "shard-000000.offsets").write_bytes(offsets)
-    index = {"format": shards.FORMAT, "classes": ["a", "b", "c"], "counts": [4, 4, 4], "images": 12,
-             "shards": [{"name": "shard-000000.tar", "count": count}]}
+    index = {
+        "format": shards.FORMAT,
+        "classes": ["a", "b", "c"],
+        "counts": [4, 4, 4],
+        "images": 12,
+        "shards": [{"name": "shard-000000.tar", "count": count}],
+    }
     (tmp_path / "index.json").write_text(json.dumps(index))
     counter = BAD_SAMPLES.labels(rank="0")
     before = counter._value.get()

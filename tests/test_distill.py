@@ -56,10 +56,18 @@ def test_online_step_trains_student_and_projection_only(teacher, tmp_path, singl
     from mfr.trainer.loop import Trainer
 
     root, reference = teacher
-    cfg = load_config(None, [
-        *SMALL, *TEACHER, f"run.output_dir={tmp_path}", "distill.mode=online", f"distill.teacher.checkpoint={root}",
-        "distill.alpha=0.25", "distill.weight=2",
-    ])
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            *TEACHER,
+            f"run.output_dir={tmp_path}",
+            "distill.mode=online",
+            f"distill.teacher.checkpoint={root}",
+            "distill.alpha=0.25",
+            "distill.weight=2",
+        ],
+    )
     trainer = Trainer(cfg, DistEnv(0, 0, 1, 1, 0, torch.device("cpu")))
     model = trainer.distillation.teacher.model
     teacher_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -162,10 +170,16 @@ def _main(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_trainer_rejects_a_teacher_of_another_architecture(teacher, tmp_path, capsys):
     root, _ = teacher
-    sets = [*SMALL, f"run.output_dir={tmp_path}", "run.device=cpu", "distill.mode=online",
-            f"distill.teacher.checkpoint={root}/step-00000005", "distill.teacher.backbone=r34",
-            "distill.teacher.width=0.0625",
-            "distill.teacher.embedding_size=24"]
+    sets = [
+        *SMALL,
+        f"run.output_dir={tmp_path}",
+        "run.device=cpu",
+        "distill.mode=online",
+        f"distill.teacher.checkpoint={root}/step-00000005",
+        "distill.teacher.backbone=r34",
+        "distill.teacher.width=0.0625",
+        "distill.teacher.embedding_size=24",
+    ]
     code, err = _main([a for s in sets for a in ("--set", s)], capsys)
     assert code == 2
     assert len(err.splitlines()) == 1 and "config error" in err
@@ -183,8 +197,21 @@ def test_extract_writes_teacher_rows_then_offline_training_checks_them(teacher, 
 
         from mfr.ctl.main import app
 
-        args = ["distill", "extract", "--teacher", str(root), "--out", str(out), "--shard-rows", "12", "-j", "0",
-                "-o", "json", *[a for s in (*SMALL, *TEACHER, *sets) for a in ("--set", s)]]
+        args = [
+            "distill",
+            "extract",
+            "--teacher",
+            str(root),
+            "--out",
+            str(out),
+            "--shard-rows",
+            "12",
+            "-j",
+            "0",
+            "-o",
+            "json",
+            *[a for s in (*SMALL, *TEACHER, *sets) for a in ("--set", s)],
+        ]
         result = CliRunner().invoke(app, args, catch_exceptions=False)
         return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
@@ -204,11 +231,20 @@ def test_extract_writes_teacher_rows_then_offline_training_checks_them(teacher, 
     assert mismatch.returncode == 2 and len(mismatch.stderr.strip().splitlines()) == 1
     assert "backbone.head.3.weight is 24 x 1568 there, 32 x 1568 in the configured teacher" in mismatch.stderr
 
-    offline = [*SMALL, *TEACHER, f"run.output_dir={tmp_path / 'run'}", "run.device=cpu", "run.steps=2",
-               "distill.mode=offline", f"distill.features={out}"]
+    offline = [
+        *SMALL,
+        *TEACHER,
+        f"run.output_dir={tmp_path / 'run'}",
+        "run.device=cpu",
+        "run.steps=2",
+        "distill.mode=offline",
+        f"distill.features={out}",
+    ]
     assert _main([a for s in offline for a in ("--set", s)], capsys)[0] == 0
-    for wrong, named in ((["data.images_per_identity=3"], "images_per_identity 4 there, 3 here"),
-                         (["data.seed=1"], "seed 0 there, 1 here")):
+    for wrong, named in (
+        (["data.images_per_identity=3"], "images_per_identity 4 there, 3 here"),
+        (["data.seed=1"], "seed 0 there, 1 here"),
+    ):
         code, err = _main([a for s in [*offline, *wrong] for a in ("--set", s)], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and named in err, err
 

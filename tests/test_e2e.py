@@ -27,7 +27,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _train(tmp_path: Path, *args: str) -> tuple[dict, list[dict]]:
     proc = subprocess.run(
         [*MFRCTL, "train", "--nodes", "2", "--output-dir", str(tmp_path), "-o", "json", *args],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
@@ -67,8 +69,11 @@ README_CPU = ("avx512f", "avx512_vnni", "avx512_bf16")
 
 
 def _cpu_kind() -> tuple[str, ...]:
-    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-                .split(":")[1].split())
+    flags = set(
+        next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        .split(":")[1]
+        .split()
+    )
     return tuple(f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
 
 
@@ -86,7 +91,9 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_interrupt_stops_every_process(tmp_path):
     proc = subprocess.Popen(
         [*MFRCTL, "train", "--nodes", "2", "--output-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     events = tmp_path / "events.jsonl"
     deadline = time.monotonic() + 300

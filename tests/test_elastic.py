@@ -72,14 +72,34 @@ def _steps_after(events: list[dict], resume: dict) -> list[dict]:
 def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [*MFRCTL, "train", "--nodes", "2", "--elastic", "1:3", "--master-port", str(port),
-         "--output-dir", str(tmp_path), "-o", "json",
-         "--set", "run.steps=100", "--set", "checkpoint.every_steps=10", "--set", "run.log_every=5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *MFRCTL,
+            "train",
+            "--nodes",
+            "2",
+            "--elastic",
+            "1:3",
+            "--master-port",
+            str(port),
+            "--output-dir",
+            str(tmp_path),
+            "-o",
+            "json",
+            "--set",
+            "run.steps=100",
+            "--set",
+            "checkpoint.every_steps=10",
+            "--set",
+            "run.log_every=5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     config = tmp_path / "config.yaml"
     extra = None
     try:
+
         def committed_at_least(step):
             return lambda: [e for e in read_events(tmp_path) if e["event"] == "checkpoint" and e["step"] >= step]
 
@@ -94,11 +114,20 @@ def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp
 
         # (c) a node joins: every worker is restarted in a world of 3
         _wait("a checkpoint after the first resume", committed_at_least(first["step"] + 10), alive=proc)
-        job = LocalJob(nodes=3, nproc_per_node=1, config_path=config, run_dir=tmp_path, master_port=port,
-                       elastic=(1, 3), run_id=tmp_path.resolve().name)
+        job = LocalJob(
+            nodes=3,
+            nproc_per_node=1,
+            config_path=config,
+            run_dir=tmp_path,
+            master_port=port,
+            elastic=(1, 3),
+            run_id=tmp_path.resolve().name,
+        )
         extra = subprocess.Popen(
-            [*job.command()], env=os.environ | job.node_env(2) | {"OMP_NUM_THREADS": "1"},
-            stdout=open(tmp_path / "node-2.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            [*job.command()],
+            env=os.environ | job.node_env(2) | {"OMP_NUM_THREADS": "1"},
+            stdout=open(tmp_path / "node-2.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
         )
         second = _wait("a resume in a world of 3", lambda: _resumes(tmp_path)[1:], alive=proc)[0]
         joined = _start_before(read_events(tmp_path), second)
@@ -106,9 +135,13 @@ def test_elastic_job_survives_a_killed_worker_a_joining_node_and_a_lost_node(tmp
 
         # (b) a whole node is lost: the one that joined (mfrctl train's operator would recreate its own pods;
         # this one it never created).  It never hosts the rendezvous store: that agent came first.
-        _wait("a checkpoint in the world of 3", lambda: [
-            e for e in read_events(tmp_path)[read_events(tmp_path).index(joined):] if e["event"] == "checkpoint"],
-            alive=proc)
+        _wait(
+            "a checkpoint in the world of 3",
+            lambda: [
+                e for e in read_events(tmp_path)[read_events(tmp_path).index(joined) :] if e["event"] == "checkpoint"
+            ],
+            alive=proc,
+        )
         assert agent_of(store_host(port), _agents(config)) != extra.pid
         kill_tree(extra.pid)
         third = _wait("a resume after the lost node", lambda: _resumes(tmp_path)[2:], alive=proc)[0]
@@ -144,18 +177,27 @@ def _pod(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
         config.write_text(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
     job = LocalJob(nodes=1, nproc_per_node=nproc, config_path=config, run_dir=tmp_path, master_port=free_port())
     env = os.environ | job.node_env(0) | {"OMP_NUM_THREADS": "1", "MFR_EVENTS_FILE": str(tmp_path / "events.jsonl")}
-    return subprocess.Popen(job.command(), env=env, stdout=open(tmp_path / "pod.log", "ab"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(job.command(), env=env, stdout=open(tmp_path / "pod.log", "ab"), stderr=subprocess.STDOUT)
 
 
-SMALL = ("run.steps=40", "run.log_every=2", "eval.num_identities=10", "eval.images_per_identity=4",
-         "eval.at_start=false", "data.batch_size=16", "optim.warmup_steps=2")
+SMALL = (
+    "run.steps=40",
+    "run.log_every=2",
+    "eval.num_identities=10",
+    "eval.images_per_identity=4",
+    "eval.at_start=false",
+    "data.batch_size=16",
+    "optim.warmup_steps=2",
+)
 
 
 def test_sigterm_commits_a_checkpoint_and_exits_143_then_the_pod_resumes_there(tmp_path):
     pod = _pod(tmp_path, *SMALL, "checkpoint.every_steps=1000")
-    _wait("training steps", lambda: [e for e in read_events(tmp_path) if e["event"] == "step" and e["step"] >= 6],
-          alive=pod)
+    _wait(
+        "training steps",
+        lambda: [e for e in read_events(tmp_path) if e["event"] == "step" and e["step"] >= 6],
+        alive=pod,
+    )
     pod.send_signal(signal.SIGTERM)
     assert pod.wait(timeout=60) == 143, (tmp_path / "pod.log").read_text()[-3000:]
     (saved,) = [e for e in read_events(tmp_path) if e["event"] == "checkpoint"]
@@ -172,15 +214,22 @@ def test_sigterm_commits_a_checkpoint_and_exits_143_then_the_pod_resumes_there(t
 
 def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path):
     # A big head (100k classes) makes a save take long enough to be interrupted.
-    big = ("head.num_classes=100000", "data.images_per_identity=1", "model.embedding_size=256",
-           "checkpoint.every_steps=2", "checkpoint.async_save=true", "head.sample_rate=0.1")
+    big = (
+        "head.num_classes=100000",
+        "data.images_per_identity=1",
+        "model.embedding_size=256",
+        "checkpoint.every_steps=2",
+        "checkpoint.async_save=true",
+        "head.sample_rate=0.1",
+    )
     pod = _pod(tmp_path, *SMALL, *big)
     root = tmp_path / "checkpoints"
     try:
         _wait("a committed checkpoint", lambda: (root / "step-00000002" / MARKER).exists(), alive=pod)
         while True:  # catch a save in the act: its directory exists, its marker does not
-            writing = _wait("the next save", lambda: sorted(
-                p for p in root.glob("step-*") if not (p / MARKER).exists()), alive=pod)[0]
+            writing = _wait(
+                "the next save", lambda: sorted(p for p in root.glob("step-*") if not (p / MARKER).exists()), alive=pod
+            )[0]
             workers = _descendants(pod.pid)
             os.kill(workers[-1], signal.SIGKILL)
             if not (writing / MARKER).exists():
@@ -208,14 +257,21 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_as_latest(tm
 
 def _static_train(tmp_path: Path, steps: int, *args: str) -> subprocess.Popen:
     sets = [a for s in (*TINY_RUN, "checkpoint.every_steps=10", f"run.steps={steps}") for a in ("--set", s)]
-    return subprocess.Popen([*MFRCTL, "train", "--nodes", "2", "--output-dir", str(tmp_path), "-o", "json", *args,
-                             *sets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*MFRCTL, "train", "--nodes", "2", "--output-dir", str(tmp_path), "-o", "json", *args, *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_node_1_trainer(tmp_path: Path, proc: subprocess.Popen, after_step: int) -> None:
     """SIGKILL the training process of node 1 (a worker-0 pod's trainer), once a checkpoint is committed."""
-    _wait("a committed checkpoint", lambda: [e for e in read_events(tmp_path) if e["event"] == "checkpoint"
-                                             and e["step"] >= after_step], alive=proc)
+    _wait(
+        "a committed checkpoint",
+        lambda: [e for e in read_events(tmp_path) if e["event"] == "checkpoint" and e["step"] >= after_step],
+        alive=proc,
+    )
     agents = sorted(_agents(tmp_path / "config.yaml"))
     os.kill(_trainer_of(agents[1]), signal.SIGKILL)
 

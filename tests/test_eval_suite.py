@@ -188,8 +188,9 @@ def test_pair_list_scores_and_tpr_match_loops_and_sklearn(protocol):
     is_genuine = labels[first] == labels[second]
     left = masked if protocol.startswith("masked") else unmasked
     right = masked if protocol == "masked-masked" else unmasked
-    expected = [float(left[a] @ right[b] / np.linalg.norm(left[a]) / np.linalg.norm(right[b]))
-                for a, b in zip(first, second)]
+    expected = [
+        float(left[a] @ right[b] / np.linalg.norm(left[a]) / np.linalg.norm(right[b])) for a, b in zip(first, second)
+    ]
     scores = pair_scores(unmasked, masked, first, second, protocol)
     np.testing.assert_allclose(scores, expected, atol=1e-12)
     result = protocol_result(protocol, scores, is_genuine, (1e-1, 1e-2, 1e-3, 1e-4, 1e-5))
@@ -236,8 +237,9 @@ def workspace(tmp_path_factory, faces):
         Image.fromarray(image).save(root / "faces" / f"id{i}" / f"{j}.png")
     packed = CliRunner().invoke(app, ["data", "pack", str(root / "faces"), str(root / "shards"), "--shard-size", "10"])
     assert packed.exit_code == 0, packed.stderr
-    (root / "pairs.txt").write_text("# shard sample indices\n" + "".join(f"{a} {b}\n" for a in range(12)
-                                                                          for b in range(a + 1, 12)))
+    (root / "pairs.txt").write_text(
+        "# shard sample indices\n" + "".join(f"{a} {b}\n" for a in range(12) for b in range(a + 1, 12))
+    )
     (root / "t.bin").write_bytes(py2_bin(*bin_pairs(faces)))
     torch.save(rank["backbone"], root / "backbone.pt")  # an exported backbone: exactly backbone.state_dict()
     return root, rank["backbone"]
@@ -268,17 +270,39 @@ def test_mfrctl_eval_end_to_end(workspace, faces):
     root, state = workspace
     report, roc = root / "report.json", root / "roc.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "mfr.ctl.main", "eval", str(root / "checkpoints"), "--bin", str(root / "t.bin"),
-         "--gallery", str(root / "faces"), "--pairs", f"{root / 'shards'}={root / 'pairs.txt'}",
-         "--report", str(report), "--roc", str(roc), "-o", "json"],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"},  # tiny model: 1 thread
+        [
+            sys.executable,
+            "-m",
+            "mfr.ctl.main",
+            "eval",
+            str(root / "checkpoints"),
+            "--bin",
+            str(root / "t.bin"),
+            "--gallery",
+            str(root / "faces"),
+            "--pairs",
+            f"{root / 'shards'}={root / 'pairs.txt'}",
+            "--report",
+            str(report),
+            "--roc",
+            str(roc),
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},  # tiny model: 1 thread
     )
     assert proc.returncode == 0, proc.stderr
     written = json.loads(report.read_text())
     printed = json.loads(proc.stdout)
     assert written["model"] == {"url": f"{root / 'checkpoints'}/step-00000001", "kind": "checkpoint", "step": 1}
-    assert [(s["name"], s["kind"]) for s in written["sets"]] == [("t", "bin"), ("pairs.txt", "pairs"),
-                                                                  ("faces", "gallery")]
+    assert [(s["name"], s["kind"]) for s in written["sets"]] == [
+        ("t", "bin"),
+        ("pairs.txt", "pairs"),
+        ("faces", "gallery"),
+    ]
     for entry in written["sets"]:  # stdout is the report without the curves
         for protocol in entry["protocols"]:
             protocol.pop("roc")
@@ -313,8 +337,14 @@ def test_mfrctl_eval_end_to_end(workspace, faces):
     images, issame = bin_pairs(faces)
     decoded = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
     embedded = _embed(state, decoded)
-    distances = np.sum((embedded[0::2] / np.linalg.norm(embedded[0::2], axis=1, keepdims=True)
-                        - embedded[1::2] / np.linalg.norm(embedded[1::2], axis=1, keepdims=True)) ** 2, axis=1)
+    distances = np.sum(
+        (
+            embedded[0::2] / np.linalg.norm(embedded[0::2], axis=1, keepdims=True)
+            - embedded[1::2] / np.linalg.norm(embedded[1::2], axis=1, keepdims=True)
+        )
+        ** 2,
+        axis=1,
+    )
     mean, std, _ = _insightface_reference(distances, np.array(issame))
     accuracy = bin_set["protocols"][0]["accuracy"]
     assert bin_set["protocols"][0]["protocol"] == "unmasked-unmasked" and len(accuracy["folds"]) == 10
@@ -352,8 +382,9 @@ def test_an_exported_backbone_and_s3_give_the_checkpoints_numbers(workspace, s3_
     fs.put(str(root / "backbone.pt"), f"{prefix}/backbone.pt")
     fs.put(str(root / "t.bin"), f"{prefix}/t.bin")
     runs = {
-        "local step": eval_cli(str(root / "checkpoints" / "step-00000001"), "--bin", str(root / "t.bin"), "--no-masks",
-                               "-o", "json"),
+        "local step": eval_cli(
+            str(root / "checkpoints" / "step-00000001"), "--bin", str(root / "t.bin"), "--no-masks", "-o", "json"
+        ),
         "s3 root": eval_cli(f"s3://{prefix}/checkpoints", "--bin", f"s3://{prefix}/t.bin", "--no-masks", "-o", "json"),
         "s3 file": eval_cli(f"s3://{prefix}/backbone.pt", "--bin", f"s3://{prefix}/t.bin", "--no-masks", "-o", "json"),
     }
@@ -361,8 +392,11 @@ def test_an_exported_backbone_and_s3_give_the_checkpoints_numbers(workspace, s3_
     for what, proc in runs.items():
         assert proc.returncode == 0, (what, proc.stderr)
         reports[what] = json.loads(proc.stdout)
-    assert reports["s3 root"]["model"] == {"url": f"s3://{prefix}/checkpoints/step-00000001", "kind": "checkpoint",
-                                           "step": 1}
+    assert reports["s3 root"]["model"] == {
+        "url": f"s3://{prefix}/checkpoints/step-00000001",
+        "kind": "checkpoint",
+        "step": 1,
+    }
     assert reports["s3 file"]["model"]["kind"] == "exported"
     protocols = [r["sets"][0]["protocols"] for r in reports.values()]
     assert [p["protocol"] for p in protocols[0]] == ["unmasked-unmasked"]

@@ -99,7 +99,10 @@ def test_onnx_model_gives_the_torch_embeddings_for_any_batch_size(backbone):
     proto = onnx.load_from_string(model_bytes)
     onnx.checker.check_model(proto)
     assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [
-        "batch", 3, 112, 112,
+        "batch",
+        3,
+        112,
+        112,
     ]
     ops = [node.op_type for node in proto.graph.node]
     assert ops.count("BatchNormalization") == 5  # the five blocks' input BNs; every other one is folded

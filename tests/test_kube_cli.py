@@ -33,8 +33,13 @@ RUN_SELECTOR = "app.kubernetes.io/name=mfr-trainer,app.kubernetes.io/instance=ex
 DISCOVER_TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 # What submit reads before it creates anything: whether Trainer v2 is there (--api auto), the namespace, the
 # operator's API, the prometheus-operator's, and whether the name is taken.
-PREFLIGHT = [("GET", DISCOVER_TRAINER), ("GET", NAMESPACE), ("GET", DISCOVER_JOBS), ("GET", DISCOVER_MONITORING),
-             ("GET", f"{JOBS}/exp1")]
+PREFLIGHT = [
+    ("GET", DISCOVER_TRAINER),
+    ("GET", NAMESPACE),
+    ("GET", DISCOVER_JOBS),
+    ("GET", DISCOVER_MONITORING),
+    ("GET", f"{JOBS}/exp1"),
+]
 
 
 def without_discovery(api: ApiServer) -> list[tuple[str, str]]:
@@ -57,15 +62,25 @@ def rendered(*args: str) -> list[dict]:
 
 def _job(name: str, **spec_extra) -> dict:
     return {
-        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": {"name": name, "namespace": "ml", "creationTimestamp": "2026-01-01T00:00:00Z",
-                     "labels": {"app.kubernetes.io/name": "mfr-trainer", "app.kubernetes.io/instance": name}},
-        "spec": {"nprocPerNode": "8", "pytorchReplicaSpecs": {"Master": {"replicas": 1}, "Worker": {"replicas": 3}},
-                 **spec_extra},
-        "status": {"conditions": [
-            {"type": "Created", "status": "True", "message": "created"},
-            {"type": "Running", "status": "True", "message": "PyTorchJob exp1 is running."},
-        ]},
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {
+            "name": name,
+            "namespace": "ml",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"app.kubernetes.io/name": "mfr-trainer", "app.kubernetes.io/instance": name},
+        },
+        "spec": {
+            "nprocPerNode": "8",
+            "pytorchReplicaSpecs": {"Master": {"replicas": 1}, "Worker": {"replicas": 3}},
+            **spec_extra,
+        },
+        "status": {
+            "conditions": [
+                {"type": "Created", "status": "True", "message": "created"},
+                {"type": "Running", "status": "True", "message": "PyTorchJob exp1 is running."},
+            ]
+        },
     }
 
 
@@ -77,17 +92,32 @@ def _stored(api: ApiServer, collection: str, name: str) -> dict:
 
 
 def test_submit_creates_the_rendered_objects_with_exact_requests(api, kubeconfig):
-    args = ["--name", "exp1", "--nodes", "4", "--gpus-per-node", "8", "--image", "reg.example.com/mfr-trainer:1.2",
-            *OWN_S3]
+    args = [
+        "--name",
+        "exp1",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--image",
+        "reg.example.com/mfr-trainer:1.2",
+        *OWN_S3,
+    ]
     proc = mfrctl("submit", *args, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "networkpolicy/exp1 created", "configmap/exp1-config created", "pytorchjob/exp1 created",
+        "networkpolicy/exp1 created",
+        "configmap/exp1-config created",
+        "pytorchjob/exp1 created",
     ]
     assert "mfrctl logs exp1 -n ml -f" in proc.stderr  # the chart's NOTES say how to follow the run
     assert api.sent() == [
-        *PREFLIGHT, ("POST", NETPOLS), ("POST", CONFIGMAPS), ("POST", JOBS),
-        ("PATCH", f"{NETPOLS}/exp1"), ("PATCH", f"{CONFIGMAPS}/exp1-config"),  # owned by the job, now its uid is known
+        *PREFLIGHT,
+        ("POST", NETPOLS),
+        ("POST", CONFIGMAPS),
+        ("POST", JOBS),
+        ("PATCH", f"{NETPOLS}/exp1"),
+        ("PATCH", f"{CONFIGMAPS}/exp1-config"),  # owned by the job, now its uid is known
     ]
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in api.requests)
     posts = [r for r in api.requests if r.method == "POST"]
@@ -106,13 +136,22 @@ def test_submit_of_the_demo_brings_its_trial_store_first(api, kubeconfig):
     proc = mfrctl("submit", "--name", "exp1", "--nodes", "2", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "networkpolicy/exp1 created", "networkpolicy/exp1-s3 created", "secret/exp1-s3 created",
-        "configmap/exp1-config created", "service/exp1-s3 created", "deployment/exp1-s3 created",
+        "networkpolicy/exp1 created",
+        "networkpolicy/exp1-s3 created",
+        "secret/exp1-s3 created",
+        "configmap/exp1-config created",
+        "service/exp1-s3 created",
+        "deployment/exp1-s3 created",
         "pytorchjob/exp1 created",
     ]
     assert [path for method, path in api.sent() if method == "POST"] == [
-        NETPOLS, NETPOLS, "/api/v1/namespaces/ml/secrets", CONFIGMAPS, "/api/v1/namespaces/ml/services",
-        "/apis/apps/v1/namespaces/ml/deployments", JOBS,
+        NETPOLS,
+        NETPOLS,
+        "/api/v1/namespaces/ml/secrets",
+        CONFIGMAPS,
+        "/api/v1/namespaces/ml/services",
+        "/apis/apps/v1/namespaces/ml/deployments",
+        JOBS,
     ]
     secret = _stored(api, "/api/v1/namespaces/ml/secrets", "exp1-s3")
     assert secret["data"]["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr  # never printed
@@ -122,11 +161,17 @@ def test_submit_of_the_demo_brings_its_trial_store_first(api, kubeconfig):
 def test_submit_of_a_multi_pod_job_without_shared_checkpoints_exits_2_and_sends_nothing(api, kubeconfig):
     real_data = ["--set", "train.data.source=folder", "--set", "train.data.uri=s3://faces/train"]
     proc = mfrctl("submit", "--name", "exp1", "--nodes", "8", *real_data, kubeconfig=kubeconfig)
-    one_line_error(proc, 2, "a job of 8 pods has no checkpoint storage that every pod can reach",
-                   "--checkpoint s3://BUCKET/PREFIX", "--workspace-claim NAME")
+    one_line_error(
+        proc,
+        2,
+        "a job of 8 pods has no checkpoint storage that every pod can reach",
+        "--checkpoint s3://BUCKET/PREFIX",
+        "--workspace-claim NAME",
+    )
     assert api.requests == []
-    claim = mfrctl("submit", "--name", "exp1", "--nodes", "8", *real_data, "--workspace-claim", "runs",
-                   kubeconfig=kubeconfig)
+    claim = mfrctl(
+        "submit", "--name", "exp1", "--nodes", "8", *real_data, "--workspace-claim", "runs", kubeconfig=kubeconfig
+    )
     assert claim.returncode == 0, claim.stderr
     config = yaml.safe_load(_stored(api, CONFIGMAPS, "exp1-config")["data"]["config.yaml"])
     assert config["checkpoint"]["uri"] == "/workspace/checkpoints/exp1"
@@ -147,7 +192,8 @@ def test_submit_dry_run_client_sends_nothing_but_its_reads(api, kubeconfig):
     proc = mfrctl("submit", "--name", "exp1", "--dry-run", "client", *OWN_S3, kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "networkpolicy/exp1 created (dry run)", "configmap/exp1-config created (dry run)",
+        "networkpolicy/exp1 created (dry run)",
+        "configmap/exp1-config created (dry run)",
         "pytorchjob/exp1 created (dry run)",
     ]
     assert api.sent("POST") == [] and api.sent("PATCH") == []
@@ -168,7 +214,7 @@ def test_submit_names_a_leftover_object_of_the_same_run(api, kubeconfig):
     one_line_error(
         proc, 1, "cannot create ConfigMap exp1-config: it already exists in namespace ml", "mfrctl delete exp1 -n ml"
     )
-    assert api.sent()[len(PREFLIGHT):] == [("POST", NETPOLS), ("POST", CONFIGMAPS), ("DELETE", f"{NETPOLS}/exp1")]
+    assert api.sent()[len(PREFLIGHT) :] == [("POST", NETPOLS), ("POST", CONFIGMAPS), ("DELETE", f"{NETPOLS}/exp1")]
     assert JOBS not in api.objects
 
 
@@ -177,11 +223,18 @@ def test_submit_rolls_back_when_the_webhook_denies_the_job(api, kubeconfig):
         'admission webhook "validator.pytorchjob.training-operator.kubeflow.org" denied the request'
     )
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)
-    one_line_error(proc, 1, "cannot create PyTorchJob exp1 (HTTP 403): admission webhook",
-                   "removed what was created: networkpolicy/exp1, configmap/exp1-config")
-    assert api.sent()[len(PREFLIGHT):] == [
-        ("POST", NETPOLS), ("POST", CONFIGMAPS), ("POST", JOBS),
-        ("DELETE", f"{CONFIGMAPS}/exp1-config"), ("DELETE", f"{NETPOLS}/exp1"),
+    one_line_error(
+        proc,
+        1,
+        "cannot create PyTorchJob exp1 (HTTP 403): admission webhook",
+        "removed what was created: networkpolicy/exp1, configmap/exp1-config",
+    )
+    assert api.sent()[len(PREFLIGHT) :] == [
+        ("POST", NETPOLS),
+        ("POST", CONFIGMAPS),
+        ("POST", JOBS),
+        ("DELETE", f"{CONFIGMAPS}/exp1-config"),
+        ("DELETE", f"{NETPOLS}/exp1"),
     ]
     assert not api.objects[CONFIGMAPS] and not api.objects[NETPOLS]
 
@@ -225,14 +278,16 @@ def test_submit_wait_reports_the_final_state(api, kubeconfig):
 
 def test_submit_wait_gives_up_at_its_timeout_with_the_jobs_state(api, kubeconfig, monkeypatch):
     monkeypatch.setattr("mfr.ctl.kube.POLL_SECONDS", 0.1)
-    api.on_create = lambda obj: obj["kind"] == "PyTorchJob" and threading.Timer(
-        0.1, api.set_job_condition, ("ml", "exp1", "Running")).start()
+    api.on_create = lambda obj: (
+        obj["kind"] == "PyTorchJob" and threading.Timer(0.1, api.set_job_condition, ("ml", "exp1", "Running")).start()
+    )
     started = time.monotonic()
     proc = mfrctl("submit", "--name", "exp1", "--wait", "--timeout", "2s", *OWN_S3, kubeconfig=kubeconfig)
     assert time.monotonic() - started < 30
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: timed out after 2s: exp1 is Running (mfrctl status exp1 -n ml)")
+        "error: timed out after 2s: exp1 is Running (mfrctl status exp1 -n ml)"
+    )
 
 
 def test_submit_follow_streams_rank0_log_and_fails_with_the_job(api, kubeconfig, monkeypatch):
@@ -356,15 +411,24 @@ def test_describe_shows_conditions_restarts_pods_exit_codes_and_events(api, kube
         api.set_pod_phase("ml", pod, "Running", node=node)
     api.set_pod_phase("ml", "exp1-worker-1", "Failed", exit_code=137, reason="OOMKilled")
     job = _stored(api, JOBS, "exp1")
-    api.set_job_condition("ml", "exp1", "Restarting", reason="PyTorchJobRestarting",
-                          message="PyTorchJob exp1 is restarting because 1 Worker replica(s) failed.")
+    api.set_job_condition(
+        "ml",
+        "exp1",
+        "Restarting",
+        reason="PyTorchJobRestarting",
+        message="PyTorchJob exp1 is restarting because 1 Worker replica(s) failed.",
+    )
     api.emit_event(job, "ExitedWithCode", "Pod: ml.exp1-worker-1 exited with code 137", type_="Normal")
     api.emit_event(_stored(api, PODS, "exp1-worker-1"), "OOMKilling", "Memory cgroup out of memory", type_="Warning")
     report = json.loads(mfrctl("describe", "exp1", "-o", "json", kubeconfig=kubeconfig).stdout)
     assert [c["type"] for c in report["conditions"]][-1] == "Restarting"
     (failed,) = [p for p in report["pods"] if p["name"] == "exp1-worker-1"]
-    assert (failed["node"], failed["phase"], failed["exit_code"], failed["reason"]) == ("gpu-c", "Failed", 137,
-                                                                                        "OOMKilled")
+    assert (failed["node"], failed["phase"], failed["exit_code"], failed["reason"]) == (
+        "gpu-c",
+        "Failed",
+        137,
+        "OOMKilled",
+    )
     assert report["restarts"] >= 1
     assert any(e["reason"] == "ExitedWithCode" and "137" in e["message"] for e in report["events"])
     assert any(e["object"] == "pod/exp1-worker-1" and e["reason"] == "OOMKilling" for e in report["events"])
@@ -384,8 +448,12 @@ def test_logs_default_to_rank0_and_pick_replicas(api, kubeconfig):
     one = mfrctl("logs", "exp1", "--replica", "worker", "--index", "1", kubeconfig=kubeconfig)
     assert one.stdout == "worker 1 says hi\n"
     every = mfrctl("logs", "exp1", "--all-pods", kubeconfig=kubeconfig).stdout.splitlines()
-    assert every == ["[master-0] master says hi", "[worker-0] worker 0 says hi", "[worker-1] worker 1 says hi",
-                     "[worker-2] worker 2 says hi"]
+    assert every == [
+        "[master-0] master says hi",
+        "[worker-0] worker 0 says hi",
+        "[worker-1] worker 1 says hi",
+        "[worker-2] worker 2 says hi",
+    ]
     one_line_error(mfrctl("logs", "exp1", "--index", "1", kubeconfig=kubeconfig), 2, "--index needs --replica")
 
 
@@ -403,8 +471,11 @@ def test_logs_tail_since_and_previous_are_the_api_servers_own(api, kubeconfig):
 def test_logs_of_what_does_not_exist_say_so(api, kubeconfig):
     one_line_error(mfrctl("logs", "gone", kubeconfig=kubeconfig), 1, "no PyTorchJob gone in namespace ml")
     api.put(JOBS, _job("exp1"))
-    one_line_error(mfrctl("logs", "exp1", "--replica", "worker", "--index", "99", kubeconfig=kubeconfig), 1,
-                   "PyTorchJob exp1 has no worker 99: its workers are 0..2")
+    one_line_error(
+        mfrctl("logs", "exp1", "--replica", "worker", "--index", "99", kubeconfig=kubeconfig),
+        1,
+        "PyTorchJob exp1 has no worker 99: its workers are 0..2",
+    )
     one_line_error(mfrctl("logs", "exp1", kubeconfig=kubeconfig), 1, "no logs of exp1 yet: its pods have not started")
 
 
@@ -451,8 +522,10 @@ def test_list_shows_only_this_charts_runs(api, kubeconfig):
     assert api.requests[-1].path == "/apis/kubeflow.org/v1/pytorchjobs"
     rows = everywhere.stdout.splitlines()
     assert rows[0].split() == ["NAMESPACE", "NAME", "STATE", "MODE", "PODS", "AGE"]
-    assert [r.split()[:5] for r in rows[1:]] == [["dev", "exp2", "Pending", "static", "4"],
-                                                 ["ml", "exp1", "Running", "static", "4"]]
+    assert [r.split()[:5] for r in rows[1:]] == [
+        ["dev", "exp2", "Pending", "static", "4"],
+        ["ml", "exp1", "Running", "static", "4"],
+    ]
 
 
 # -- Kubeflow Trainer v2: TrainJobs ---------------------------------------------------------------
@@ -463,16 +536,36 @@ RUNTIMES = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainingruntimes"
 
 def _trainjob_pod(api: ApiServer, job: str, index: int, log: str, phase: str = "Running") -> None:
     """A pod as Trainer v2's JobSet creates it for node ``index``."""
-    api.put(PODS, {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{job}-node-0-{index}-x7k2q", "namespace": "ml", "labels": {
-            "jobset.sigs.k8s.io/jobset-name": job, "jobset.sigs.k8s.io/replicatedjob-name": "node",
-            "batch.kubernetes.io/job-completion-index": str(index)}},
-        "spec": {"nodeName": f"gpu-{index}", "containers": [{"name": "node", "image": "mfr-trainer:0.1.0"}]},
-        "status": {"phase": phase, "containerStatuses": [{
-            "name": "node", "restartCount": 0, "ready": True, "image": "mfr-trainer:0.1.0", "imageID": "",
-            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]},
-    })
+    api.put(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{job}-node-0-{index}-x7k2q",
+                "namespace": "ml",
+                "labels": {
+                    "jobset.sigs.k8s.io/jobset-name": job,
+                    "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                    "batch.kubernetes.io/job-completion-index": str(index),
+                },
+            },
+            "spec": {"nodeName": f"gpu-{index}", "containers": [{"name": "node", "image": "mfr-trainer:0.1.0"}]},
+            "status": {
+                "phase": phase,
+                "containerStatuses": [
+                    {
+                        "name": "node",
+                        "restartCount": 0,
+                        "ready": True,
+                        "image": "mfr-trainer:0.1.0",
+                        "imageID": "",
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                    }
+                ],
+            },
+        },
+    )
     api.write_log("ml", f"{job}-node-0-{index}-x7k2q", log, container="node")
 
 
@@ -480,19 +573,43 @@ def test_submit_auto_picks_the_trainjob_for_a_static_run_where_trainer_v2_is_ser
     proc = mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig)  # v1 only: a PyTorchJob
     assert proc.returncode == 0 and "pytorchjob/exp1 created" in proc.stdout
     api.trainer_v2 = True
-    proc = mfrctl("submit", "--name", "exp2", "--checkpoint", "s3://b/exp2", "--set", "s3.existingSecret=s",
-                  kubeconfig=kubeconfig)
+    proc = mfrctl(
+        "submit", "--name", "exp2", "--checkpoint", "s3://b/exp2", "--set", "s3.existingSecret=s", kubeconfig=kubeconfig
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-2:] == ["trainingruntime/exp2 created", "trainjob/exp2 created"]
     assert _stored(api, RUNTIMES, "exp2")["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
-    elastic = mfrctl("submit", "--name", "exp3", "--elastic", "2:4", "--checkpoint", "s3://b/exp3",
-                     "--set", "s3.existingSecret=s", kubeconfig=kubeconfig)
+    elastic = mfrctl(
+        "submit",
+        "--name",
+        "exp3",
+        "--elastic",
+        "2:4",
+        "--checkpoint",
+        "s3://b/exp3",
+        "--set",
+        "s3.existingSecret=s",
+        kubeconfig=kubeconfig,
+    )
     assert elastic.returncode == 0 and "pytorchjob/exp3 created" in elastic.stdout  # elastic: always a PyTorchJob
-    forced = mfrctl("submit", "--name", "exp4", "--api", "pytorchjob", "--checkpoint", "s3://b/exp4",
-                    "--set", "s3.existingSecret=s", kubeconfig=kubeconfig)
+    forced = mfrctl(
+        "submit",
+        "--name",
+        "exp4",
+        "--api",
+        "pytorchjob",
+        "--checkpoint",
+        "s3://b/exp4",
+        "--set",
+        "s3.existingSecret=s",
+        kubeconfig=kubeconfig,
+    )
     assert "pytorchjob/exp4 created" in forced.stdout
-    one_line_error(mfrctl("submit", "--name", "exp5", "--api", "trainjob", "--elastic", "1:2", kubeconfig=kubeconfig),
-                   2, "elastic training runs as a PyTorchJob")
+    one_line_error(
+        mfrctl("submit", "--name", "exp5", "--api", "trainjob", "--elastic", "1:2", kubeconfig=kubeconfig),
+        2,
+        "elastic training runs as a PyTorchJob",
+    )
 
 
 def test_submit_of_a_trainjob_where_trainer_v2_is_not_served_says_so(api, kubeconfig):
@@ -503,8 +620,10 @@ def test_submit_of_a_trainjob_where_trainer_v2_is_not_served_says_so(api, kubeco
 
 def test_status_logs_describe_list_and_delete_work_for_trainjobs(api, kubeconfig):
     api.trainer_v2 = True
-    assert mfrctl("submit", "--name", "tj", "--api", "trainjob", "--nodes", "2", *OWN_S3,
-                  kubeconfig=kubeconfig).returncode == 0
+    assert (
+        mfrctl("submit", "--name", "tj", "--api", "trainjob", "--nodes", "2", *OWN_S3, kubeconfig=kubeconfig).returncode
+        == 0
+    )
     api.set_job_condition("ml", "tj", "Created", plural="trainjobs", message="TrainJob is created")
     for index in range(2):
         _trainjob_pod(api, "tj", index, f"rank {index} step 4/4\n")

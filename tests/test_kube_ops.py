@@ -45,8 +45,13 @@ def _delete(api: ApiServer, path: str) -> None:
     config = client.Configuration()
     config.host = api.url
     config.api_key = {"authorization": "Bearer stand-in-token"}
-    client.ApiClient(config).call_api(path, "DELETE", auth_settings=[], header_params={
-        "Authorization": "Bearer stand-in-token"}, _return_http_data_only=True)
+    client.ApiClient(config).call_api(
+        path,
+        "DELETE",
+        auth_settings=[],
+        header_params={"Authorization": "Bearer stand-in-token"},
+        _return_http_data_only=True,
+    )
 
 
 def test_deleting_the_job_lets_the_garbage_collector_remove_the_run_and_the_name_is_free_again(api, kubeconfig):
@@ -63,21 +68,42 @@ def test_deleting_the_job_lets_the_garbage_collector_remove_the_run_and_the_name
 def test_delete_removes_exactly_the_runs_objects_and_skips_kinds_it_may_not_list(api, kubeconfig):
     api.monitoring_crds = True
     assert mfrctl("submit", "--name", "exp1", *OWN_S3, kubeconfig=kubeconfig).returncode == 0  # monitoring: detected
-    assert mfrctl("submit", "--name", "exp2", "--checkpoint", "s3://b/exp2", "--set", "s3.existingSecret=mfr-s3",
-                  kubeconfig=kubeconfig).returncode == 0
+    assert (
+        mfrctl(
+            "submit",
+            "--name",
+            "exp2",
+            "--checkpoint",
+            "s3://b/exp2",
+            "--set",
+            "s3.existingSecret=mfr-s3",
+            kubeconfig=kubeconfig,
+        ).returncode
+        == 0
+    )
     assert _names(api, PODMONITORS) == ["exp1", "exp2"]
     api.forbid("list", "serviceaccounts", "ml")  # the chart never made one; the user may not even look
     api.requests.clear()
     proc = mfrctl("delete", "exp1", kubeconfig=kubeconfig)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(proc.stdout.splitlines()) == sorted([
-        "pytorchjob/exp1 deleted", "configmap/exp1-config deleted", "networkpolicy/exp1 deleted",
-        "podmonitor/exp1 deleted", "prometheusrule/exp1 deleted",
-    ])
+    assert sorted(proc.stdout.splitlines()) == sorted(
+        [
+            "pytorchjob/exp1 deleted",
+            "configmap/exp1-config deleted",
+            "networkpolicy/exp1 deleted",
+            "podmonitor/exp1 deleted",
+            "prometheusrule/exp1 deleted",
+        ]
+    )
     assert "not allowed to list serviceaccounts in namespace ml: skipped" in proc.stderr
     assert not [r for r in api.requests if r.method == "DELETE" and not re.search(r"/[^/]+s/[^/]+$", r.path)]
-    for collection, left in ((JOBS, ["exp2"]), (CONFIGMAPS, ["exp2-config"]), (PODMONITORS, ["exp2"]),
-                             (PROMETHEUSRULES, ["exp2"]), (NETPOLS, ["exp2"])):
+    for collection, left in (
+        (JOBS, ["exp2"]),
+        (CONFIGMAPS, ["exp2-config"]),
+        (PODMONITORS, ["exp2"]),
+        (PROMETHEUSRULES, ["exp2"]),
+        (NETPOLS, ["exp2"]),
+    ):
         assert _names(api, collection) == left  # the other run is untouched
     one_line_error(mfrctl("delete", "exp1", kubeconfig=kubeconfig), 1, "no run exp1 in namespace ml")
 
@@ -96,8 +122,17 @@ def test_the_dashboard_is_installed_once_shared_and_never_deleted_with_a_run(api
     # two runs that both ask for the dashboard in the monitoring namespace: it is created once, owned by neither
     values = ["--set", "monitoring.dashboard.enabled=true", "--set", "monitoring.dashboard.namespace=monitoring"]
     for run in ("exp1", "exp2"):
-        proc = mfrctl("submit", "--name", run, "--checkpoint", f"s3://b/{run}", "--set", "s3.existingSecret=s",
-                      *values, kubeconfig=kubeconfig)
+        proc = mfrctl(
+            "submit",
+            "--name",
+            run,
+            "--checkpoint",
+            f"s3://b/{run}",
+            "--set",
+            "s3.existingSecret=s",
+            *values,
+            kubeconfig=kubeconfig,
+        )
         assert proc.returncode == 0, proc.stderr
         assert f"configmap/{BOARD}" not in proc.stdout  # already there
     assert "ownerReferences" not in api.objects[DASHBOARDS][BOARD]["metadata"]
@@ -140,9 +175,13 @@ def test_rendered_alerts_need_the_namespace_they_will_select():
 
 
 def _node(name: str, gpus: int, unschedulable: bool = False) -> dict:
-    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-            "spec": {"unschedulable": unschedulable},
-            "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": str(gpus)}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "spec": {"unschedulable": unschedulable},
+        "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": str(gpus)}},
+    }
 
 
 def _doctor(kubeconfig, *args) -> tuple[int, dict[str, dict]]:
@@ -178,8 +217,9 @@ def test_doctor_probes_the_checkpoint_storage_with_the_runs_secret(api, kubeconf
     assert code == 0 and rows["checkpoint storage"]["status"] == "ok", rows["checkpoint storage"]
     import s3fs
 
-    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_url=env["AWS_ENDPOINT_URL"])
+    fs = s3fs.S3FileSystem(
+        key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], endpoint_url=env["AWS_ENDPOINT_URL"]
+    )
     assert not [p for p in fs.find("mfr-test/doctor") if ".mfr-doctor-" in p]  # the probe was removed
     wrong = env | {"AWS_SECRET_ACCESS_KEY": "not-the-key-0123456789"}
     data = {k: base64.b64encode(v.encode()).decode() for k, v in wrong.items()}
@@ -206,16 +246,24 @@ def _allowed(rules: list[dict], verb: str, group: str, resource: str) -> bool:
 
 def _authorization(method: str, path: str, query: dict) -> tuple[str, str, str, bool] | None:
     """(verb, API group, resource, cluster-scoped) of a request, as the RBAC authorizer sees it; None: discovery."""
-    match = re.match(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?"
-                     r"(?:/(?P<resource>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?)?$", path)
+    match = re.match(
+        r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?"
+        r"(?:/(?P<resource>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?)?$",
+        path,
+    )
     assert match, path
     if match["resource"] is None:
         if match["ns"] is None:
             return None  # discovery: /api/v1, /apis/<group>/<version>
         return {"GET": "get", "DELETE": "delete"}[method], "", "namespaces", True  # the namespace object itself
     named = match["name"] is not None
-    verb = {"GET": "get" if named else ("watch" if query.get("watch") else "list"), "POST": "create",
-            "PATCH": "patch", "PUT": "update", "DELETE": "delete" if named else "deletecollection"}[method]
+    verb = {
+        "GET": "get" if named else ("watch" if query.get("watch") else "list"),
+        "POST": "create",
+        "PATCH": "patch",
+        "PUT": "update",
+        "DELETE": "delete" if named else "deletecollection",
+    }[method]
     resource = match["resource"] + (f"/{match['sub']}" if match["sub"] else "")
     return verb, match["group"] or "", resource, match["ns"] is None
 
@@ -226,11 +274,16 @@ def test_the_shipped_role_allows_every_request_mfrctl_makes_and_nothing_wider(ap
     api.put("/api/v1/nodes", _node("gpu-0", 8))
     steps = [
         ["submit", "--name", "exp1", "--nodes", "2"],
-        ["status", "exp1"], ["describe", "exp1"], ["list"], ["logs", "exp1", "--all-pods"],
-        ["dashboard", "install"], ["doctor", "--nodes", "1", "--gpus-per-node", "8", "--secret", "exp1-s3",
-                                   "--checkpoint", "/workspace/x"],
+        ["status", "exp1"],
+        ["describe", "exp1"],
+        ["list"],
+        ["logs", "exp1", "--all-pods"],
+        ["dashboard", "install"],
+        ["doctor", "--nodes", "1", "--gpus-per-node", "8", "--secret", "exp1-s3", "--checkpoint", "/workspace/x"],
         ["delete", "exp1"],
-        ["submit", "--name", "tj1", "--api", "trainjob", "--nodes", "2"], ["status", "tj1"], ["delete", "tj1"],
+        ["submit", "--name", "tj1", "--api", "trainjob", "--nodes", "2"],
+        ["status", "tj1"],
+        ["delete", "tj1"],
     ]
     for step in steps:
         if step[:4] == ["submit", "--name", "tj1", "--api"]:

@@ -44,9 +44,15 @@ def test_busy_port_is_one_warning_line():
         port = busy.getsockname()[1]
         cfg = MetricsConfig(port=port, address="127.0.0.1")
         proc = subprocess.run(
-            [sys.executable, "-c", "import sys; from mfr.trainer import metrics; from mfr.trainer.config import "
-             f"MetricsConfig; print(metrics.serve(MetricsConfig.model_validate({cfg.model_dump()!r}), 0))"],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from mfr.trainer import metrics; from mfr.trainer.config import "
+                f"MetricsConfig; print(metrics.serve(MetricsConfig.model_validate({cfg.model_dump()!r}), 0))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -77,7 +83,9 @@ def test_training_goes_on_when_the_metrics_port_is_taken(tmp_path):
         ]
         proc = subprocess.run(
             [sys.executable, "-m", "mfr.trainer", *[a for s in sets for a in ("--set", s)]],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     warnings = [line for line in proc.stdout.splitlines() if "metrics not served" in line]

@@ -17,8 +17,12 @@ NS = "ml"
 ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecret": "mfr-s3"}}
 CASES = {
     "demo-with-trial-store": {},
-    "static-2-procs-monitored": {"nodes": 3, "nprocPerNode": 2, "monitoring": {"podMonitor": {"enabled": True}},
-                                 **ON_S3},
+    "static-2-procs-monitored": {
+        "nodes": 3,
+        "nprocPerNode": 2,
+        "monitoring": {"podMonitor": {"enabled": True}},
+        **ON_S3,
+    },
     "elastic": {"nodes": 3, "elastic": {"enabled": True, "minNodes": 2, "maxNodes": 4}, **ON_S3},
 }
 PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
@@ -34,9 +38,15 @@ def _objects(values):
         pod = operator_pod(job, rtype, index)
         (container,) = pod["spec"]["containers"]
         trainers.append(Pod(NS, pod["metadata"]["labels"], {p["name"]: p["containerPort"] for p in container["ports"]}))
-    stores = [Pod(NS, d["spec"]["template"]["metadata"]["labels"],
-                  {p["name"]: p["containerPort"] for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]})
-              for d in objects if d["kind"] == "Deployment"]
+    stores = [
+        Pod(
+            NS,
+            d["spec"]["template"]["metadata"]["labels"],
+            {p["name"]: p["containerPort"] for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]},
+        )
+        for d in objects
+        if d["kind"] == "Deployment"
+    ]
     return job, policies, trainers, stores
 
 
@@ -84,8 +94,15 @@ def test_the_policy_selects_every_trainer_pod_and_nothing_else():
 def test_switched_off_and_monitoring_elsewhere():
     objects = render({**ON_S3, "networkPolicy": {"enabled": False}}, name="exp", namespace=NS).objects
     assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
-    _, policies, trainers, _ = _objects({**ON_S3, "networkPolicy": {
-        "metricsNamespaces": ["observability"], "metricsPodSelector": {"matchLabels": {"app": "prometheus"}}}})
+    _, policies, trainers, _ = _objects(
+        {
+            **ON_S3,
+            "networkPolicy": {
+                "metricsNamespaces": ["observability"],
+                "metricsPodSelector": {"matchLabels": {"app": "prometheus"}},
+            },
+        }
+    )
     scraper = Pod("observability", {"app": "prometheus"})
     assert allowed(policies, NS, scraper, trainers[0], 9410)
     assert not allowed(policies, NS, Pod("observability", {"app": "grafana"}), trainers[0], 9410)
@@ -94,12 +111,23 @@ def test_switched_off_and_monitoring_elsewhere():
 
 def test_the_evaluator_follows_kubernetes_semantics():
     """The checker itself: unselected pods are open, an empty from is anyone, namespace and pod selectors AND."""
-    policy = {"spec": {"podSelector": {"matchLabels": {"a": "1"}}, "ingress": [
-        {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "x"}},
-                   "podSelector": {"matchExpressions": [{"key": "b", "operator": "Exists"}]}}],
-         "ports": [{"port": 100, "endPort": 110}]},
-        {"ports": [{"port": "web"}]},
-    ]}}
+    policy = {
+        "spec": {
+            "podSelector": {"matchLabels": {"a": "1"}},
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "x"}},
+                            "podSelector": {"matchExpressions": [{"key": "b", "operator": "Exists"}]},
+                        }
+                    ],
+                    "ports": [{"port": 100, "endPort": 110}],
+                },
+                {"ports": [{"port": "web"}]},
+            ],
+        }
+    }
     target = Pod("ns", {"a": "1"}, {"web": 8080})
     assert allowed([policy], "ns", Pod("zz", {}), Pod("ns", {"a": "2"}), 1)  # not selected: open
     assert allowed([policy], "ns", Pod("x", {"b": ""}), target, 105)

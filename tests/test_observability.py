@@ -73,10 +73,29 @@ def live_run(prometheus_factory, tmp_path_factory) -> LiveRun:
         {JOB: [(f"127.0.0.1:{port + i}", {"namespace": NAMESPACE, "pod": pod}) for i, pod in enumerate(pods)]}
     )
     command = [
-        sys.executable, "-m", "mfr.ctl.main", "train", "--nodes", "2", "--output-dir", str(run_dir), "--fresh",
-        "--set", f"run.steps={STEPS}", "--set", "eval.num_identities=10", "--set", "eval.images_per_identity=4",
-        "--set", "data.batch_size=16", "--set", "checkpoint.every_steps=10",
-        "--set", "metrics.address=127.0.0.1", "--set", f"metrics.port={port}",
+        sys.executable,
+        "-m",
+        "mfr.ctl.main",
+        "train",
+        "--nodes",
+        "2",
+        "--output-dir",
+        str(run_dir),
+        "--fresh",
+        "--set",
+        f"run.steps={STEPS}",
+        "--set",
+        "eval.num_identities=10",
+        "--set",
+        "eval.images_per_identity=4",
+        "--set",
+        "data.batch_size=16",
+        "--set",
+        "checkpoint.every_steps=10",
+        "--set",
+        "metrics.address=127.0.0.1",
+        "--set",
+        f"metrics.port={port}",
     ]
     start = time.time()
     stderr_path = run_dir / "mfrctl.stderr"
@@ -113,10 +132,10 @@ def test_mfrctl_train_prints_where_every_rank_serves_metrics(live_run):
 
 def test_prometheus_scraped_every_contract_metric_from_every_rank(live_run):
     for name in CONTRACT:
-        ranks = {s["metric"]["rank"] for s in live_run.range(f"count by (rank) ({name}{{job=\"{JOB}\"}})")}
+        ranks = {s["metric"]["rank"] for s in live_run.range(f'count by (rank) ({name}{{job="{JOB}"}})')}
         assert ranks == {"0", "1"}, name
     for name in RANK0_ONLY:
-        ranks = {s["metric"]["rank"] for s in live_run.range(f"count by (rank) ({name}{{job=\"{JOB}\"}})")}
+        ranks = {s["metric"]["rank"] for s in live_run.range(f'count by (rank) ({name}{{job="{JOB}"}})')}
         assert ranks == {"0"}, name
 
 
@@ -144,7 +163,7 @@ def test_scraped_page_passes_promtool_check_metrics(live_run):
 def test_promtool_check_metrics_can_fail():
     bad = "# HELP mfr_bad_count a counter\n# TYPE mfr_bad_count counter\nmfr_bad_count 1\n"
     proc = subprocess.run([PROMTOOL, "check", "metrics"], input=bad, capture_output=True, text=True)
-    assert "counter metrics should have \"_total\" suffix" in proc.stdout + proc.stderr
+    assert 'counter metrics should have "_total" suffix' in proc.stdout + proc.stderr
 
 
 def test_every_alert_expression_evaluates_against_the_live_run(live_run):
@@ -160,8 +179,12 @@ def test_every_alert_expression_evaluates_against_the_live_run(live_run):
 
 def _dashboard_expr(expr: str) -> str:
     """A panel query as Grafana sends it for this run (its variables filled in)."""
-    return (expr.replace("$namespace", NAMESPACE).replace("$job", JOB)
-            .replace("$__rate_interval", "1m").replace("$__range", "1h"))
+    return (
+        expr.replace("$namespace", NAMESPACE)
+        .replace("$job", JOB)
+        .replace("$__rate_interval", "1m")
+        .replace("$__range", "1h")
+    )
 
 
 def test_every_dashboard_panel_query_returns_data_from_the_live_run(live_run):

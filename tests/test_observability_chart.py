@@ -23,8 +23,10 @@ def _objects(values: dict, name: str = NAME) -> dict[str, dict]:
     return {o["kind"]: o for o in render(values, name=name, namespace=NAMESPACE).objects}
 
 
-@pytest.mark.parametrize("values", [MONITORING, {**MONITORING, "nprocPerNode": 4, "gpusPerNode": 4,
-                                                 "elastic": {"enabled": True}, "nodes": 2}])
+@pytest.mark.parametrize(
+    "values",
+    [MONITORING, {**MONITORING, "nprocPerNode": 4, "gpusPerNode": 4, "elastic": {"enabled": True}, "nodes": 2}],
+)
 def test_helm_lint_is_clean_with_monitoring(values):
     report = helm_python.lint(chart_dir(), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
     assert report["errors"] == [] and report["messages"] == [], report
@@ -62,8 +64,12 @@ def test_release_label_is_a_value_and_extra_labels_apply():
 
 def test_chart_default_metrics_port_is_the_trainers():
     objects = _objects(MONITORING)
-    ports = {p["name"]: p["containerPort"] for p in
-             objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["ports"]}
+    ports = {
+        p["name"]: p["containerPort"]
+        for p in objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+            "ports"
+        ]
+    }
     assert ports["metrics-0"] == MetricsConfig().port
 
 
@@ -73,9 +79,13 @@ def test_podmonitor_refuses_a_trainer_without_metrics():
 
 
 def test_every_alert_has_summary_description_and_runbook():
-    rules = [r for g in rendered_rules({"monitoring": {**MONITORING["monitoring"],
-                                                        "prometheusRule": {"enabled": True, "runbookUrl": "https://r"}}})["groups"]
-             for r in g["rules"]]
+    rules = [
+        r
+        for g in rendered_rules(
+            {"monitoring": {**MONITORING["monitoring"], "prometheusRule": {"enabled": True, "runbookUrl": "https://r"}}}
+        )["groups"]
+        for r in g["rules"]
+    ]
     assert {r["alert"] for r in rules} == ALERTS
     for rule in rules:
         assert {"summary", "description", "runbook", "runbook_url"} <= rule["annotations"].keys(), rule["alert"]
@@ -112,42 +122,50 @@ CASES = {
     "MFRTrainingStalled": (
         {f"mfr_train_step{RANK0}": "0+1x20 20x40", f"mfr_train_step{RANK1}": "0+1x20 20x40"},
         {f"mfr_train_step{RANK0}": "0+1x60", f"mfr_train_step{RANK1}": "0+1x60"},
-        "60m", {**GROUP, "severity": "critical"},
+        "60m",
+        {**GROUP, "severity": "critical"},
     ),
     "MFRLossNonFinite": (
         {f"mfr_train_nonfinite_steps_total{RANK0}": "0x30 1x30"},
         {f"mfr_train_nonfinite_steps_total{RANK0}": "0x60"},
-        "33m", {**GROUP, "severity": "warning"},
+        "33m",
+        {**GROUP, "severity": "warning"},
     ),
     "MFRCheckpointStale": (  # rendered with a 600 s interval x 3 intervals: stale after 30m
         {f"mfr_checkpoint_last_success_timestamp_seconds{RANK0}": "0+60x30 1800x90"},
         {f"mfr_checkpoint_last_success_timestamp_seconds{RANK0}": "0+60x120"},
-        "100m", {**GROUP, "severity": "warning"},
+        "100m",
+        {**GROUP, "severity": "warning"},
     ),
     "MFRCheckpointFailing": (
         {f"mfr_checkpoint_failures_total{RANK1}": "0x20 1x40"},
         {f"mfr_checkpoint_failures_total{RANK1}": "0x60"},
-        "25m", {**GROUP, "severity": "warning"},
+        "25m",
+        {**GROUP, "severity": "warning"},
     ),
     "MFRThroughputDropped": (  # 10 samples/s per rank, then 100 a minute
         {f"mfr_train_samples_total{RANK0}": "0+600x60 36000+100x60"},
         {f"mfr_train_samples_total{RANK0}": "0+600x120"},
-        "90m", {**GROUP, "severity": "warning"},
+        "90m",
+        {**GROUP, "severity": "warning"},
     ),
     "MFRRankDown": (
         {f'up{{{SEL},pod="mfr-worker-0",instance="10.0.0.2:9410"}}': "1x10 0x20"},
         {f'up{{{SEL},pod="mfr-worker-0",instance="10.0.0.2:9410"}}': "1x30"},
-        "20m", {**GROUP, "pod": "mfr-worker-0", "instance": "10.0.0.2:9410", "severity": "critical"},
+        "20m",
+        {**GROUP, "pod": "mfr-worker-0", "instance": "10.0.0.2:9410", "severity": "critical"},
     ),
     "MFRBadSamplesHigh": (  # 10% of samples bad vs 1 in 600
         {f"mfr_train_samples_total{RANK0}": "0+600x60", f"mfr_bad_samples_total{RANK0}": "0+60x60"},
         {f"mfr_train_samples_total{RANK0}": "0+600x60", f"mfr_bad_samples_total{RANK0}": "0+1x60"},
-        "40m", {**GROUP, "severity": "warning"},
+        "40m",
+        {**GROUP, "severity": "warning"},
     ),
     "MFRElasticRestartsClimbing": (  # ranks renumbered by the restarts: new series, the count goes on
         {f"mfr_elastic_restarts{RANK0}": "0x10 1x10 2x10 3x30", f"mfr_elastic_restarts{RANK1}": "_x30 3x30"},
         {f"mfr_elastic_restarts{RANK0}": "0x30 1x30"},
-        "50m", {**GROUP, "severity": "warning"},
+        "50m",
+        {**GROUP, "severity": "warning"},
     ),
 }
 
@@ -156,23 +174,32 @@ def _unit_tests(alert: str) -> list[dict]:
     failing, healthy, at, labels = CASES[alert]
     tests = []
     for series, expected in ((failing, [{"exp_labels": labels}]), (healthy, [])):
-        tests.append({
-            "interval": "1m",
-            "input_series": [{"series": s, "values": v} for s, v in series.items()],
-            "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": expected}],
-        })
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": expected}],
+            }
+        )
     return tests
 
 
 def _promtool_test(tmp_path, tests: list[dict]) -> subprocess.CompletedProcess:
-    rules = rendered_rules({"monitoring": {**MONITORING["monitoring"],
-                                           "prometheusRule": {"enabled": True, "checkpointIntervalSeconds": 600}}})
+    rules = rendered_rules(
+        {
+            "monitoring": {
+                **MONITORING["monitoring"],
+                "prometheusRule": {"enabled": True, "checkpointIntervalSeconds": 600},
+            }
+        }
+    )
     for group in rules["groups"]:  # promtool compares annotations exactly; `check rules` checks their templates
         for rule in group["rules"]:
             rule.pop("annotations", None)
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
-    (tmp_path / "tests.yml").write_text(yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m",
-                                                        "tests": tests}))
+    (tmp_path / "tests.yml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests})
+    )
     return subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "tests.yml")], capture_output=True, text=True)
 
 
@@ -190,11 +217,13 @@ def test_promtool_test_rules_every_alert_fires_on_failure_and_not_when_healthy(t
 def test_promtool_unit_test_fails_when_the_alert_is_swapped(tmp_path, alert):
     """Each case can fail: with the failure and healthy histories swapped, promtool reports a mismatch."""
     _failing, healthy, at, labels = CASES[alert]
-    swapped = [{
-        "interval": "1m",
-        "input_series": [{"series": s, "values": v} for s, v in healthy.items()],
-        "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": [{"exp_labels": labels}]}],
-    }]
+    swapped = [
+        {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in healthy.items()],
+            "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": [{"exp_labels": labels}]}],
+        }
+    ]
     proc = _promtool_test(tmp_path, swapped)
     assert proc.returncode != 0 and alert in proc.stdout + proc.stderr
 
@@ -229,9 +258,22 @@ def test_dashboard_has_the_run_variables_and_every_panel_selects_the_run():
     assert [v["name"] for v in data["templating"]["list"]] == ["datasource", "namespace", "job"]
     queries = panel_queries(data)
     titles = {title for title, _ in queries}
-    assert {"Throughput", "Step time", "Data wait share", "Loss", "Learning rate", "Gradient norm", "World size",
-            "Elastic restarts", "Checkpoint age", "Checkpoint save duration", "Checkpoint size and failures",
-            "Device memory", "Held-out TPR @ FPR", "Bad samples"} <= titles
+    assert {
+        "Throughput",
+        "Step time",
+        "Data wait share",
+        "Loss",
+        "Learning rate",
+        "Gradient norm",
+        "World size",
+        "Elastic restarts",
+        "Checkpoint age",
+        "Checkpoint save duration",
+        "Checkpoint size and failures",
+        "Device memory",
+        "Held-out TPR @ FPR",
+        "Bad samples",
+    } <= titles
     for title, expr in queries:
         assert expr.count('namespace="$namespace", job="$job"') == expr.count("mfr_"), title
 
@@ -241,10 +283,16 @@ def test_dashboard_configmap_carries_the_json_with_the_sidecar_label():
 
     from charts.generate.dashboard import UID
 
-    values = {"monitoring": {"dashboard": {"enabled": True, "namespace": "monitoring",
-                                           "annotations": {"grafana_folder": "ML"}}}}
-    (cm,) = [o for o in render(values, name=NAME, namespace=NAMESPACE).objects
-             if o["metadata"]["name"] == "mfr-training-dashboard"]
+    values = {
+        "monitoring": {
+            "dashboard": {"enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "ML"}}
+        }
+    }
+    (cm,) = [
+        o
+        for o in render(values, name=NAME, namespace=NAMESPACE).objects
+        if o["metadata"]["name"] == "mfr-training-dashboard"
+    ]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["namespace"] == "monitoring"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
@@ -258,8 +306,14 @@ def test_the_dashboard_is_one_shared_object_that_no_run_owns():
     """Every run renders the same ConfigMap (name, uid, file): never one per run, and never with a run's labels,
     so that deleting a run (mfrctl delete selects by app.kubernetes.io/instance) leaves it for the others."""
     values = {"monitoring": {"dashboard": {"enabled": True}}}
-    boards = [next(o for o in render(values, name=run, namespace=NAMESPACE).objects if o["kind"] == "ConfigMap"
-                   and o["metadata"]["labels"].get("grafana_dashboard")) for run in ("exp1", "exp2")]
+    boards = [
+        next(
+            o
+            for o in render(values, name=run, namespace=NAMESPACE).objects
+            if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard")
+        )
+        for run in ("exp1", "exp2")
+    ]
     assert boards[0] == boards[1]
     assert "app.kubernetes.io/instance" not in boards[0]["metadata"]["labels"]
 

@@ -100,8 +100,9 @@ def _train(kubelet: Kubelet, objects: list[dict], timeout: float = 400) -> tuple
             kubelet.hosts[f"{name}-{rtype.lower()}-{index}"] = {}
         specs = job["spec"]["pytorchReplicaSpecs"]
         pods = [
-            kubelet.run_pod(f"{name}-{rtype.lower()}-{index}", specs[rtype]["template"]["spec"],
-                            operator_env(job, rtype, index))
+            kubelet.run_pod(
+                f"{name}-{rtype.lower()}-{index}", specs[rtype]["template"]["spec"], operator_env(job, rtype, index)
+            )
             for rtype, index in replicas(job)
         ]
     codes = kubelet.wait(pods, timeout)
@@ -148,8 +149,11 @@ def test_helm_install_of_the_chart_defaults_trains_on_its_trial_store_as_pytorch
             assert config["checkpoint"]["uri"] == "s3://mfr/ml/demo/checkpoints" and len(logs) == 2
             keys = kubelet.secrets["demo-s3"]
             (local,) = kubelet.hosts["demo-s3"].values()
-            fs = s3fs.S3FileSystem(key=keys["AWS_ACCESS_KEY_ID"], secret=keys["AWS_SECRET_ACCESS_KEY"],
-                                   endpoint_url=f"http://127.0.0.1:{local}")
+            fs = s3fs.S3FileSystem(
+                key=keys["AWS_ACCESS_KEY_ID"],
+                secret=keys["AWS_SECRET_ACCESS_KEY"],
+                endpoint_url=f"http://127.0.0.1:{local}",
+            )
             _assert_trained(job, logs, config, fs, kubelet)
             rank0 = next(iter(logs.values()))
             evals[api] = [line.split("TPR@FPR")[1] for line in rank0.splitlines() if "eval trained" in line]
@@ -166,8 +170,11 @@ def test_mfrctl_submit_nodes_3_on_a_workspace_claim_trains(kubelet, tmp_path):
 
         from mfr.ctl.main import app
 
-        result = CliRunner().invoke(app, ["submit", "--name", "sub", "--nodes", "3", "--workspace-claim", "runs",
-                                          "--kubeconfig", str(config)], catch_exceptions=False)
+        result = CliRunner().invoke(
+            app,
+            ["submit", "--name", "sub", "--nodes", "3", "--workspace-claim", "runs", "--kubeconfig", str(config)],
+            catch_exceptions=False,
+        )
         assert result.exit_code == 0, result.stderr
         objects = [r.body for r in api.requests if r.method == "POST"]  # exactly what submit sent
     finally:
@@ -185,12 +192,12 @@ def test_every_manifest_trains_with_the_storage_it_names(name, kubelet, s3_env):
     # the Secret, as the header's kubectl create secret makes it (the optional endpoint: ours is not AWS)
     secret = {key: s3_env.env()[key] for key in keys}
     objects = [d for d in yaml.safe_load_all(text) if d]
-    objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
-                    "stringData": secret})
+    objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "stringData": secret})
     (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
     uri = yaml.safe_load(configmap["data"]["config.yaml"])["checkpoint"]["uri"]
-    fs = s3fs.S3FileSystem(key=secret["AWS_ACCESS_KEY_ID"], secret=secret["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_url=secret["AWS_ENDPOINT_URL"])
+    fs = s3fs.S3FileSystem(
+        key=secret["AWS_ACCESS_KEY_ID"], secret=secret["AWS_SECRET_ACCESS_KEY"], endpoint_url=secret["AWS_ENDPOINT_URL"]
+    )
     bucket = uri.removeprefix("s3://").split("/")[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)  # the user's bucket, which the header says to name
@@ -208,8 +215,12 @@ def test_the_chart_scores_embedded_sets_as_a_job_across_pods(kubelet, s3_env):
 
     url = write_embedded_set("s3://mfr-test/contract/embedded", 600, 90)
     report = "s3://mfr-test/contract/score/report.json"
-    values = {"nodes": 2, "port": free_port(), "s3": {"existingSecret": SECRET},
-              "score": {"embeddings": url, "report": report, "args": ["--split", "2"]}}
+    values = {
+        "nodes": 2,
+        "port": free_port(),
+        "s3": {"existingSecret": SECRET},
+        "score": {"embeddings": url, "report": report, "args": ["--split", "2"]},
+    }
     objects = render(values, name="score", namespace="ml").objects
     assert "Deployment" not in {o["kind"] for o in objects}  # no checkpoints, no trial store
     objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "stringData": s3_env.env()})
@@ -218,13 +229,20 @@ def test_the_chart_scores_embedded_sets_as_a_job_across_pods(kubelet, s3_env):
     pods = []
     for rtype, index in replicas(job):
         kubelet.hosts[f"score-{rtype.lower()}-{index}"] = {}
-        pods.append(kubelet.run_pod(f"score-{rtype.lower()}-{index}",
-                                    job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"],
-                                    operator_env(job, rtype, index)))
+        pods.append(
+            kubelet.run_pod(
+                f"score-{rtype.lower()}-{index}",
+                job["spec"]["pytorchReplicaSpecs"][rtype]["template"]["spec"],
+                operator_env(job, rtype, index),
+            )
+        )
     codes = kubelet.wait(pods, 300)
     assert codes == {p.name: 0 for p in pods}, "\n".join(p.text()[-2000:] for p in pods)
-    fs = s3fs.S3FileSystem(key=s3_env.env()["AWS_ACCESS_KEY_ID"], secret=s3_env.env()["AWS_SECRET_ACCESS_KEY"],
-                           endpoint_url=s3_env.env()["AWS_ENDPOINT_URL"])
+    fs = s3fs.S3FileSystem(
+        key=s3_env.env()["AWS_ACCESS_KEY_ID"],
+        secret=s3_env.env()["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3_env.env()["AWS_ENDPOINT_URL"],
+    )
     written = json.loads(fs.cat_file(report.removeprefix("s3://")))
     assert written["scoring"]["world_size"] == 2
     alone = score.score_set(score.load_embedded(url), score.Ranks(join=False), split=2)

@@ -74,12 +74,24 @@ def _spec(overrides: list[str], world_size: int = 1) -> planner.PlanSpec:
 
 CONFIGS = {
     "backbone-bound": ["head.num_classes=64", "data.batch_size=8", "model.embedding_size=16"],
-    "deeper, block checkpointing": ["model.backbone=custom", "model.layers=[2,1,2,1]", "model.width=0.125",
-                                    "head.num_classes=64", "data.batch_size=4", "model.embedding_size=16",
-                                    "model.activation_checkpointing=block", "model.checkpoint_every=2"],
+    "deeper, block checkpointing": [
+        "model.backbone=custom",
+        "model.layers=[2,1,2,1]",
+        "model.width=0.125",
+        "head.num_classes=64",
+        "data.batch_size=4",
+        "model.embedding_size=16",
+        "model.activation_checkpointing=block",
+        "model.checkpoint_every=2",
+    ],
     "head-bound": ["head.num_classes=20000", "data.batch_size=8", "model.embedding_size=128"],
-    "logits-bound, sampled, micro-batches": ["head.num_classes=60000", "data.batch_size=8", "model.embedding_size=16",
-                                             "head.sample_rate=0.5", "optim.micro_batches=2"],
+    "logits-bound, sampled, micro-batches": [
+        "head.num_classes=60000",
+        "data.batch_size=8",
+        "model.embedding_size=16",
+        "head.sample_rate=0.5",
+        "optim.micro_batches=2",
+    ],
 }
 
 
@@ -113,9 +125,18 @@ def test_plan_matches_the_measured_peak_on_one_process(name, tmp_path, world_of_
 
 def test_plan_matches_the_measured_peak_on_two_ranks(tmp_path):
     """Unequal head shards (10,001 and 10,000 classes), global batch rows, ZeRO-3 and checkpointing at world 2."""
-    overrides = [*MEMORY_MEASURED, "head.num_classes=20001", "data.batch_size=8", "model.embedding_size=128",
-                 "model.backbone=custom", "model.layers=[1,1,2,1]", "model.width=0.25",
-                 "optim.zero=3", "model.activation_checkpointing=stage", f"run.output_dir={tmp_path}"]
+    overrides = [
+        *MEMORY_MEASURED,
+        "head.num_classes=20001",
+        "data.batch_size=8",
+        "model.embedding_size=128",
+        "model.backbone=custom",
+        "model.layers=[1,1,2,1]",
+        "model.width=0.25",
+        "optim.zero=3",
+        "model.activation_checkpointing=stage",
+        f"run.output_dir={tmp_path}",
+    ]
     measured = run_distributed(_measure, 2, overrides)
     planned = planner.plan_memory(_spec(overrides, world_size=2)).peak  # rank 0: the larger shard
     assert abs(planned / measured[0] - 1) <= TOLERANCE, f"planned {planned}, measured {measured}"
@@ -138,16 +159,34 @@ def test_webface42m_on_8x8_shards_the_head_at_32k_classes_per_gpu():
 
 
 def test_a_configuration_that_does_not_fit_exits_3_with_suggestions_that_fit():
-    args = ["--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "32GB", "--classes", "2059906",
-            "--backbone", "r200", "--batch", "128"]
+    args = [
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory",
+        "32GB",
+        "--classes",
+        "2059906",
+        "--backbone",
+        "r200",
+        "--batch",
+        "128",
+    ]
     result = _plan(*args, "-o", "yaml")
     data = yaml.safe_load(result.stdout)
     assert result.exit_code == 3 and data["fits"] is False
     fitting = [s for s in data["suggestions"] if s["fits"]]
     assert fitting, data["suggestions"]
-    flags = {"optim.zero": "--zero", "run.amp": "--precision", "model.activation_checkpointing":
-             "--activation-checkpointing", "model.checkpoint_every": "--checkpoint-every",
-             "head.sample_rate": "--sample-rate", "optim.micro_batches": "--micro-batches", "nodes": "--nodes"}
+    flags = {
+        "optim.zero": "--zero",
+        "run.amp": "--precision",
+        "model.activation_checkpointing": "--activation-checkpointing",
+        "model.checkpoint_every": "--checkpoint-every",
+        "head.sample_rate": "--sample-rate",
+        "optim.micro_batches": "--micro-batches",
+        "nodes": "--nodes",
+    }
     for suggestion in fitting:  # replanning with the suggested flags agrees
         changed = dict(zip(args[::2], args[1::2]))
         changed.update({flags[k]: str(v) for k, v in suggestion["set"].items()})
@@ -157,8 +196,16 @@ def test_a_configuration_that_does_not_fit_exits_3_with_suggestions_that_fit():
 
 def test_config_file_is_the_starting_point(tmp_path):
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"model": {"backbone": "r50"}, "head": {"num_classes": 100_000},
-                                      "data": {"batch_size": 64}, "optim": {"micro_batches": 2}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": "r50"},
+                "head": {"num_classes": 100_000},
+                "data": {"batch_size": 64},
+                "optim": {"micro_batches": 2},
+            }
+        )
+    )
     data = json.loads(_plan("--config", str(config), "--gpus-per-node", "4", "--batch", "32", "-o", "json").stdout)
     assert data["inputs"]["backbone"] == "r50" and data["inputs"]["micro_batches"] == 2
     assert data["inputs"]["batch"] == 32 and data["head_classes_per_gpu"] == 25_000
@@ -194,6 +241,7 @@ def test_exit_status_of_the_installed_command():
     mfrctl = [sys.executable, "-m", "mfr.ctl.main"]
     bad = subprocess.run([*mfrctl, "plan", "--nodes", "0", "--classes", "9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    fits = subprocess.run([*mfrctl, "plan", "--classes", "1000", "--backbone", "r18", "--batch", "8"],
-                          capture_output=True, text=True)
+    fits = subprocess.run(
+        [*mfrctl, "plan", "--classes", "1000", "--backbone", "r18", "--batch", "8"], capture_output=True, text=True
+    )
     assert fits.returncode == 0, fits.stderr

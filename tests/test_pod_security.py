@@ -24,11 +24,20 @@ ON_S3 = {"train": {"checkpoint": {"uri": "s3://bucket/x"}}, "s3": {"existingSecr
 RENDERS = {
     "chart-defaults": lambda: render({}, name="mfr", namespace="ml").objects,
     "static-8x8gpu": lambda: render({"nodes": 8, "gpusPerNode": 8, **ON_S3}, name="mfr", namespace="ml").objects,
-    "elastic": lambda: render({"nodes": 4, "elastic": {"enabled": True, "minNodes": 2, "maxNodes": 4}, **ON_S3},
-                              name="mfr", namespace="ml").objects,
+    "elastic": lambda: (
+        render(
+            {"nodes": 4, "elastic": {"enabled": True, "minNodes": 2, "maxNodes": 4}, **ON_S3},
+            name="mfr",
+            namespace="ml",
+        ).objects
+    ),
     "claim": lambda: render({"nodes": 3, "workspace": {"existingClaim": "runs"}}, name="mfr", namespace="ml").objects,
-    **{f"manifests/{name}": (lambda name=name: [d for d in yaml.safe_load_all((manifests_dir() / name).read_text())
-                                                 if d]) for name in MANIFESTS},
+    **{
+        f"manifests/{name}": (
+            lambda name=name: [d for d in yaml.safe_load_all((manifests_dir() / name).read_text()) if d]
+        )
+        for name in MANIFESTS
+    },
 }
 
 

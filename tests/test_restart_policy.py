@@ -49,8 +49,13 @@ def test_exit_codes_say_what_they_mean():
 @pytest.mark.parametrize(
     "error, lost",
     [
-        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:5012: "
-                      "Connection reset by peer. This is typically caused by a remote worker hanging"), True),
+        (
+            RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:5012: "
+                "Connection reset by peer. This is typically caused by a remote worker hanging"
+            ),
+            True,
+        ),
         (RuntimeError("[gloo/transport/tcp/pair.cc:446] Connection closed by peer [10.0.0.3]:36871"), True),
         (RuntimeError("Timed out waiting 1800000ms for recv operation to complete"), True),
         (dist.DistNetworkError("failed to recv, got 0 bytes"), True),
@@ -92,15 +97,26 @@ class ScriptedJob(LocalJob):
         return [sys.executable, "-c", script]
 
     def node_env(self, node_rank: int) -> dict[str, str]:
-        return super().node_env(node_rank) | {"CODES": ",".join(map(str, self.codes[node_rank])),
-                                              "RUN": str(self.run_dir), "NODE": str(node_rank)}
+        return super().node_env(node_rank) | {
+            "CODES": ",".join(map(str, self.codes[node_rank])),
+            "RUN": str(self.run_dir),
+            "NODE": str(node_rank),
+        }
 
 
 def _run(tmp_path: Path, codes, elastic=None, backoff_limit=6, one_look=False) -> tuple[int, RunningJob, list[str]]:
     """Play the operator over scripted pods; one_look: it first looks once every first pod has ended."""
     said: list[str] = []
-    job = ScriptedJob(nodes=len(codes), nproc_per_node=1, config_path=tmp_path / "c.yaml", run_dir=tmp_path,
-                      master_port=1, elastic=elastic, backoff_limit=backoff_limit, codes=tuple(map(tuple, codes)))
+    job = ScriptedJob(
+        nodes=len(codes),
+        nproc_per_node=1,
+        config_path=tmp_path / "c.yaml",
+        run_dir=tmp_path,
+        master_port=1,
+        elastic=elastic,
+        backoff_limit=backoff_limit,
+        codes=tuple(map(tuple, codes)),
+    )
     running = RunningJob.start(job, say=said.append)
     if one_look:
         for agent in running.agents:
@@ -133,7 +149,8 @@ def test_the_backoff_limit_bounds_the_restarts(tmp_path):
     code, running, said = _run(tmp_path, [(0,), (143,)], backoff_limit=2)
     assert code == 143 and running.restarts == 2 and len(said) == 2
     assert running.failure_message() == (
-        "pod worker-0 (node 1) exited 143 (SIGTERM, retryable), and backoffLimit 2 allows no more restarts")
+        "pod worker-0 (node 1) exited 143 (SIGTERM, retryable), and backoffLimit 2 allows no more restarts"
+    )
     code, running, _ = _run(tmp_path / "zero", [(137,)], backoff_limit=0)
     assert code == 137 and running.restarts == 0
 
@@ -157,8 +174,9 @@ def test_mfrctl_trains_emulated_pods_have_each_apis_environment_contract(tmp_pat
     for api in ("pytorchjob", "trainjob"):
         objects = render({"api": api, "nodes": 3, "nprocPerNode": 2, "port": 4242}, name="exp", namespace="ml").objects
         (job,) = [o for o in objects if o["kind"] in ("PyTorchJob", "TrainJob")]
-        local = LocalJob(nodes=3, nproc_per_node=2, config_path=tmp_path / "c.yaml", run_dir=tmp_path,
-                         master_port=4242, api=api)
+        local = LocalJob(
+            nodes=3, nproc_per_node=2, config_path=tmp_path / "c.yaml", run_dir=tmp_path, master_port=4242, api=api
+        )
         for node in range(3):
             if api == "trainjob":
                 (runtime,) = [o for o in objects if o["kind"] == "TrainingRuntime"]

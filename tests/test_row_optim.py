@@ -142,6 +142,7 @@ def test_lazily_stepped_rows_follow_the_dense_trajectory():
         torch.testing.assert_close(torch.cat([r["weight"] for r in ranks]), weight, rtol=1e-10, atol=1e-12, msg=name)
         assert ranks[0]["state"].keys() == state.keys(), name
         for key, value in state.items():
-            torch.testing.assert_close(torch.cat([r["state"][key] for r in ranks]), value, rtol=1e-10, atol=1e-12,
-                                       msg=f"{name} {key}")
+            torch.testing.assert_close(
+                torch.cat([r["state"][key] for r in ranks]), value, rtol=1e-10, atol=1e-12, msg=f"{name} {key}"
+            )
         assert not torch.allclose(weight, _initial_centres(), atol=0.05), "the rows did move"

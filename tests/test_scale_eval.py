@@ -53,8 +53,9 @@ def _pair_sets(unmasked, masked, labels, gallery):
         "unmasked-unmasked": pairsets.MatrixPairs(unmasked, labels, unmasked, labels, True, True),
         "masked-unmasked": pairsets.MatrixPairs(masked, labels, unmasked, labels, True, False),
         "masked-masked": pairsets.MatrixPairs(masked, labels, masked, labels, True, True),
-        "split": pairsets.MatrixPairs(masked[~gallery], labels[~gallery], unmasked[gallery], labels[gallery],
-                                      False, False),
+        "split": pairsets.MatrixPairs(
+            masked[~gallery], labels[~gallery], unmasked[gallery], labels[gallery], False, False
+        ),
     }
     rng = np.random.default_rng(1)
     first, second = rng.integers(0, len(labels), (2, 300))
@@ -105,8 +106,13 @@ def _tail_points(pairs, keep, world, sample=4096, z=7.0):
     n = pairs.n_impostor
     ks = [tail.allowed_false_accepts(f, n) for f in FPRS]
     bracketed = [i for i, f in enumerate(FPRS) if n * f >= 1 - 1e-9 and ks[i] + 1 > keep]
-    brackets = tail.brackets_from_sample(pairs.pair_scores(*pairs.sample_impostor_pairs(sample, 0)),
-                                         [ks[i] for i in bracketed], n, z) if bracketed else []
+    brackets = (
+        tail.brackets_from_sample(
+            pairs.pair_scores(*pairs.sample_impostor_pairs(sample, 0)), [ks[i] for i in bracketed], n, z
+        )
+        if bracketed
+        else []
+    )
     store: list = []
     with pairsets.one_blas_thread():
         for rank in reversed(range(world)):
@@ -212,8 +218,9 @@ def test_mfrctl_eval_on_two_ranks_gives_one_ranks_report(tmp_path):
     url = write_embedded_set(tmp_path / "set", 2100, 300)
 
     def cli(*args):
-        result = CliRunner().invoke(app, ["eval", "--embedded", url, "-o", "json", "--max-kept", "1000", *args],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            app, ["eval", "--embedded", url, "-o", "json", "--max-kept", "1000", *args], catch_exceptions=False
+        )
         assert result.exit_code == 0, result.stderr
         return json.loads(result.stdout)["sets"][0]
 
@@ -225,8 +232,8 @@ def test_mfrctl_eval_on_two_ranks_gives_one_ranks_report(tmp_path):
     embedded = score.load_embedded(url)
     entry = one["protocols"][0]  # the brute force's (the tests above check the rest of the maths)
     assert [tuple(p.values()) for p in entry["points"]] == [
-        tuple(vars(p).values()) for p in _reference(score.protocol_pairs(embedded, entry["protocol"], 0, None),
-                                                    score.DEFAULT_FPRS)
+        tuple(vars(p).values())
+        for p in _reference(score.protocol_pairs(embedded, entry["protocol"], 0, None), score.DEFAULT_FPRS)
     ]
     split = cli("--split", "2", "--nproc", "1")
     assert split["kind"] == "split" and split["scoring"]["split"] == 2

@@ -62,7 +62,10 @@ def test_a_finished_and_an_aborted_run_leave_no_gloo_thread_behind(tmp_path, mon
 
     during.clear()
     with pytest.raises(TrainingAborted):
-        train(load_config(None, [*TINY, f"run.output_dir={tmp_path / 'aborted'}", "optim.lr=1e30",
-                                 "run.max_nonfinite_steps=1"]))
+        train(
+            load_config(
+                None, [*TINY, f"run.output_dir={tmp_path / 'aborted'}", "optim.lr=1e30", "run.max_nonfinite_steps=1"]
+            )
+        )
     assert during and all(during)
     assert _gloo_threads() - before == set()

@@ -238,8 +238,13 @@ def test_identities_are_distinct_and_photos_of_one_identity_vary_but_stay_closer
     faces = SyntheticFaces(8, 5, seed=0)
     photos = [[_upper_face(faces.render(k, s, masked=False)) for s in range(5)] for k in range(8)]
     within = [np.mean((a[i] - a[j]) ** 2) for a in photos for i in range(5) for j in range(i)]
-    between = [np.mean((photos[k][s] - photos[m][t]) ** 2)
-               for k in range(8) for m in range(k) for s in range(5) for t in range(5)]
+    between = [
+        np.mean((photos[k][s] - photos[m][t]) ** 2)
+        for k in range(8)
+        for m in range(k)
+        for s in range(5)
+        for t in range(5)
+    ]
     assert min(within) > 100  # pose, lighting and noise do change every photo
     assert np.mean(within) < 0.6 * np.mean(between)
     # Same pose and lighting (same sample index), different identity: still clearly different.

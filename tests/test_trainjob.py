@@ -27,10 +27,18 @@ CASES = {
     "gpus": {"api": "trainjob", "nodes": 4, "gpusPerNode": 8, **ON_S3},
     "gang-coscheduling": {"api": "trainjob", "gang": {"enabled": True, "scheduleTimeoutSeconds": 300}, **ON_S3},
     "gang-volcano": {"api": "trainjob", "gang": {"enabled": True, "plugin": "volcano"}, **ON_S3},
-    "cluster-runtime": {"api": "trainjob", "trainJob": {"runtime": {"kind": "ClusterTrainingRuntime",
-                                                                    "name": "mfr-torch"}}, **ON_S3},
-    "kueue-and-monitoring": {"api": "trainjob", "queue": "team-a", "monitoring": {"podMonitor": {"enabled": True}},
-                             "nprocPerNode": 2, **ON_S3},
+    "cluster-runtime": {
+        "api": "trainjob",
+        "trainJob": {"runtime": {"kind": "ClusterTrainingRuntime", "name": "mfr-torch"}},
+        **ON_S3,
+    },
+    "kueue-and-monitoring": {
+        "api": "trainjob",
+        "queue": "team-a",
+        "monitoring": {"podMonitor": {"enabled": True}},
+        "nprocPerNode": 2,
+        **ON_S3,
+    },
 }
 
 
@@ -67,10 +75,12 @@ def test_a_misspelled_or_wrong_field_fails_the_strict_crd(which, path, value, ex
 
 def test_the_webhook_refuses_reserved_env_and_a_missing_runtime():
     trainjob, runtime, _ = _objects(CASES["demo"])
-    bad = with_change(trainjob, "spec.trainer", {**trainjob["spec"]["trainer"],
-                                                 "env": [{"name": "PET_MASTER_PORT", "value": "1"}]})
+    bad = with_change(
+        trainjob, "spec.trainer", {**trainjob["spec"]["trainer"], "env": [{"name": "PET_MASTER_PORT", "value": "1"}]}
+    )
     assert trainjob_webhook_errors(bad, runtime) == [
-        "spec.trainer.env: must not have reserved envs, invalid envs configured: PET_MASTER_PORT"]
+        "spec.trainer.env: must not have reserved envs, invalid envs configured: PET_MASTER_PORT"
+    ]
     assert trainjob_webhook_errors(trainjob, None) == ["spec.runtimeRef: TrainingRuntime exp not found"]
 
 
@@ -79,14 +89,17 @@ def test_the_runtime_carries_the_pod_template_and_failure_semantics():
     assert trainjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert trainjob["spec"]["trainer"]["numNodes"] == 2 and trainjob["spec"]["trainer"]["numProcPerNode"] == 2
     jobset = runtime["spec"]["template"]["spec"]
-    assert jobset["failurePolicy"] == {"maxRestarts": 6, "rules": [
-        {"name": "permanent", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]}
+    assert jobset["failurePolicy"] == {
+        "maxRestarts": 6,
+        "rules": [{"name": "permanent", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+    }
     (node,) = jobset["replicatedJobs"]
     assert node["name"] == "node"
     job = node["template"]["spec"]
     assert job["backoffLimit"] == 0  # any other failure fails the Job, and the JobSet recreates every pod
-    assert job["podFailurePolicy"]["rules"] == [{"action": "FailJob", "onExitCodes": {
-        "containerName": "node", "operator": "In", "values": [1, 2]}}]
+    assert job["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In", "values": [1, 2]}}
+    ]
     pod = job["template"]["spec"]
     (container,) = pod["containers"]
     assert container["name"] == "node" and pod["restartPolicy"] == "Never"
@@ -98,7 +111,8 @@ def test_the_runtime_carries_the_pod_template_and_failure_semantics():
     assert gpus["spec"]["trainer"]["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": 8}}
     assert _objects(CASES["gang-volcano"])[1]["spec"]["podGroupPolicy"] == {"volcano": {}}
     assert _objects(CASES["gang-coscheduling"])[1]["spec"]["podGroupPolicy"] == {
-        "coscheduling": {"scheduleTimeoutSeconds": 300}}
+        "coscheduling": {"scheduleTimeoutSeconds": 300}
+    }
 
 
 def test_the_trial_store_and_its_secret_reach_the_trainjobs_pods():
@@ -116,17 +130,26 @@ def test_the_trial_store_and_its_secret_reach_the_trainjobs_pods():
 def test_the_v2_environment_contract_has_pet_variables_only():
     trainjob, runtime, _ = _objects({**CASES["gpus"], "nprocPerNode": 8})
     assert trainjob_env(trainjob, runtime, 3) == {
-        "PET_NNODES": "4", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "3",
-        "PET_MASTER_ADDR": "exp-node-0-0.exp", "PET_MASTER_PORT": "29500"}
+        "PET_NNODES": "4",
+        "PET_NPROC_PER_NODE": "8",
+        "PET_NODE_RANK": "3",
+        "PET_MASTER_ADDR": "exp-node-0-0.exp",
+        "PET_MASTER_PORT": "29500",
+    }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_trainjob_pods_pass_the_restricted_standard_and_the_network_policy(case):
     trainjob, runtime, objects = _objects(CASES[case])
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
-    pods = [Pod("ml", pod["metadata"]["labels"], {p["name"]: p["containerPort"]
-                                                  for p in pod["spec"]["containers"][0]["ports"]})
-            for _, pod in trainjob_pods(trainjob, runtime)]
+    pods = [
+        Pod(
+            "ml",
+            pod["metadata"]["labels"],
+            {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]},
+        )
+        for _, pod in trainjob_pods(trainjob, runtime)
+    ]
     for _, pod in trainjob_pods(trainjob, runtime):
         assert restricted_violations(pod) == []  # v2 injects no init container
     assert all(allowed(policies, "ml", a, b, 29500) for a in pods for b in pods)

@@ -21,9 +21,19 @@ import pytest
 import torch
 
 SMALL = [
-    "head.num_classes=4", "data.images_per_identity=2", "data.batch_size=4", "data.num_workers=0",
-    "eval.num_identities=2", "eval.images_per_identity=2", "eval.at_start=false", "metrics.enabled=false",
-    "checkpoint.every_steps=null", "model.embedding_size=8", "run.steps=1", "optim.warmup_steps=0", "run.device=cpu",
+    "head.num_classes=4",
+    "data.images_per_identity=2",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "eval.num_identities=2",
+    "eval.images_per_identity=2",
+    "eval.at_start=false",
+    "metrics.enabled=false",
+    "checkpoint.every_steps=null",
+    "model.embedding_size=8",
+    "run.steps=1",
+    "optim.warmup_steps=0",
+    "run.device=cpu",
 ]
 
 
@@ -155,8 +165,16 @@ def _metadata_of(calls: str) -> bytes:
     return b"\x80\x04" + b"c" + f"{module}\n{name}\n".encode() + b")R."
 
 
-@pytest.mark.parametrize("calls", ["builtins.eval", "os.system", "torch.load", "collections.OrderedDict",
-                                   "torch.distributed.checkpoint.filesystem.FileSystemReader"])
+@pytest.mark.parametrize(
+    "calls",
+    [
+        "builtins.eval",
+        "os.system",
+        "torch.load",
+        "collections.OrderedDict",
+        "torch.distributed.checkpoint.filesystem.FileSystemReader",
+    ],
+)
 def test_metadata_naming_any_other_class_is_refused_before_it_is_imported(calls):
     from mfr.trainer.checkpoint_reader import CheckpointRefused, parse_metadata
 
@@ -178,13 +196,20 @@ def test_dense_sharded_and_dtensor_entries_written_by_dcp_save_are_read(single_p
 
     rows = torch.arange(15.0).reshape(5, 3)
     sharded = init_from_local_shards([Shard(rows, ShardMetadata([0, 0], [5, 3], "rank:0/cpu"))], 5, 3)
-    dtensor = distribute_tensor(torch.arange(8, dtype=torch.bfloat16).reshape(4, 2), init_device_mesh("cpu", (1,)),
-                                [DShard(0)])
-    state = {"backbone": {"w": dtensor, "n": torch.tensor(7)}, "head": {"weight": sharded},
-             "progress": {"step": torch.tensor(3)}}
+    dtensor = distribute_tensor(
+        torch.arange(8, dtype=torch.bfloat16).reshape(4, 2), init_device_mesh("cpu", (1,)), [DShard(0)]
+    )
+    state = {
+        "backbone": {"w": dtensor, "n": torch.tensor(7)},
+        "head": {"weight": sharded},
+        "progress": {"step": torch.tensor(3)},
+    }
     dcp.save(state, checkpoint_id=str(tmp_path / "ck"))
     assert tensor_shapes(str(tmp_path / "ck")) == {
-        "backbone.n": "scalar", "backbone.w": "4 x 2", "head.weight": "5 x 3", "progress.step": "scalar"
+        "backbone.n": "scalar",
+        "backbone.w": "4 x 2",
+        "head.weight": "5 x 3",
+        "progress.step": "scalar",
     }
     loaded = load_tensors(str(tmp_path / "ck"), ("backbone", "head"))
     assert torch.equal(loaded["head"]["weight"], rows) and torch.equal(loaded["backbone"]["n"], torch.tensor(7))
@@ -228,6 +253,8 @@ def test_the_trainer_saves_tensors_only_and_the_grad_scaler_survivesas_tensors(c
     dcp.load(state, storage_reader=SafeReader(str(tmp_path / "ck")), planner=SafeLoadPlanner(), no_dist=True)
     loaded = torch.amp.GradScaler("cpu")
     loaded.load_state_dict(as_numbers(state["scaler"]))
-    assert loaded.state_dict() == saved.state_dict() == {
-        "scale": 4096.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 7, "_growth_tracker": 0
-    }
+    assert (
+        loaded.state_dict()
+        == saved.state_dict()
+        == {"scale": 4096.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 7, "_growth_tracker": 0}
+    )

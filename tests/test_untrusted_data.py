@@ -89,13 +89,27 @@ def _bin(images_op: bytes) -> bytes:
     return b"\x80\x02" + images_op + b"q\x00]q\x01(h\x00h\x00e]q\x02\x88a\x86q\x03."
 
 
-@pytest.mark.parametrize(("payload", "why"), [
-    (_bin(b"c__builtin__\nbytearray\nJ\x00\x00\x00\x04\x85R"), "bytearray of a int, not of bytes"),
-    (_bin(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x04\x85U\x01B\x87R"),
-     "an array of shape (67108864,) not read from the file"),
-    (b"\x80\x02" + pickle.dumps(b"\xff" * 1024, 2)[2:-1] + b"q\x000]q\x01(" + b"h\x00" * 4000 + b"e]q\x02("
-     + b"\x88" * 2000 + b"e\x86.", "its images take more bytes than the"),
-], ids=["bytearray of a size", "array of a shape", "one image referenced 4000 times"])
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (_bin(b"c__builtin__\nbytearray\nJ\x00\x00\x00\x04\x85R"), "bytearray of a int, not of bytes"),
+        (
+            _bin(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x04\x85U\x01B\x87R"),
+            "an array of shape (67108864,) not read from the file",
+        ),
+        (
+            b"\x80\x02"
+            + pickle.dumps(b"\xff" * 1024, 2)[2:-1]
+            + b"q\x000]q\x01("
+            + b"h\x00" * 4000
+            + b"e]q\x02("
+            + b"\x88" * 2000
+            + b"e\x86.",
+            "its images take more bytes than the",
+        ),
+    ],
+    ids=["bytearray of a size", "array of a shape", "one image referenced 4000 times"],
+)
 def test_a_small_bin_cannot_make_a_large_allocation(payload, why):
     from mfr.trainer.data.binsets import BinFormatError, parse_bin
 
@@ -126,8 +140,13 @@ def test_shard_offsets_outside_the_tar_make_bad_samples_not_a_crash(tmp_path):
         names.append(shards.shard_name(n))
         (tmp_path / names[-1]).write_bytes(tar)
         (tmp_path / shards.offsets_name(names[-1])).write_bytes(offsets)
-    index = {"format": shards.FORMAT, "classes": ["a", "b"], "counts": [4, 4], "images": 8,
-             "shards": [{"name": name, "count": 4} for name in names]}
+    index = {
+        "format": shards.FORMAT,
+        "classes": ["a", "b"],
+        "counts": [4, 4],
+        "images": 8,
+        "shards": [{"name": name, "count": 4} for name in names],
+    }
     (tmp_path / shards.INDEX).write_text(json.dumps(index))
     table = list(struct.unpack("<5Q", (tmp_path / "shard-000000.offsets").read_bytes()))
     table[2] = 2**62  # sample 1 would end, and sample 2 start, 4 EiB into a 10 KB file

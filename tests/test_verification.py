@@ -146,6 +146,7 @@ def test_target_outside_unit_interval_raises(fpr: float) -> None:
 
 def _brute_force_pairs(unmasked, masked, labels, protocol):
     """(score, genuine) for each pair, by explicit loops over photo indices."""
+
     def cosine(a, b):
         return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 

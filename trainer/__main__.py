@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mfr.trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TrainConfig YAML (default: the built-in synthetic demo)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one setting, e.g. --set head.sample_rate=0.1 (repeatable)",
     )
     return parser.parse_args(argv)

@@ -187,14 +187,16 @@ class StepDecision:
 class Checkpointer:
     """Saves, commits, retains and resumes checkpoints of one run."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, state: Stateful, events: Progress,
-                 world_bound: tuple[str, ...] = ()):
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, state: Stateful, events: Progress, world_bound: tuple[str, ...] = ()
+    ):
         """``state``: what is saved and resumed; its entries named in ``world_bound`` (per-rank RNG streams)
         are restored only on the world size that saved them.  ``events``: where commits and resumes are told."""
         self.cfg, self.train_cfg, self.env = cfg.checkpoint, cfg, env
         self.state, self.world_bound, self.progress = state, world_bound, events
-        self.storage = Storage(cfg.checkpoint.resolved_uri(cfg.run.output_dir), cfg.checkpoint.storage_options,
-                               cfg.checkpoint.retries)
+        self.storage = Storage(
+            cfg.checkpoint.resolved_uri(cfg.run.output_dir), cfg.checkpoint.storage_options, cfg.checkpoint.retries
+        )
         self.io_group = dist.new_group(backend="gloo")  # DCP's collectives, possibly on a background thread
         self.control_group = dist.new_group(backend="gloo")  # the per-step agreement, main thread only
         self.stager = HostStager(pin_memory=self.env.device.type == "cuda")
@@ -451,7 +453,9 @@ class Checkpointer:
         try:
             reader = SafeReader(info.url, self.cfg.storage_options)
             refuse_pickled(
-                reader.metadata, flat_keys(state).__contains__, f"{info.url}/{METADATA}",
+                reader.metadata,
+                flat_keys(state).__contains__,
+                f"{info.url}/{METADATA}",
                 "; a checkpoint of an older mfr cannot be resumed: set checkpoint.resume=never or a new checkpoint.uri",
             )
         except (CheckpointRefused, StorageError) as err:

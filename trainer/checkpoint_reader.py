@@ -67,8 +67,14 @@ BACKBONE, HEAD, OPTIM, PROGRESS, SCALER, DISTILL, RNG = (
 _ALLOWED_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
     for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
     )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
@@ -139,8 +145,10 @@ def _check_entries(md: Metadata) -> None:
                 raise TypeError(f"entry {fqn} has a foreign chunk")
             _check_size(chunk.offsets, f"entry {fqn}")
             _check_size(chunk.sizes, f"entry {fqn}")
-            if len(chunk.offsets) != len(entry.size) or len(chunk.sizes) != len(entry.size) or any(
-                o + s > n for o, s, n in zip(chunk.offsets, chunk.sizes, entry.size)
+            if (
+                len(chunk.offsets) != len(entry.size)
+                or len(chunk.sizes) != len(entry.size)
+                or any(o + s > n for o, s, n in zip(chunk.offsets, chunk.sizes, entry.size))
             ):
                 raise ValueError(f"entry {fqn} has a chunk outside its {tuple(entry.size)} tensor")
             stored = storage.get(MetadataIndex(fqn, chunk.offsets, i))
@@ -167,8 +175,9 @@ def parse_metadata(data: bytes, where: str) -> Metadata:
 
 def refuse_pickled(md: Metadata, keys: Callable[[str], bool], where: str, hint: str = "") -> None:
     """Refuse the checkpoint if an entry that would be loaded (``keys(fqn)``) is a pickled object."""
-    pickled = sorted(fqn for fqn, entry in md.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata)
-                     and keys(fqn))
+    pickled = sorted(
+        fqn for fqn, entry in md.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata) and keys(fqn)
+    )
     if pickled:
         more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
         raise CheckpointRefused(
@@ -205,8 +214,10 @@ class SafeReader(FsspecReader):
         """Bytes of each data file the metadata points at."""
         names = {info.relative_path for info in self.metadata.storage_data.values()}
         fs = self.storage.fs
-        return {name: int(self.storage.retry(f"sizing {name}", lambda n=name: fs.size(self.storage.path(n))))
-                for name in names}
+        return {
+            name: int(self.storage.retry(f"sizing {name}", lambda n=name: fs.size(self.storage.path(n))))
+            for name in names
+        }
 
 
 class _NoBytes:
@@ -238,7 +249,8 @@ def tensor_shapes(url: str, storage_options: dict[str, Any] | None = None) -> di
     pickled entries are listed as such and never read."""
     md = SafeReader(url, storage_options).metadata
     return {
-        fqn: (" x ".join(str(n) for n in entry.size) or "scalar") if isinstance(entry, TensorStorageMetadata)
+        fqn: (" x ".join(str(n) for n in entry.size) or "scalar")
+        if isinstance(entry, TensorStorageMetadata)
         else "pickled object (never loaded)"
         for fqn, entry in sorted(md.state_dict_metadata.items())
     }
@@ -254,16 +266,19 @@ def load_tensors(url: str, prefixes: tuple[str, ...], storage_options: dict[str,
     sizes = reader.file_sizes()
     for index, info in reader.metadata.storage_data.items():
         if info.offset + info.length > sizes[info.relative_path]:
-            raise CheckpointRefused(f"{where}: refused, nothing loaded: entry {index.fqn} lies past the end of "
-                                    f"{info.relative_path}")
+            raise CheckpointRefused(
+                f"{where}: refused, nothing loaded: entry {index.fqn} lies past the end of {info.relative_path}"
+            )
     wanted_bytes = sum(
         math.prod(e.size) * e.properties.dtype.itemsize
         for fqn, e in reader.metadata.state_dict_metadata.items()
         if wanted(fqn) and isinstance(e, TensorStorageMetadata)
     )
     if wanted_bytes > sum(sizes.values()):
-        raise CheckpointRefused(f"{where}: refused, nothing loaded: its tensors would take {wanted_bytes} bytes, "
-                                f"its files hold {sum(sizes.values())}")
+        raise CheckpointRefused(
+            f"{where}: refused, nothing loaded: its tensors would take {wanted_bytes} bytes, "
+            f"its files hold {sum(sizes.values())}"
+        )
     state: dict[str, Any] = {}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)

@@ -59,6 +59,8 @@ def backbone_layers(name: str, layers: list[int] | tuple[int, ...] | None = None
     if layers is not None:
         raise ValueError(f"layers is only used with backbone 'custom' (backbone is {name!r})")
     return BACKBONE_DEPTHS[name]
+
+
 DEMO_CONFIG = "synthetic-demo.yaml"
 # A checkpoint's directory under its root (trainer/storage.py writes and lists them); checkpoint.resume names one.
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -166,8 +168,10 @@ class DataConfig(_Section):
         0.01, ge=0, le=1, description="abort when a rank skips more than this fraction of an epoch as unreadable"
     )
     shard_chunk: int = Field(
-        1024, ge=1, description="shards: consecutive samples a DataLoader worker reads in one go (a span); each "
-        "epoch permutes the spans and the samples inside each"
+        1024,
+        ge=1,
+        description="shards: consecutive samples a DataLoader worker reads in one go (a span); each "
+        "epoch permutes the spans and the samples inside each",
     )
     batch_size: int = Field(128, ge=1, description="samples per rank and optimizer step")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
@@ -234,7 +238,8 @@ class CheckpointConfig(_Section):
         "auto", description="auto = the newest committed checkpoint under uri, if any; never; or one step-<N> URI"
     )
     preempt_budget_s: float = Field(
-        25.0, gt=0,
+        25.0,
+        gt=0,
         description="on SIGTERM, time allowed for the final save (torchrun kills workers 30 s after SIGTERM)",
     )
     retries: int = Field(4, ge=0, description="retries, with exponential backoff, of transient storage errors")
@@ -264,8 +269,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1)
     at_start: bool = Field(True, description="also evaluate the untrained model, as a baseline")
     every_steps: int | None = Field(
-        None, ge=1, description="also evaluate every N optimizer steps (mfr_eval_tpr, eval events); null = only at "
-        "the start and the end"
+        None,
+        ge=1,
+        description="also evaluate every N optimizer steps (mfr_eval_tpr, eval events); null = only at "
+        "the start and the end",
     )
 
     @model_validator(mode="after")
@@ -343,9 +350,7 @@ class TrainConfig(_Section):
                 f"optim.micro_batches ({self.optim.micro_batches})"
             )
         if self.optim.warmup_steps >= self.run.steps:
-            raise ValueError(
-                f"optim.warmup_steps ({self.optim.warmup_steps}) must be < run.steps ({self.run.steps})"
-            )
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < run.steps ({self.run.steps})")
         if self.run.amp == "fp16" and self.run.device == "cpu":
             raise ValueError("run.amp fp16 needs a GPU (GradScaler); use bf16 on cpu")
         return self

@@ -17,11 +17,29 @@ import re
 from typing import Any
 
 # Option names of fsspec back ends (s3fs, gcsfs, adlfs) and botocore that carry a secret.
-CREDENTIAL_KEYS = frozenset({
-    "key", "secret", "token", "password", "passwd", "session_token", "access_key", "secret_key",
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
-    "connection_string", "client_secret", "credential", "credentials", "private_key", "api_key",
-})
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "session_token",
+        "access_key",
+        "secret_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "connection_string",
+        "client_secret",
+        "credential",
+        "credentials",
+        "private_key",
+        "api_key",
+    }
+)
 _USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]+@")
 
 

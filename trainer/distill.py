@@ -98,8 +98,10 @@ def data_identity(data: DataConfig, num_classes: int) -> dict[str, Any]:
     """What the sample indices of a data source are indices into: features must match it."""
     if data.source == "synthetic":
         return {
-            "source": "synthetic", "num_classes": num_classes,
-            "images_per_identity": data.images_per_identity, "seed": data.seed,
+            "source": "synthetic",
+            "num_classes": num_classes,
+            "images_per_identity": data.images_per_identity,
+            "seed": data.seed,
         }
     return {"source": data.source, "uri": data.uri, "num_classes": num_classes}
 

@@ -68,8 +68,12 @@ def _no_progress(name: str, count: int) -> Iterator[Callable[[int], None]]:
     yield lambda n: None
 
 
-def run(request: EvalRequest, score: ScoreFn, progress: EmbedProgress = _no_progress,
-        log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+def run(
+    request: EvalRequest,
+    score: ScoreFn,
+    progress: EmbedProgress = _no_progress,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
     """The report of ``request``: its model and settings, and one entry per set (with ROC curves).
 
     ``score`` scores one embedded set; ``progress`` shows embedding; ``log`` gets the lines worth telling.
@@ -100,8 +104,14 @@ def run(request: EvalRequest, score: ScoreFn, progress: EmbedProgress = _no_prog
         def embed_set(name: str, meta: dict[str, Any], count: int, load) -> str:
             """The set's embeddings under ``root``: reused when written before with the same settings."""
             url = f"{root}/{name}"
-            meta = {**meta, "model": model_info, "flip": request.flip, "masks": request.masks,
-                    "mask_seed": request.mask_seed, "images": int(count)}
+            meta = {
+                **meta,
+                "model": model_info,
+                "flip": request.flip,
+                "masks": request.masks,
+                "mask_seed": request.mask_seed,
+                "images": int(count),
+            }
             if _written_with(url, meta):
                 log(f"{name}: reusing the embeddings in {url}")
                 return url
@@ -115,15 +125,28 @@ def run(request: EvalRequest, score: ScoreFn, progress: EmbedProgress = _no_prog
         results = []
         for binset in binsets:
             unmasked, masked = embedder.embed(len(binset.images), binset.image, request.masks, request.mask_seed)
-            results.append(evaluate_pairs(binset.name, "bin", binset.url, unmasked, masked, binset.first,
-                                          binset.second, binset.issame, request.fprs, request.folds).to_dict())
+            results.append(
+                evaluate_pairs(
+                    binset.name,
+                    "bin",
+                    binset.url,
+                    unmasked,
+                    masked,
+                    binset.first,
+                    binset.second,
+                    binset.issame,
+                    request.fprs,
+                    request.folds,
+                ).to_dict()
+            )
         names = _Names()
         to_score: list[tuple[str, str, int, int]] = []  # name, embeddings, split, pairs
         for data_url, list_url, dataset, first, second, same in pair_lists:
             used = np.unique(np.concatenate([first, second]))
             name = names.take(list_url.rstrip("/").rsplit("/", 1)[-1])
-            url = embed_set(name, {"kind": "pairs", "data": f"{data_url}={list_url}"}, len(used),
-                            _loader(dataset, used))
+            url = embed_set(
+                name, {"kind": "pairs", "data": f"{data_url}={list_url}"}, len(used), _loader(dataset, used)
+            )
             rows = [np.searchsorted(used, first), np.searchsorted(used, second)]
             if same is not None:
                 rows.append(same.astype(np.int64))
@@ -132,13 +155,15 @@ def run(request: EvalRequest, score: ScoreFn, progress: EmbedProgress = _no_prog
         for url, dataset in gallery_sets:
             used = np.arange(len(dataset))
             if request.max_images is not None and len(used) > request.max_images:
-                used = np.sort(np.random.default_rng(request.mask_seed).choice(len(used), request.max_images,
-                                                                               replace=False))
+                used = np.sort(
+                    np.random.default_rng(request.mask_seed).choice(len(used), request.max_images, replace=False)
+                )
                 log(f"{url}: {len(dataset)} images, evaluating a seeded sample of {len(used)} (--max-images)")
             name = names.take(url.rstrip("/").rsplit("/", 1)[-1])
             meta = {"kind": "gallery", "data": url, "max_images": request.max_images}
-            to_score.append((name, embed_set(name, meta, len(used), _loader(dataset, used)), request.split,
-                             _pairs_hint(len(used))))
+            to_score.append(
+                (name, embed_set(name, meta, len(used), _loader(dataset, used)), request.split, _pairs_hint(len(used)))
+            )
         for url, size in zip(request.embedded, embedded_sizes):
             to_score.append((names.take(url.rstrip("/").rsplit("/", 1)[-1]), url, request.split, _pairs_hint(size)))
         for name, url, split, hint in to_score:

@@ -57,9 +57,7 @@ class HeldOutEvaluator:
         per_rank = -(-n // world)
         mine = range(self.env.rank, per_rank * world, world)
         per_id = self.cfg.images_per_identity
-        images = [
-            to_tensor(self.faces.render(i // per_id, i % per_id, masked=masked)) for i in mine if i < n
-        ]
+        images = [to_tensor(self.faces.render(i // per_id, i % per_id, masked=masked)) for i in mine if i < n]
         if len(images) < len(mine):  # the share runs past the last photo (or past all: more ranks than photos)
             blank = torch.zeros_like(to_tensor(self.faces.render(0, 0, masked=masked)))
             images += [blank] * (len(mine) - len(images))
@@ -68,9 +66,7 @@ class HeldOutEvaluator:
     @torch.no_grad()
     def _embed(self, backbone: nn.Module, masked: bool) -> np.ndarray:
         photos = self._photos(masked)
-        local = torch.cat(
-            [backbone(batch.to(self.env.device)).float() for batch in photos.split(self.cfg.batch_size)]
-        )
+        local = torch.cat([backbone(batch.to(self.env.device)).float() for batch in photos.split(self.cfg.batch_size)])
         blocks = [torch.empty_like(local) for _ in range(self.env.world_size)]
         dist.all_gather(blocks, local)
         # Row j of block r is photo r + j*W: interleave the blocks back.
@@ -125,7 +121,11 @@ class Embedder:
             yield start, self(images), self(covered)
 
     def embed(
-        self, count: int, load: Callable[[int], np.ndarray], masks: bool, mask_seed: int,
+        self,
+        count: int,
+        load: Callable[[int], np.ndarray],
+        masks: bool,
+        mask_seed: int,
         advance: Callable[[int], None] = lambda n: None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Embeddings of images ``0..count-1`` and of the same images masked (see ``batches``), in memory."""
@@ -137,8 +137,15 @@ class Embedder:
         return np.concatenate(unmasked), np.concatenate(masked) if masks else None
 
     def embed_to_shards(
-        self, count: int, load: Callable[[int], tuple[np.ndarray, int]], masks: bool, mask_seed: int, url: str,
-        meta: dict[str, Any], advance: Callable[[int], None] = lambda n: None, shard_rows: int = 65536,
+        self,
+        count: int,
+        load: Callable[[int], tuple[np.ndarray, int]],
+        masks: bool,
+        mask_seed: int,
+        url: str,
+        meta: dict[str, Any],
+        advance: Callable[[int], None] = lambda n: None,
+        shard_rows: int = 65536,
     ) -> None:
         """Embed images ``0..count-1`` (``load(i)``: image and identity) into ``url/unmasked`` (and ``url/masked``).
 
@@ -158,8 +165,9 @@ class Embedder:
             for condition, rows in (("unmasked", plain), ("masked", covered)):
                 if rows is not None:
                     if condition not in writers:
-                        writers[condition] = FeatureWriter(f"{url.rstrip('/')}/{condition}", None, rows.shape[1],
-                                                           shard_rows)
+                        writers[condition] = FeatureWriter(
+                            f"{url.rstrip('/')}/{condition}", None, rows.shape[1], shard_rows
+                        )
                     writers[condition].add(rows, labels[start : start + len(rows)])
             advance(len(plain))
         for condition, writer in writers.items():
@@ -188,8 +196,9 @@ def read_pairs(url: str, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     def sample(token: str, line: int) -> int:
         index = int(token) if token.isdigit() else by_path.get(token, -1)
         if not 0 <= index < len(dataset):
-            raise ConfigError(f"{url} line {line}: {token!r} is not a sample index below {len(dataset)} or a path "
-                              f"in {dataset.url}")
+            raise ConfigError(
+                f"{url} line {line}: {token!r} is not a sample index below {len(dataset)} or a path in {dataset.url}"
+            )
         return index
 
     rows, columns = [], None
@@ -234,8 +243,16 @@ class SetResult:
 
 
 def evaluate_pairs(
-    name: str, kind: str, url: str, unmasked: np.ndarray, masked: np.ndarray | None,
-    first: np.ndarray, second: np.ndarray, is_genuine: np.ndarray, fprs: tuple[float, ...], folds: int,
+    name: str,
+    kind: str,
+    url: str,
+    unmasked: np.ndarray,
+    masked: np.ndarray | None,
+    first: np.ndarray,
+    second: np.ndarray,
+    is_genuine: np.ndarray,
+    fprs: tuple[float, ...],
+    folds: int,
 ) -> SetResult:
     """A pair list under each protocol (only unmasked-unmasked without ``masked``); k-fold accuracy if ``folds``."""
     result = SetResult(name, kind, url, len(unmasked), {})

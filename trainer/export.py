@@ -157,8 +157,13 @@ def to_onnx(model: nn.Module, metadata: dict[str, str]) -> bytes:
     with warnings.catch_warnings(), _quiet("torch.onnx", "torch.export", "torch._dynamo"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model.eval(), (example,), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False,
+            model.eval(),
+            (example,),
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
         )
     proto = program.model_proto
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))

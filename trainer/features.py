@@ -147,8 +147,10 @@ class Features:
     def _load(self, k: int, kind: str) -> np.ndarray:
         """Shard ``k``'s ``embeddings`` or ``labels`` array, checked against the index."""
         entry = self.index["shards"][k]
-        dtype, shape = {"embeddings": (np.float16, (entry["rows"], self.embedding_size)),
-                        "labels": (np.int32, (entry["rows"],))}[kind]
+        dtype, shape = {
+            "embeddings": (np.float16, (entry["rows"], self.embedding_size)),
+            "labels": (np.int32, (entry["rows"],)),
+        }[kind]
         name = entry[kind]["name"]
         try:
             array = np.load(io.BytesIO(self.fs.cat_file(f"{self.root}/{name}")), allow_pickle=False)
@@ -157,6 +159,7 @@ class Features:
         except ValueError as err:
             raise ConfigError(f"{self.name} {self.uri}/{name}: not a .npy array ({str(err)[:120]})") from None
         if array.dtype != dtype or array.shape != shape:
-            raise ConfigError(f"{self.name} {self.uri}/{name}: {array.dtype} {array.shape}, {INDEX} says "
-                              f"{np.dtype(dtype)} {shape}")
+            raise ConfigError(
+                f"{self.name} {self.uri}/{name}: {array.dtype} {array.shape}, {INDEX} says {np.dtype(dtype)} {shape}"
+            )
         return array

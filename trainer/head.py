@@ -201,9 +201,7 @@ class PartialFC(nn.Module):
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         if num_classes < self.world_size:
-            raise ValueError(
-                f"head.num_classes ({num_classes}) must be >= the world size ({self.world_size})"
-            )
+            raise ValueError(f"head.num_classes ({num_classes}) must be >= the world size ({self.world_size})")
         self.num_classes = num_classes
         self.start, self.num_local = class_shard(num_classes, self.world_size, self.rank)
         self.margins = tuple(float(m) for m in margins)

@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             return exitcodes.CONFIG_ERROR
     endpoints = [e.strip() for e in os.environ.get(WAIT_FOR_ENV, "").split(",") if e.strip()]
     if endpoints and not wait_for(endpoints):
-        log.error(f"{', '.join(endpoints)} not reachable after {WAIT_TIMEOUT_S:.0f} s; "
-                  f"exiting {exitcodes.UNAVAILABLE} so the pod is retried")
+        log.error(
+            f"{', '.join(endpoints)} not reachable after {WAIT_TIMEOUT_S:.0f} s; "
+            f"exiting {exitcodes.UNAVAILABLE} so the pod is retried"
+        )
         return exitcodes.UNAVAILABLE
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
@@ -103,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.from_signal(int(err.sigval))
     except ChildFailedError as err:
         code = worker_exit_code([(f.timestamp, f.exitcode) for f in err.failures.values()])
-        ranks = ", ".join(f"rank {rank} {f.exitcode if f.exitcode >= 0 else f.signal_name()}"
-                          for rank, f in sorted(err.failures.items()))
+        ranks = ", ".join(
+            f"rank {rank} {f.exitcode if f.exitcode >= 0 else f.signal_name()}"
+            for rank, f in sorted(err.failures.items())
+        )
         log.error(f"worker(s) failed ({ranks}); pod exit code {exitcodes.describe(code)}")
         return code
     except (RendezvousError, DistError) as err:
-        log.error(f"rendezvous failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
-                  f"exiting {exitcodes.UNAVAILABLE} so the pod is retried")
+        log.error(
+            f"rendezvous failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+            f"exiting {exitcodes.UNAVAILABLE} so the pod is retried"
+        )
         return exitcodes.UNAVAILABLE
     return exitcodes.DONE
 

@@ -62,7 +62,11 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.amp)
         try:
             self.data = EpochStream(
-                cfg.data, cfg.head.num_classes, env.rank, env.world_size, pin_memory=env.device.type == "cuda",
+                cfg.data,
+                cfg.head.num_classes,
+                env.rank,
+                env.world_size,
+                pin_memory=env.device.type == "cuda",
                 with_indices=cfg.distill.mode == "offline",
             )
         except ValueError as err:
@@ -252,8 +256,13 @@ class Trainer:
             self.checkpointer.after_step(self.step)
             window_samples += self.global_batch
             self.metrics.after_step(
-                self.step, cfg.data.batch_size, loss, self.lr, self.last_grad_norm,
-                seconds=time.perf_counter() - started, data_wait=fetched - started,
+                self.step,
+                cfg.data.batch_size,
+                loss,
+                self.lr,
+                self.last_grad_norm,
+                seconds=time.perf_counter() - started,
+                data_wait=fetched - started,
             )
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
                 elapsed = time.perf_counter() - window_start

@@ -41,16 +41,21 @@ TRAIN_NONFINITE = Counter(
 )
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TRAIN_STEP_SECONDS = Histogram(
-    "mfr_train_step_seconds", "Wall time of one training step, data wait and checkpoint stall included", ["rank"],
+    "mfr_train_step_seconds",
+    "Wall time of one training step, data wait and checkpoint stall included",
+    ["rank"],
     buckets=_STEP_BUCKETS,
 )
 TRAIN_DATA_WAIT_SECONDS = Histogram(
-    "mfr_train_data_wait_seconds", "Time a training step waited for its batch", ["rank"],
+    "mfr_train_data_wait_seconds",
+    "Time a training step waited for its batch",
+    ["rank"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, *_STEP_BUCKETS),
 )
 WORLD_SIZE = Gauge("mfr_world_size", "Training processes in the job", ["rank"])
 ELASTIC_RESTARTS = Gauge(
-    "mfr_elastic_restarts", "Worker-group restarts of this process's torchrun agent (TORCHELASTIC_RESTART_COUNT)",
+    "mfr_elastic_restarts",
+    "Worker-group restarts of this process's torchrun agent (TORCHELASTIC_RESTART_COUNT)",
     ["rank"],
 )
 DEVICE_MEMORY = Gauge(
@@ -61,6 +66,7 @@ DEVICE_MEMORY = Gauge(
 EVAL_TPR = Gauge(
     "mfr_eval_tpr", "Verification TPR at a target FPR on held-out identities, by protocol", ["rank", "protocol", "fpr"]
 )
+
 
 def serve(cfg, local_rank: int) -> str | None:
     """Start this process's exporter on ``port + local_rank``; returns its URL.
@@ -80,8 +86,10 @@ def serve(cfg, local_rank: int) -> str | None:
         start_http_server(port, addr=cfg.address)
     except OSError as err:
         reason = "is already in use" if err.errno == 98 else f"cannot be opened ({err.strerror or err})"
-        log.warning(f"metrics not served: port {port} on {cfg.address} {reason}; training continues "
-                    "(set metrics.port to a free port)")
+        log.warning(
+            f"metrics not served: port {port} on {cfg.address} {reason}; training continues "
+            "(set metrics.port to a free port)"
+        )
         return None
     return f"http://{cfg.address}:{port}/metrics"
 

@@ -126,9 +126,7 @@ class IResNet(nn.Module):
         self.embedding_size = embedding_size
 
         stem_channels = self.channels[0]
-        self.stem = nn.Sequential(
-            _conv3x3(3, stem_channels), nn.BatchNorm2d(stem_channels), nn.PReLU(stem_channels)
-        )
+        self.stem = nn.Sequential(_conv3x3(3, stem_channels), nn.BatchNorm2d(stem_channels), nn.PReLU(stem_channels))
         stages = []
         in_channels = stem_channels
         for depth, out_channels in zip(layers, self.channels):

@@ -69,8 +69,15 @@ class MatrixPairs:
     left out; ``symmetric``: both sides are the same vectors too, so only ``i < j`` is scored.
     """
 
-    def __init__(self, left: np.ndarray, left_labels: np.ndarray, right: np.ndarray, right_labels: np.ndarray,
-                 same_images: bool, symmetric: bool):
+    def __init__(
+        self,
+        left: np.ndarray,
+        left_labels: np.ndarray,
+        right: np.ndarray,
+        right_labels: np.ndarray,
+        same_images: bool,
+        symmetric: bool,
+    ):
         self.left, self.left_labels = _by_identity(left, np.asarray(left_labels))
         self.right, self.right_labels = (
             (self.left, self.left_labels) if symmetric else _by_identity(right, np.asarray(right_labels))
@@ -135,8 +142,13 @@ class MatrixPairs:
 
     def pair_scores(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """The scores of pairs ``(rows[k], columns[k])``, one by one (for a sample: not the tiles' bits)."""
-        return np.concatenate([np.einsum("ij,ij->i", self.left[rows[s : s + CHUNK]], self.right[columns[s : s + CHUNK]])
-                               for s in range(0, len(rows), CHUNK)] or [_EMPTY])
+        return np.concatenate(
+            [
+                np.einsum("ij,ij->i", self.left[rows[s : s + CHUNK]], self.right[columns[s : s + CHUNK]])
+                for s in range(0, len(rows), CHUNK)
+            ]
+            or [_EMPTY]
+        )
 
 
 class ListedPairs:
@@ -144,8 +156,9 @@ class ListedPairs:
 
     can_sample = False
 
-    def __init__(self, left: np.ndarray, right: np.ndarray, first: np.ndarray, second: np.ndarray,
-                 is_genuine: np.ndarray):
+    def __init__(
+        self, left: np.ndarray, right: np.ndarray, first: np.ndarray, second: np.ndarray, is_genuine: np.ndarray
+    ):
         self.left, self.right = left, right
         self.first, self.second, self.is_genuine = first, second, np.asarray(is_genuine, dtype=bool)
         self.n_pairs = len(first)

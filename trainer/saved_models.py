@@ -26,8 +26,9 @@ def _shape(t: torch.Tensor) -> str:
     return " x ".join(str(n) for n in t.shape) or "scalar"
 
 
-def first_mismatch(state: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str = "",
-                   here: str = "the architecture") -> str | None:
+def first_mismatch(
+    state: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str = "", here: str = "the architecture"
+) -> str | None:
     """The first tensor of ``state`` that ``model`` (``here``) does not hold with that shape, in words; None if
     all fit."""
     saved = {k: _shape(v) for k, v in state.items()}
@@ -45,7 +46,9 @@ def checkpoint_backbone(info: CheckpointInfo, state: dict[str, torch.Tensor]) ->
         raise ConfigError(f"{info.url}: its commit record has no model config to build the backbone from")
     try:
         model = build_backbone(
-            model_cfg["backbone"], layers=model_cfg.get("layers"), width=model_cfg.get("width"),
+            model_cfg["backbone"],
+            layers=model_cfg.get("layers"),
+            width=model_cfg.get("width"),
             embedding_size=model_cfg["embedding_size"],
         )
     except (KeyError, ValueError) as err:
@@ -91,8 +94,10 @@ def load_backbone(url: str) -> tuple[IResNet, dict[str, Any]]:
         try:
             loaded = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ConfigError(f"{url}: not a torch.save file ({type(err).__name__}); pass a checkpoint or an "
-                              "exported backbone state dict (.pt)") from None
+            raise ConfigError(
+                f"{url}: not a torch.save file ({type(err).__name__}); pass a checkpoint or an "
+                "exported backbone state dict (.pt)"
+            ) from None
         if isinstance(loaded, dict) and isinstance(loaded.get("backbone"), dict):
             loaded = loaded["backbone"]  # an export with --head
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

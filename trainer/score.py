@@ -152,8 +152,9 @@ def load_embedded(url: str, storage_options: dict[str, Any] | None = None) -> Em
     unmasked = Features(unmasked_url, storage_options)
     stored_labels = unmasked.labels().astype(np.int64)
     if stored_labels.size != unmasked.count:
-        raise ConfigError(f"embeddings {unmasked.uri}: its shards hold {stored_labels.size} rows, {INDEX} says "
-                          f"{unmasked.count}")
+        raise ConfigError(
+            f"embeddings {unmasked.uri}: its shards hold {stored_labels.size} rows, {INDEX} says {unmasked.count}"
+        )
     order = np.argsort(stored_labels, kind="stable")  # rows by identity put genuine pairs near the diagonal
     labels = stored_labels[order]
     masked_rows = None
@@ -177,8 +178,9 @@ def read_pair_list(url: str, images: int, storage_options: dict[str, Any] | None
     except ValueError as err:
         raise ConfigError(f"pair list {url}: not a .npy array ({str(err)[:120]})") from None
     if pairs.ndim != 2 or pairs.shape[1] not in (2, 3) or not np.issubdtype(pairs.dtype, np.integer) or not len(pairs):
-        raise ConfigError(f"pair list {url}: expected an (n, 2) or (n, 3) integer array, got {pairs.dtype} "
-                          f"{pairs.shape}")
+        raise ConfigError(
+            f"pair list {url}: expected an (n, 2) or (n, 3) integer array, got {pairs.dtype} {pairs.shape}"
+        )
     if pairs[:, :2].min() < 0 or pairs[:, :2].max() >= images:
         raise ConfigError(f"pair list {url}: row indices must be in [0, {images})")
     if pairs.shape[1] == 3 and not np.all(np.isin(pairs[:, 2], (0, 1))):
@@ -237,8 +239,10 @@ def _state_arrays(genuine: np.ndarray, state: TailState) -> list[np.ndarray]:
 
 def _from_arrays(arrays: list[np.ndarray], brackets: list[tuple[float, float]]) -> tuple[np.ndarray, TailState]:
     genuine, top, counts, *insides = arrays
-    parts = [Bracket(np.float32(lo), np.float32(hi), int(c), [inside])
-             for (lo, hi), c, inside in zip(brackets, counts, insides)]
+    parts = [
+        Bracket(np.float32(lo), np.float32(hi), int(c), [inside])
+        for (lo, hi), c, inside in zip(brackets, counts, insides)
+    ]
     return genuine, TailState(top, parts)
 
 
@@ -261,8 +265,14 @@ def _pass(pairs, keep: int, brackets: list[tuple[float, float]], ranks: Ranks, p
 
 
 def score_protocol(
-    pairs, protocol: str, fprs: tuple[float, ...], ranks: Ranks, max_kept: int = MAX_KEPT,
-    progress: ProgressFn = lambda protocol, done, total: None, sample: int = SAMPLE, z: float = Z,
+    pairs,
+    protocol: str,
+    fprs: tuple[float, ...],
+    ranks: Ranks,
+    max_kept: int = MAX_KEPT,
+    progress: ProgressFn = lambda protocol, done, total: None,
+    sample: int = SAMPLE,
+    z: float = Z,
 ) -> dict[str, Any] | None:
     """One protocol's report entry (rank 0; None elsewhere): counts, operating points, exact ROC points, passes."""
     n_genuine, n_impostor = pairs.n_genuine, pairs.n_impostor
@@ -306,8 +316,12 @@ def score_protocol(
         return None
     points = tuple(result.points[i] for i in range(len(fprs)))
     entry = ProtocolResult(protocol, n_genuine, n_impostor, points).to_dict()
-    curve = sorted({*zip(result.curve[0].tolist(), result.curve[1].tolist()),
-                    *((p.achieved_fpr, p.tpr) for p in points if p.supported)})
+    curve = sorted(
+        {
+            *zip(result.curve[0].tolist(), result.curve[1].tolist()),
+            *((p.achieved_fpr, p.tpr) for p in points if p.supported),
+        }
+    )
     entry["roc"] = {"fpr": [f for f, _ in curve], "tpr": [t for _, t in curve]}
     entry["passes"] = passes
     return entry
@@ -334,8 +348,14 @@ def _broadcast_missed(ranks: Ranks, missed: list[int]) -> list[int]:
 
 
 def score_set(
-    embedded: Embedded, ranks: Ranks, protocols: tuple[str, ...] | None = None, fprs: tuple[float, ...] = DEFAULT_FPRS,
-    split: int = 0, pairs: np.ndarray | None = None, max_kept: int = MAX_KEPT, name: str | None = None,
+    embedded: Embedded,
+    ranks: Ranks,
+    protocols: tuple[str, ...] | None = None,
+    fprs: tuple[float, ...] = DEFAULT_FPRS,
+    split: int = 0,
+    pairs: np.ndarray | None = None,
+    max_kept: int = MAX_KEPT,
+    name: str | None = None,
     progress: ProgressFn = lambda protocol, done, total: None,
 ) -> dict[str, Any] | None:
     """The report entry of one embedded set (rank 0; None elsewhere), as ``mfrctl eval`` prints it."""
@@ -360,10 +380,16 @@ def score_set(
         "url": embedded.meta.get("data", embedded.url),
         "images": len(embedded.labels),
         "protocols": entries,
-        "scoring": {"embeddings": embedded.url, "world_size": ranks.world, "pairs": total, "seconds": seconds,
-                    "pairs_per_second": total / seconds if seconds else None, "split": split,
-                    "peak_rss_bytes": [int(rank[0][0]) for rank in usage],
-                    "cpu_seconds": [int(rank[0][1]) / 1e6 for rank in usage]},
+        "scoring": {
+            "embeddings": embedded.url,
+            "world_size": ranks.world,
+            "pairs": total,
+            "seconds": seconds,
+            "pairs_per_second": total / seconds if seconds else None,
+            "split": split,
+            "peak_rss_bytes": [int(rank[0][0]) for rank in usage],
+            "cpu_seconds": [int(rank[0][1]) / 1e6 for rank in usage],
+        },
     }
 
 
@@ -383,10 +409,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--roc", help="also write the ROC plot (PNG) here")
     parser.add_argument("--protocol", action="append", choices=PROTOCOLS, help="repeatable; default: all available")
     parser.add_argument("--fpr", action="append", type=float, help="target FPR, repeatable; default 1e-1 .. 1e-6")
-    parser.add_argument("--split", type=int, default=0, metavar="G",
-                        help="each identity's first G images are the gallery, the others probes (0: all-vs-all)")
-    parser.add_argument("--pairs", help=f"score the pairs of this .npy instead ((n, 2|3) row indices; "
-                        f"default EMBEDDINGS/{PAIRS_FILE} when it exists and no --split)")
+    parser.add_argument(
+        "--split",
+        type=int,
+        default=0,
+        metavar="G",
+        help="each identity's first G images are the gallery, the others probes (0: all-vs-all)",
+    )
+    parser.add_argument(
+        "--pairs",
+        help=f"score the pairs of this .npy instead ((n, 2|3) row indices; "
+        f"default EMBEDDINGS/{PAIRS_FILE} when it exists and no --split)",
+    )
     parser.add_argument("--max-kept", type=int, default=MAX_KEPT, help="impostor scores kept per protocol")
     parser.add_argument("--name", help="the set's name in the report (default: the folder's)")
     return parser.parse_args(argv)
@@ -410,8 +444,10 @@ class _Reporter:
             self.progress.event("score", protocol=protocol, done=done, total=total, pairs_per_second=rate, eta_s=eta)
         if now - self.last_log >= self.log_every or done >= total:
             self.last_log = now
-            log.info(f"scoring {protocol}: {done:,} of {total:,} pairs, {rate:,.0f} pairs/s"
-                     + (f", ETA {eta:,.0f} s" if eta is not None else ""))
+            log.info(
+                f"scoring {protocol}: {done:,} of {total:,} pairs, {rate:,.0f} pairs/s"
+                + (f", ETA {eta:,.0f} s" if eta is not None else "")
+            )
 
 
 def _write(url: str, payload: bytes) -> None:
@@ -438,8 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ranks = Ranks()
         embedded, pairs = open_set(args.embeddings, args.split, args.pairs)
-        entry = score_set(embedded, ranks, tuple(args.protocol or ()) or None, fprs, args.split, pairs,
-                          args.max_kept, args.name, _Reporter(progress))
+        entry = score_set(
+            embedded,
+            ranks,
+            tuple(args.protocol or ()) or None,
+            fprs,
+            args.split,
+            pairs,
+            args.max_kept,
+            args.name,
+            _Reporter(progress),
+        )
         if entry is not None:
             _write(args.report, json.dumps(entry, indent=1).encode())
             if args.roc:

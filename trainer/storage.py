@@ -242,7 +242,13 @@ class Storage:
             size = sum(int(f.get("size") or 0) for f in files)
             return CheckpointInfo(name, url, step, False, max(times) if times else None, None, size)
         return CheckpointInfo(
-            name, url, step, True, record.get("time"), record.get("world_size"), record.get("bytes"),
+            name,
+            url,
+            step,
+            True,
+            record.get("time"),
+            record.get("world_size"),
+            record.get("bytes"),
             record.get("config"),
         )
 
@@ -306,8 +312,9 @@ def _mtime(entry: dict[str, Any]) -> float | None:
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
-def open_url(url: str, storage_options: dict[str, Any] | None = None, *, what: str,
-             fresh: bool = False) -> tuple[Any, str]:
+def open_url(
+    url: str, storage_options: dict[str, Any] | None = None, *, what: str, fresh: bool = False
+) -> tuple[Any, str]:
     """``(filesystem, path)`` of any fsspec URL (a local path, s3://...) with the S3 defaults of ``Storage``.
 
     The one way mfr opens a URL.  ``what`` names what it is (data.uri, the model, a .bin set) in the

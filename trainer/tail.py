@@ -149,8 +149,9 @@ def merge(states: list[TailState], keep: int) -> TailState:
         top = np.partition(top, top.size - keep)[top.size - keep :]
     brackets = []
     for parts in zip(*(s.brackets for s in states)):
-        brackets.append(Bracket(parts[0].lo, parts[0].hi, sum(b.above for b in parts),
-                                [a for b in parts for a in b.inside]))
+        brackets.append(
+            Bracket(parts[0].lo, parts[0].hi, sum(b.above for b in parts), [a for b in parts for a in b.inside])
+        )
     return TailState(top, brackets)
 
 
@@ -249,8 +250,10 @@ def _point(
     if higher == scores.size and above:
         return None
     first_genuine = int(np.searchsorted(genuine, v, side="right"))
-    lowest = min(scores[higher] if higher < scores.size else _INF,
-                 genuine[first_genuine] if first_genuine < genuine.size else _INF)
+    lowest = min(
+        scores[higher] if higher < scores.size else _INF,
+        genuine[first_genuine] if first_genuine < genuine.size else _INF,
+    )
     return OperatingPoint(
         target_fpr=fpr,
         tpr=(genuine.size - first_genuine) / n_genuine,

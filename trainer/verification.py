@@ -78,8 +78,7 @@ def roc_curve(scores: np.ndarray, is_genuine: np.ndarray) -> tuple[np.ndarray, n
     is_genuine = _as_bool_labels(is_genuine)
     if scores.ndim != 1 or scores.shape != is_genuine.shape:
         raise ValueError(
-            f"scores and is_genuine must be 1-D with equal shapes, got "
-            f"{scores.shape} and {is_genuine.shape}"
+            f"scores and is_genuine must be 1-D with equal shapes, got {scores.shape} and {is_genuine.shape}"
         )
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores contain NaN or infinite values")
@@ -191,8 +190,7 @@ def protocol_scores(
     labels = np.asarray(labels)
     if unmasked.ndim != 2 or unmasked.shape != masked.shape:
         raise ValueError(
-            f"unmasked and masked must be (n, d) with equal shapes, got "
-            f"{unmasked.shape} and {masked.shape}"
+            f"unmasked and masked must be (n, d) with equal shapes, got {unmasked.shape} and {masked.shape}"
         )
     n = unmasked.shape[0]
     if labels.shape != (n,):
@@ -300,16 +298,15 @@ def kfold_accuracy(
     distances = np.asarray(distances, dtype=np.float64)
     is_genuine = _as_bool_labels(is_genuine)
     if distances.ndim != 1 or distances.shape != is_genuine.shape:
-        raise ValueError(f"distances and is_genuine must be 1-D with equal shapes, got {distances.shape} and "
-                         f"{is_genuine.shape}")
+        raise ValueError(
+            f"distances and is_genuine must be 1-D with equal shapes, got {distances.shape} and {is_genuine.shape}"
+        )
     if not 2 <= n_folds <= distances.size:
         raise ValueError(f"need 2 <= n_folds <= pairs, got {n_folds} folds for {distances.size} pairs")
     thresholds = np.asarray(thresholds, dtype=np.float64)
     folds = np.array_split(np.arange(distances.size), n_folds)
     # correct[f, t]: pairs of fold f that threshold t classifies right.
-    correct = np.stack(
-        [((distances[f, None] < thresholds[None, :]) == is_genuine[f, None]).sum(axis=0) for f in folds]
-    )
+    correct = np.stack([((distances[f, None] < thresholds[None, :]) == is_genuine[f, None]).sum(axis=0) for f in folds])
     accuracies, chosen = [], []
     for f, test in enumerate(folds):
         train_correct = correct.sum(axis=0) - correct[f]  # same argmax as the train accuracy

@@ -40,11 +40,27 @@ def _on_s3(name: str) -> list[str]:
 # manifests/<file>: the mfrctl render arguments that produce it.
 MANIFESTS: dict[str, list[str]] = {
     "static-8x8gpu.yaml": ["--name", "mfr", "--nodes", "8", "--gpus-per-node", "8", *_on_s3("mfr")],
-    "elastic-4to8x8gpu.yaml": ["--name", "mfr-elastic", "--elastic", "4:8", "--gpus-per-node", "8",
-                               *_on_s3("mfr-elastic")],
+    "elastic-4to8x8gpu.yaml": [
+        "--name",
+        "mfr-elastic",
+        "--elastic",
+        "4:8",
+        "--gpus-per-node",
+        "8",
+        *_on_s3("mfr-elastic"),
+    ],
     "demo-cpu-2nodes.yaml": ["--name", "mfr-demo", "--nodes", "2", *_on_s3("mfr-demo")],
-    "trainjob-2x8gpu.yaml": ["--name", "mfr-tj", "--api", "trainjob", "--nodes", "2", "--gpus-per-node", "8",
-                             *_on_s3("mfr-tj")],
+    "trainjob-2x8gpu.yaml": [
+        "--name",
+        "mfr-tj",
+        "--api",
+        "trainjob",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        *_on_s3("mfr-tj"),
+    ],
 }
 
 

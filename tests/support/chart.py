@@ -12,8 +12,14 @@ MONITORING = {
     "monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
 }
 ALERTS = {
-    "MFRTrainingStalled", "MFRLossNonFinite", "MFRCheckpointStale", "MFRCheckpointFailing",
-    "MFRThroughputDropped", "MFRRankDown", "MFRBadSamplesHigh", "MFRElasticRestartsClimbing",
+    "MFRTrainingStalled",
+    "MFRLossNonFinite",
+    "MFRCheckpointStale",
+    "MFRCheckpointFailing",
+    "MFRThroughputDropped",
+    "MFRRankDown",
+    "MFRBadSamplesHigh",
+    "MFRElasticRestartsClimbing",
 }
 
 

@@ -106,9 +106,7 @@ class Kubelet:
             time.sleep(0.2)
         for service in services:
             target = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
-            self.hosts[service["metadata"]["name"]] = {
-                port: local_ports[named.get(t, t)] for port, t in target.items()
-            }
+            self.hosts[service["metadata"]["name"]] = {port: local_ports[named.get(t, t)] for port, t in target.items()}
         return pod
 
     def run_pod(self, name: str, spec: dict[str, Any], extra_env: dict[str, str]) -> Pod:
@@ -127,14 +125,18 @@ class Kubelet:
             else:
                 mounts[volume["name"]] = self.root / name / volume["name"]
                 mounts[volume["name"]].mkdir(parents=True)
-        paths = {m["mountPath"]: mounts[m["name"]] for m in container.get("volumeMounts", [])
-                 if m["mountPath"] not in ("/dev/shm", "/tmp")}
+        paths = {
+            m["mountPath"]: mounts[m["name"]]
+            for m in container.get("volumeMounts", [])
+            if m["mountPath"] not in ("/dev/shm", "/tmp")
+        }
 
         def local(value: str) -> str:
             """A container path (after =, a quote, a space, or at the start) as this machine's."""
             for mount, path in sorted(paths.items(), key=lambda item: -len(item[0])):
-                value = re.sub(rf"(^|[=\s'\"]){re.escape(mount)}(?=/|$|[\s'\"])", rf"\g<1>{path}", value,
-                               flags=re.MULTILINE)
+                value = re.sub(
+                    rf"(^|[=\s'\"]){re.escape(mount)}(?=/|$|[\s'\"])", rf"\g<1>{path}", value, flags=re.MULTILINE
+                )
             return value
 
         for volume in spec.get("volumes", []):  # the files of ConfigMaps and Secrets, paths in them mapped too
@@ -160,8 +162,15 @@ class Kubelet:
         Path(cwd).mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
         with open(log, "wb") as out:
-            process = subprocess.Popen(argv, env=base | env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                argv,
+                env=base | env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         pod = Pod(name, process, log)
         self.pods.append(pod)
         return pod

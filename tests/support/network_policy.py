@@ -70,8 +70,10 @@ def _port_matches(rule_port: dict[str, Any], destination: Pod, port: int) -> boo
 def allowed(policies: list[dict[str, Any]], namespace: str, source: Pod, destination: Pod, port: int) -> bool:
     """Does a TCP connection from ``source`` reach ``destination``:``port`` (policies of ``namespace``)?"""
     selecting = [
-        p for p in policies
-        if destination.namespace == namespace and selects(p["spec"]["podSelector"], destination.labels)
+        p
+        for p in policies
+        if destination.namespace == namespace
+        and selects(p["spec"]["podSelector"], destination.labels)
         and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
     ]
     if not selecting:

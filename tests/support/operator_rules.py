@@ -129,9 +129,14 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
         rank = index + 1 if rtype == "Worker" else index
         master, port = f"{name}-master-0", str(_port(job, "Master"))
         env |= {
-            "MASTER_ADDR": master, "MASTER_PORT": port, "PET_MASTER_ADDR": master, "PET_MASTER_PORT": port,
-            "WORLD_SIZE": str(total * _nproc_int(job)), "RANK": str(rank),
-            "PET_NODE_RANK": str(rank), "PET_NNODES": str(total),
+            "MASTER_ADDR": master,
+            "MASTER_PORT": port,
+            "PET_MASTER_ADDR": master,
+            "PET_MASTER_PORT": port,
+            "WORLD_SIZE": str(total * _nproc_int(job)),
+            "RANK": str(rank),
+            "PET_NODE_RANK": str(rank),
+            "PET_NNODES": str(total),
         }
     policy = spec.get("elasticPolicy")
     if policy is not None:
@@ -141,7 +146,8 @@ def operator_env(job: dict[str, Any], rtype: str, index: int) -> dict[str, str]:
             "PET_RDZV_ENDPOINT": f"{host}:{port}",
             "PET_RDZV_BACKEND": policy.get("rdzvBackend", "c10d"),
             "PET_NNODES": f"{policy['minReplicas']}:{policy['maxReplicas']}"
-            if "minReplicas" in policy else str(specs["Worker"]["replicas"]),
+            if "minReplicas" in policy
+            else str(specs["Worker"]["replicas"]),
         }
         if "maxRestarts" in policy:
             env["PET_MAX_RESTARTS"] = str(policy["maxRestarts"])
@@ -156,17 +162,29 @@ INIT_IMAGE = "alpine:3.10"  # --pytorch-init-container-image's default
 INIT_MAX_TRIES = 100  # --pytorch-init-container-max-tries's default
 
 
-def init_containers(master_addr: str, template: str | None = None, image: str = INIT_IMAGE,
-                    max_tries: int = INIT_MAX_TRIES) -> list[dict[str, Any]]:
+def init_containers(
+    master_addr: str, template: str | None = None, image: str = INIT_IMAGE, max_tries: int = INIT_MAX_TRIES
+) -> list[dict[str, Any]]:
     """What the operator appends to a Worker pod: its template file filled in (Go template
     fields .MasterAddr, .InitContainerImage, .MaxTries), or its built-in container."""
     if template is None:
-        return [{
-            "name": "init-pytorch", "image": image, "imagePullPolicy": "IfNotPresent",
-            "resources": {"limits": {"cpu": "100m", "memory": "20Mi"}, "requests": {"cpu": "50m", "memory": "10Mi"}},
-            "command": ["sh", "-c", f"err=1;for i in $(seq {max_tries}); do if nslookup {master_addr}; then err=0 "
-                                    "&& break; fi;echo waiting for master; sleep 2; done; exit $err"],
-        }]
+        return [
+            {
+                "name": "init-pytorch",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "resources": {
+                    "limits": {"cpu": "100m", "memory": "20Mi"},
+                    "requests": {"cpu": "50m", "memory": "10Mi"},
+                },
+                "command": [
+                    "sh",
+                    "-c",
+                    f"err=1;for i in $(seq {max_tries}); do if nslookup {master_addr}; then err=0 "
+                    "&& break; fi;echo waiting for master; sleep 2; done; exit $err",
+                ],
+            }
+        ]
     fields = {"MasterAddr": master_addr, "InitContainerImage": image, "MaxTries": str(max_tries)}
     text = re.sub(r"{{\s*\.(\w+)\s*}}", lambda m: fields[m[1]], template)
     return yaml.safe_load(text)
@@ -185,18 +203,24 @@ def operator_pod(job: dict[str, Any], rtype: str, index: int, init_template: str
     if rtype == "Worker" and "Master" in specs:
         spec["initContainers"] = spec.get("initContainers", []) + init_containers(f"{name}-master-0", init_template)
     labels = template.get("metadata", {}).get("labels", {}) | {
-        "training.kubeflow.org/job-name": name, "training.kubeflow.org/replica-type": rtype.lower(),
+        "training.kubeflow.org/job-name": name,
+        "training.kubeflow.org/replica-type": rtype.lower(),
         "training.kubeflow.org/replica-index": str(index),
     }
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{name}-{rtype.lower()}-{index}", "labels": labels}, "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-{rtype.lower()}-{index}", "labels": labels},
+        "spec": spec,
+    }
 
 
 def replicas(job: dict[str, Any]) -> list[tuple[str, int]]:
     """Every pod of the job as (replica type, index), Master first."""
     specs = job["spec"]["pytorchReplicaSpecs"]
-    return [(rtype, i) for rtype in ("Master", "Worker") if rtype in specs
-            for i in range(specs[rtype].get("replicas", 1))]
+    return [
+        (rtype, i) for rtype in ("Master", "Worker") if rtype in specs for i in range(specs[rtype].get("replicas", 1))
+    ]
 
 
 def with_change(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -230,16 +254,21 @@ def trainer_validator(kind: str):
     """A strict jsonschema validator of a Trainer v2.3.0 CRD (TrainJob, TrainingRuntime, ClusterTrainingRuntime)."""
     import jsonschema
 
-    plural = {"TrainJob": "trainjobs", "TrainingRuntime": "trainingruntimes",
-              "ClusterTrainingRuntime": "clustertrainingruntimes"}[kind]
+    plural = {
+        "TrainJob": "trainjobs",
+        "TrainingRuntime": "trainingruntimes",
+        "ClusterTrainingRuntime": "clustertrainingruntimes",
+    }[kind]
     crd = yaml.safe_load((TRAINER_CRDS / f"trainer.kubeflow.org_{plural}.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
     return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
 
 
 def trainer_crd_errors(obj: dict[str, Any]) -> list[str]:
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}"
-            for e in trainer_validator(obj["kind"]).iter_errors(obj)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+        for e in trainer_validator(obj["kind"]).iter_errors(obj)
+    ]
 
 
 def trainjob_webhook_errors(trainjob: dict[str, Any], runtime: dict[str, Any] | None) -> list[str]:
@@ -253,8 +282,10 @@ def trainjob_webhook_errors(trainjob: dict[str, Any], runtime: dict[str, Any] | 
         if var["name"] in TRAINER_RESERVED_ENV:
             errors.append(f"spec.trainer.env: must not have reserved envs, invalid envs configured: {var['name']}")
     ref = trainjob["spec"]["runtimeRef"]
-    if runtime is None or (ref.get("kind", "ClusterTrainingRuntime"), ref["name"]) != (runtime["kind"],
-                                                                                    runtime["metadata"]["name"]):
+    if runtime is None or (ref.get("kind", "ClusterTrainingRuntime"), ref["name"]) != (
+        runtime["kind"],
+        runtime["metadata"]["name"],
+    ):
         errors.append(f"spec.runtimeRef: {ref.get('kind')} {ref['name']} not found")
     elif runtime["spec"].get("mlPolicy", {}).get("torch") is None:
         errors.append("the runtime has no torch mlPolicy")
@@ -291,11 +322,18 @@ def trainjob_pods(trainjob: dict[str, Any], runtime: dict[str, Any]) -> list[tup
         if "resourcesPerNode" in trainer:
             container["resources"] = trainer["resourcesPerNode"]
         container["env"] = container.get("env", []) + [
-            {"name": k, "value": v} for k, v in trainjob_env(trainjob, runtime, index).items()]
+            {"name": k, "value": v} for k, v in trainjob_env(trainjob, runtime, index).items()
+        ]
         labels = template.get("metadata", {}).get("labels", {}) | {
-            "jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
-            JOB_COMPLETION_INDEX: str(index)}
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": f"{name}-node-0-{index}", "labels": labels}, "spec": template["spec"]}
+            "jobset.sigs.k8s.io/jobset-name": name,
+            "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            JOB_COMPLETION_INDEX: str(index),
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-node-0-{index}", "labels": labels},
+            "spec": template["spec"],
+        }
         pods.append((pod["metadata"]["name"], pod))
     return pods

@@ -48,17 +48,33 @@ class SeaweedS3:
         self.master, self.volume, self.filer, self.s3 = free_ports(4)
         self.proc: subprocess.Popen | None = None
         config = workdir / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "mfr",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "mfr",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         self.command = [
-            shutil.which("weed", path=os.path.dirname(sys.executable)) or "weed", "mini",
-            f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}",
-            f"-s3.port={self.s3}", f"-s3.config={config}", f"-bucket={BUCKET}",
-            "-admin.ui=false", "-webdav=false",
+            shutil.which("weed", path=os.path.dirname(sys.executable)) or "weed",
+            "mini",
+            f"-dir={workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={self.master}",
+            f"-volume.port={self.volume}",
+            f"-filer.port={self.filer}",
+            f"-s3.port={self.s3}",
+            f"-s3.config={config}",
+            f"-bucket={BUCKET}",
+            "-admin.ui=false",
+            "-webdav=false",
         ]
         (workdir / "data").mkdir(exist_ok=True)
 

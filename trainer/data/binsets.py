@@ -113,9 +113,7 @@ def parse_bin(data: bytes, url: str) -> BinSet:
         raise BinFormatError(f"{url}: holds a {type(loaded).__name__}; {_EXPECTED}")
     images, issame = loaded
     if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
-        raise BinFormatError(
-            f"{url}: holds ({type(images).__name__}, {type(issame).__name__}); {_EXPECTED}"
-        )
+        raise BinFormatError(f"{url}: holds ({type(images).__name__}, {type(issame).__name__}); {_EXPECTED}")
     sizes = (len(x) if isinstance(x, (bytes, bytearray)) else getattr(x, "nbytes", 0) for x in images)
     if sum(sizes) > len(data):  # the same object referenced over and over
         raise BinFormatError(f"{url}: its images take more bytes than the {len(data)}-byte file holds; {_EXPECTED}")
@@ -149,4 +147,3 @@ def read_bin(url: str, storage_options: dict[str, Any] | None = None) -> BinSet:
     binset = parse_bin(data, url)
     binset.image(0)
     return binset
-

@@ -126,7 +126,12 @@ class EpochStream:
     """Endless batches over epochs, reshuffled per epoch from the seed; resumable."""
 
     def __init__(
-        self, cfg: DataConfig, num_classes: int, rank: int, world_size: int, pin_memory: bool = False,
+        self,
+        cfg: DataConfig,
+        num_classes: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool = False,
         with_indices: bool = False,
     ):
         """``with_indices``: batches are ``(images, labels, sample indices)`` (offline distillation reads by index)."""

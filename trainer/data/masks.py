@@ -37,7 +37,13 @@ _PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "surgical": ((150, 200, 230), (120, 180, 220), (245, 245, 245), (40, 40, 45), (170, 215, 190), (240, 190, 205)),
     "n95": ((240, 240, 235), (225, 225, 220), (150, 150, 155), (35, 35, 38), (170, 205, 230)),
     "cloth": (
-        (30, 30, 35), (120, 120, 125), (30, 50, 100), (150, 30, 40), (60, 110, 70), (200, 180, 140), (220, 120, 160),
+        (30, 30, 35),
+        (120, 120, 125),
+        (30, 50, 100),
+        (150, 30, 40),
+        (60, 110, 70),
+        (200, 180, 140),
+        (220, 120, 160),
     ),
     "bandana": ((170, 25, 30), (25, 40, 110), (25, 25, 25), (60, 100, 60), (210, 150, 40)),
 }
@@ -109,11 +115,20 @@ def _surgical(rng: np.random.Generator) -> _MaskShape:
     """Rectangular with a bent nose wire, horizontal pleats and thin ear loops."""
     top, bottom, half = rng.uniform(0.27, 0.33), rng.uniform(1.4, 1.55), rng.uniform(1.95, 2.1)
     shape = _MaskShape(
-        fabric=[(-half, top + 0.06), (0, top), (half, top + 0.06), (half + 0.05, 1.05),
-                (half * 0.6, bottom - 0.06), (0, bottom), (-half * 0.6, bottom - 0.06), (-half - 0.05, 1.05)]
+        fabric=[
+            (-half, top + 0.06),
+            (0, top),
+            (half, top + 0.06),
+            (half + 0.05, 1.05),
+            (half * 0.6, bottom - 0.06),
+            (0, bottom),
+            (-half * 0.6, bottom - 0.06),
+            (-half - 0.05, 1.05),
+        ]
     )
-    shape.seams = [([(-half + 0.1, v + 0.04), (0, v), (half - 0.1, v + 0.04)], 1)
-                   for v in np.linspace(top + 0.22, 1.05, 3)]
+    shape.seams = [
+        ([(-half + 0.1, v + 0.04), (0, v), (half - 0.1, v + 0.04)], 1) for v in np.linspace(top + 0.22, 1.05, 3)
+    ]
     shape.seams.append(([(-0.7, top + 0.06), (0, top + 0.03), (0.7, top + 0.06)], 2))
     for side in (-1, 1):
         loop = [(side * half, top + 0.1), (side * (half + 0.9), 0.45), (side * (half + 0.9), 0.75), (side * half, 1.0)]

@@ -222,6 +222,8 @@ class RecordIndex:
         first, end = int(header.label[0]), int(header.label[1])
         # checked before anything is sized by them: a 76-byte pair could otherwise ask for gigabytes
         if not 1 < first <= len(self.keys) or np.any(self.lookup(np.array([1, first - 1]))[0] < 0):
-            raise ConfigError(f"{self.idx_name} does not match {self.rec_name}: header record names images "
-                              f"1..{first - 1}, the index holds {len(self.keys)} records")
+            raise ConfigError(
+                f"{self.idx_name} does not match {self.rec_name}: header record names images "
+                f"1..{first - 1}, the index holds {len(self.keys)} records"
+            )
         return np.arange(1, first, dtype=np.int64), end - first

@@ -150,8 +150,9 @@ class ShardSet:
                 raise ValueError(f"{name} holds {len(raw) / 8 - 1:g} samples, index says {self.counts[shard]}")
             size = self.fs.size(f"{self.root}/{self.names[shard]}")
             if table.max() > size or np.any(np.diff(table.astype(np.int64)) < MIN_SAMPLE_BYTES):
-                raise ValueError(f"{name}: offsets not increasing by whole samples within the {size}-byte "
-                                 f"{self.names[shard]}")
+                raise ValueError(
+                    f"{name}: offsets not increasing by whole samples within the {size}-byte {self.names[shard]}"
+                )
             self._offsets[shard] = table
             while len(self._offsets) > 64:
                 self._offsets.popitem(last=False)
@@ -165,7 +166,6 @@ class ShardSet:
         if len(data) != end - start:
             raise ValueError(f"{self.names[shard]} truncated: {len(data)} of {end - start} bytes at {start}")
         return group_samples(parse_members(data))
-
 
     def read_runs(self, runs: list[tuple[int, int, int]]) -> list[list[tuple[str, dict[str, bytes]]] | None]:
         """Several ``(shard, first, stop)`` runs, fetched concurrently (one ``cat_ranges`` call: parallel

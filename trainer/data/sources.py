@@ -55,8 +55,10 @@ def decode(data: bytes, key: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise BadSample(f"{key}: {img.width} x {img.height} pixels, more than a face crop needs "
-                                    f"(at most {MAX_PIXELS:,}); not decoded")
+                    raise BadSample(
+                        f"{key}: {img.width} x {img.height} pixels, more than a face crop needs "
+                        f"(at most {MAX_PIXELS:,}); not decoded"
+                    )
                 img.draft("RGB", (SIZE, SIZE))  # JPEG: decode at reduced scale when the image is larger
                 img = img.convert("RGB")
                 if img.size != (SIZE, SIZE):
@@ -268,8 +270,15 @@ class ShardFaces(IndexedFaces):
     holds comes from the sampler's items, so a stale layout costs speed, never correctness.
     """
 
-    def __init__(self, url: str, options: dict[str, Any] | None, num_classes: int, augment: Augment,
-                 span: int = 1024, seed: int = 0):
+    def __init__(
+        self,
+        url: str,
+        options: dict[str, Any] | None,
+        num_classes: int,
+        augment: Augment,
+        span: int = 1024,
+        seed: int = 0,
+    ):
         from .shards import ShardSet
         from .spans import SpanReader
 

@@ -38,14 +38,34 @@ _APPEARANCE, _PHOTO = 0, 1  # random streams: an identity's look, one photo of i
 
 # Ordered palettes: _between() mixes neighbours, so each is a continuum rather than a few classes.
 _SKIN_TONES = (
-    (255, 224, 200), (241, 194, 167), (224, 172, 135), (198, 140, 100), (161, 105, 72), (120, 78, 52), (84, 55, 38),
+    (255, 224, 200),
+    (241, 194, 167),
+    (224, 172, 135),
+    (198, 140, 100),
+    (161, 105, 72),
+    (120, 78, 52),
+    (84, 55, 38),
 )
 _HAIR_COLOURS = (
-    (22, 18, 18), (48, 32, 24), (84, 56, 34), (125, 85, 50), (180, 135, 75), (222, 190, 120),
-    (150, 62, 32), (155, 155, 155), (232, 230, 225), (60, 40, 90),
+    (22, 18, 18),
+    (48, 32, 24),
+    (84, 56, 34),
+    (125, 85, 50),
+    (180, 135, 75),
+    (222, 190, 120),
+    (150, 62, 32),
+    (155, 155, 155),
+    (232, 230, 225),
+    (60, 40, 90),
 )
 _EYE_COLOURS = (
-    (62, 40, 24), (95, 62, 32), (40, 30, 26), (70, 115, 170), (85, 125, 85), (115, 120, 130), (135, 100, 45),
+    (62, 40, 24),
+    (95, 62, 32),
+    (40, 30, 26),
+    (70, 115, 170),
+    (85, 125, 85),
+    (115, 120, 130),
+    (135, 100, 45),
 )
 _FRAME_COLOURS = ((20, 20, 20), (90, 55, 30), (190, 160, 80), (170, 170, 175), (150, 30, 40), (30, 60, 140))
 _HAIR_STYLES = ("bald", "short", "short", "fringe", "side_part", "long", "curly", "bob", "receding")
@@ -192,8 +212,10 @@ class _Face:
             radius, bumps = self.half_width * rng.uniform(1.25, 1.45), int(rng.integers(9, 15))
             centre_y = self.cy - self.half_height * 0.35
             points = [
-                (self.cx + radius * (1 + 0.07 * math.sin(bumps * t)) * math.cos(t),
-                 centre_y + radius * (1 + 0.07 * math.sin(bumps * t)) * math.sin(t))
+                (
+                    self.cx + radius * (1 + 0.07 * math.sin(bumps * t)) * math.cos(t),
+                    centre_y + radius * (1 + 0.07 * math.sin(bumps * t)) * math.sin(t),
+                )
                 for t in np.linspace(0, 2 * math.pi, 60, endpoint=False)
             ]
             canvas.polygon(points, self.hair)
@@ -208,8 +230,15 @@ class _Face:
     def _neck_and_ears(self, canvas: _Canvas) -> None:
         rng, neck = self.rng, _shade(self.skin, 0.82)
         half = self.half_width * rng.uniform(0.45, 0.6)
-        canvas.polygon([(self.cx - half, self.cy), (self.cx + half, self.cy), (self.cx + half * 1.2, SIZE + 2),
-                        (self.cx - half * 1.2, SIZE + 2)], neck)
+        canvas.polygon(
+            [
+                (self.cx - half, self.cy),
+                (self.cx + half, self.cy),
+                (self.cx + half * 1.2, SIZE + 2),
+                (self.cx - half * 1.2, SIZE + 2),
+            ],
+            neck,
+        )
         if self.hair_style in ("long", "bob"):
             return
         ear_y, rx, ry = rng.uniform(58, 66), rng.uniform(4, 6.5), rng.uniform(8, 12)
@@ -236,8 +265,11 @@ class _Face:
         if rng.random() < 0.3:
             for i in range(int(rng.integers(1, 4))):
                 y = self.eyes[0][1] - self.brow_gap - 6 - 3.5 * i
-                canvas.line(_ellipse_points(self.cx, y + 14, 14, 14, 1.2 * math.pi, 1.8 * math.pi, 6),
-                            _shade(self.skin, 0.85), 0.6)
+                canvas.line(
+                    _ellipse_points(self.cx, y + 14, 14, 14, 1.2 * math.pi, 1.8 * math.pi, 6),
+                    _shade(self.skin, 0.85),
+                    0.6,
+                )
         if rng.random() < 0.1:
             x, y = self.cx + rng.uniform(-25, 25), rng.uniform(top + 14, 45)
             canvas.ellipse(x, y, rng.uniform(2, 5), rng.uniform(1.5, 4), _mix(self.skin, (140, 70, 60), 0.35))
@@ -293,8 +325,14 @@ class _Face:
 
     def _eye_shape(self) -> _EyeShape:
         rng = self.rng
-        return _EyeShape(rng.uniform(5.5, 8), rng.uniform(2.2, 3.6), rng.uniform(-0.12, 0.12),
-                         _between(rng, _EYE_COLOURS), rng.uniform(2.4, 3.4), rng.random() < 0.4)
+        return _EyeShape(
+            rng.uniform(5.5, 8),
+            rng.uniform(2.2, 3.6),
+            rng.uniform(-0.12, 0.12),
+            _between(rng, _EYE_COLOURS),
+            rng.uniform(2.4, 3.4),
+            rng.random() < 0.4,
+        )
 
     def _eye(self, canvas: _Canvas, side: int, shape: _EyeShape) -> None:
         """An almond eye (mirrored between sides) with iris, pupil, lid lines and maybe a crease."""
@@ -346,16 +384,18 @@ class _Face:
     def _brow_shape(self) -> _BrowShape:
         rng = self.rng
         colour = _mix(self.hair, (25, 20, 18), 0.5) if self.hair_style != "bald" else _between(rng, _HAIR_COLOURS[:4])
-        return _BrowShape(
-            rng.uniform(1.2, 3.5), rng.uniform(6.5, 9.5), rng.uniform(-2, 2.5), rng.uniform(0, 3), colour
-        )
+        return _BrowShape(rng.uniform(1.2, 3.5), rng.uniform(6.5, 9.5), rng.uniform(-2, 2.5), rng.uniform(0, 3), colour)
 
     def _brow(self, canvas: _Canvas, side: int, shape: _BrowShape) -> None:
         x, y = self.eyes[side][0], self.eyes[side][1] - self.brow_gap
         inward = 1 if side == 0 else -1
         half, arch = shape.half_length, shape.arch
-        points = [(x + inward * half, y + shape.inner_drop), (x + inward * half * 0.3, y - arch),
-                  (x - inward * half * 0.5, y - arch * 0.8), (x - inward * half * 1.1, y + 1.5)]
+        points = [
+            (x + inward * half, y + shape.inner_drop),
+            (x + inward * half * 0.3, y - arch),
+            (x - inward * half * 0.5, y - arch * 0.8),
+            (x - inward * half * 1.1, y + 1.5),
+        ]
         canvas.line(points, shape.colour, shape.thickness)
 
     def _glasses(self, canvas: _Canvas) -> None:

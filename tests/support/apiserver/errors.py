@@ -20,8 +20,15 @@ class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
-        self.body: Any = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                          "message": message, "reason": reason, "code": code}
+        self.body: Any = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
         if details:
             self.body["details"] = details
 
@@ -47,8 +54,7 @@ def not_found(resource: Resource, name: str) -> ApiError:
 
 def namespace_not_found(namespace: str) -> ApiError:
     """The NamespaceLifecycle admission plugin's answer to a create in a namespace that does not exist."""
-    return ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
-                    {"name": namespace, "kind": "namespaces"})
+    return ApiError(404, "NotFound", f'namespaces "{namespace}" not found', {"name": namespace, "kind": "namespaces"})
 
 
 def already_exists(resource: Resource, name: str) -> ApiError:
@@ -56,8 +62,12 @@ def already_exists(resource: Resource, name: str) -> ApiError:
 
 
 def conflict(resource: Resource, name: str, why: str) -> ApiError:
-    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {resource.qualified} "{name}": {why}',
-                    _details(resource, name))
+    return ApiError(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {resource.qualified} "{name}": {why}',
+        _details(resource, name),
+    )
 
 
 STALE = "the object has been modified; please apply your changes to the latest version and try again"
@@ -67,8 +77,12 @@ def invalid(qualified_kind: str, name: str, errors: list[FieldError], group: str
     """422 Invalid: 'Kind.group "name" is invalid: <error>' (several errors in brackets, comma-joined)."""
     text = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
     details = ({"name": name} if name else {}) | ({"group": group} if group else {}) | ({"kind": kind} if kind else {})
-    return ApiError(422, "Invalid", f'{qualified_kind} "{name}" is invalid: {text}',
-                    details | {"causes": [e.cause() for e in errors]})
+    return ApiError(
+        422,
+        "Invalid",
+        f'{qualified_kind} "{name}" is invalid: {text}',
+        details | {"causes": [e.cause() for e in errors]},
+    )
 
 
 def resource_invalid(resource: Resource, name: str, errors: list[FieldError]) -> ApiError:
@@ -100,8 +114,11 @@ def method_not_allowed() -> ApiError:
 
 
 def unsupported_patch(accepted: list[str]) -> ApiError:
-    return ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted media "
-                                                 f"types include: {', '.join(accepted)}")
+    return ApiError(
+        415,
+        "UnsupportedMediaType",
+        f"the body of the request was in an unknown format - accepted media types include: {', '.join(accepted)}",
+    )
 
 
 def unauthorized() -> ApiError:

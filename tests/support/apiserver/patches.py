@@ -26,9 +26,19 @@ from tests.support.apiserver.schema import Schema
 MISSING = object()
 Path = tuple  # of field names, and ("k", json of the item's keys) for an item of a keyed list
 # Fields that nobody owns: identity and system-maintained metadata.
-_UNMANAGED = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace"), ("metadata", "uid"),
-              ("metadata", "resourceVersion"), ("metadata", "generation"), ("metadata", "creationTimestamp"),
-              ("metadata", "managedFields"), ("metadata", "deletionTimestamp"), ("metadata", "selfLink")}
+_UNMANAGED = {
+    ("apiVersion",),
+    ("kind",),
+    ("metadata", "name"),
+    ("metadata", "namespace"),
+    ("metadata", "uid"),
+    ("metadata", "resourceVersion"),
+    ("metadata", "generation"),
+    ("metadata", "creationTimestamp"),
+    ("metadata", "managedFields"),
+    ("metadata", "deletionTimestamp"),
+    ("metadata", "selfLink"),
+}
 
 
 class PatchError(ValueError):
@@ -140,8 +150,11 @@ def strategic_merge(target: Any, patch: Any, schema: Schema, node: dict[str, Any
             result[name] = [item for item in result.get(name) or [] if item not in value]
             continue
         sub = schema.child(node, key)
-        merged = (_merge_list(result.get(key), value, schema, sub) if isinstance(value, list)
-                  else strategic_merge(result.get(key), value, schema, sub))
+        merged = (
+            _merge_list(result.get(key), value, schema, sub)
+            if isinstance(value, list)
+            else strategic_merge(result.get(key), value, schema, sub)
+        )
         if merged is None:
             result.pop(key, None)
         else:
@@ -164,8 +177,9 @@ def _merge_list(current: Any, patch: list, schema: Schema, node: dict[str, Any])
             if item not in result:
                 result.append(item)
             continue
-        index = next((i for i, old in enumerate(result) if isinstance(old, dict) and old.get(key) == item.get(key)),
-                     None)
+        index = next(
+            (i for i, old in enumerate(result) if isinstance(old, dict) and old.get(key) == item.get(key)), None
+        )
         if item.get("$patch") == "delete":
             result = [old for old in result if not (isinstance(old, dict) and old.get(key) == item.get(key))]
         elif index is None:
@@ -228,9 +242,18 @@ def value_at(obj: Any, path: Path) -> Any:
     for element in path:
         if isinstance(element, tuple):
             wanted = json.loads(element[1])
-            obj = next((item for item in obj if isinstance(item, dict)
-                        and all(item.get(k) == v for k, v in wanted.items())), MISSING) \
-                if isinstance(obj, list) else MISSING
+            obj = (
+                next(
+                    (
+                        item
+                        for item in obj
+                        if isinstance(item, dict) and all(item.get(k) == v for k, v in wanted.items())
+                    ),
+                    MISSING,
+                )
+                if isinstance(obj, list)
+                else MISSING
+            )
         else:
             obj = obj.get(element, MISSING) if isinstance(obj, dict) else MISSING
         if obj is MISSING:
@@ -270,8 +293,14 @@ def _apply_merge(live: Any, config: Any, schema: Schema, node: dict[str, Any]) -
     if isinstance(config, list) and isinstance(live, list) and keys:
         merged = copy.deepcopy(live)
         for item in config:
-            index = next((i for i, old in enumerate(merged) if isinstance(old, dict)
-                          and _item_key(old, keys) == _item_key(item, keys)), None)
+            index = next(
+                (
+                    i
+                    for i, old in enumerate(merged)
+                    if isinstance(old, dict) and _item_key(old, keys) == _item_key(item, keys)
+                ),
+                None,
+            )
             if index is None:
                 merged.append(copy.deepcopy(item))
             else:
@@ -311,15 +340,21 @@ def _manager_name(entry: dict[str, Any]) -> str:
 
 
 def _entry(manager: str, operation: str, api_version: str, paths: set[Path], subresource: str) -> dict[str, Any]:
-    entry = {"manager": manager, "operation": operation, "apiVersion": api_version,
-             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fieldsType": "FieldsV1",
-             "fieldsV1": _to_trie(paths)}
+    entry = {
+        "manager": manager,
+        "operation": operation,
+        "apiVersion": api_version,
+        "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": _to_trie(paths),
+    }
     return entry | ({"subresource": subresource} if subresource else {})
 
 
 def _ownership(obj: dict[str, Any]) -> list[tuple[dict[str, Any], set[Path]]]:
-    return [(entry, _from_trie(entry.get("fieldsV1") or {})) for entry in obj.get("metadata", {}).get("managedFields")
-            or []]
+    return [
+        (entry, _from_trie(entry.get("fieldsV1") or {})) for entry in obj.get("metadata", {}).get("managedFields") or []
+    ]
 
 
 def _store_ownership(obj: dict[str, Any], owned: list[tuple[dict[str, Any], set[Path]]]) -> None:
@@ -331,8 +366,9 @@ def _same_manager(entry: dict[str, Any], manager: str, operation: str, subresour
     return (entry["manager"], entry["operation"], entry.get("subresource", "")) == (manager, operation, subresource)
 
 
-def record_update(old: dict[str, Any] | None, new: dict[str, Any], manager: str, schema: Schema,
-                  subresource: str = "") -> None:
+def record_update(
+    old: dict[str, Any] | None, new: dict[str, Any], manager: str, schema: Schema, subresource: str = ""
+) -> None:
     """Give ``manager`` (operation Update) the fields this create or update changed, taken from everyone else."""
     before = leaves(old, schema, schema.root) if old else {}
     after = leaves(new, schema, schema.root)
@@ -351,8 +387,13 @@ def apply(live: dict[str, Any], config: dict[str, Any], manager: str, force: boo
     """Server-side apply of ``config`` by ``manager`` to ``live`` ({} when creating); raises ApplyConflict."""
     applied = leaves(config, schema, schema.root)
     owned = _ownership(live)
-    conflicts = [(entry, path) for entry, paths in owned if not _same_manager(entry, manager, "Apply", "")
-                 for path in paths & set(applied) if value_at(live, path) != applied[path]]
+    conflicts = [
+        (entry, path)
+        for entry, paths in owned
+        if not _same_manager(entry, manager, "Apply", "")
+        for path in paths & set(applied)
+        if value_at(live, path) != applied[path]
+    ]
     if conflicts and not force:
         raise ApplyConflict(sorted((_manager_name(entry), render_path(path)) for entry, path in conflicts))
     taken = {path for _, path in conflicts}

@@ -19,8 +19,10 @@ import yaml
 from tests.support.apiserver.schema import Schema, builtin_schema
 from tests.support.operator_rules import CRDS
 
-TRAINER_V2_CRDS = [CRDS / "trainer-v2.3.0" / f"trainer.kubeflow.org_{plural}.yaml"
-                   for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")]
+TRAINER_V2_CRDS = [
+    CRDS / "trainer-v2.3.0" / f"trainer.kubeflow.org_{plural}.yaml"
+    for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")
+]
 TORCH_RUNTIME = CRDS / "trainer-v2.3.0" / "torch_distributed_runtime.yaml"
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
@@ -84,8 +86,10 @@ BUILTINS = [
     _builtin("", "v1", "Namespace", "namespaces", namespaced=False, status=True),
     _builtin("", "v1", "Node", "nodes", namespaced=False, status=True),
     _builtin("", "v1", "PersistentVolume", "persistentvolumes", namespaced=False, status=True),
-    *(_builtin("apps", "v1", kind, f"{kind.lower()}s", status=True, generation=True)
-      for kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")),
+    *(
+        _builtin("apps", "v1", kind, f"{kind.lower()}s", status=True, generation=True)
+        for kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
+    ),
     _builtin("batch", "v1", "Job", "jobs", status=True, generation=True),
     _builtin("batch", "v1", "CronJob", "cronjobs", status=True, generation=True),
     _builtin("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", generation=True),
@@ -99,19 +103,28 @@ BUILTINS = [
     _builtin("storage.k8s.io", "v1", "StorageClass", "storageclasses", namespaced=False),
 ]
 # Served by the stand-in itself rather than stored: the installed CRDs (read-only) and access reviews.
-CRD_RESOURCE = _builtin("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions",
-                        namespaced=False, status=True)
-ACCESS_REVIEW = _builtin("authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews",
-                         namespaced=False)
+CRD_RESOURCE = _builtin(
+    "apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", namespaced=False, status=True
+)
+ACCESS_REVIEW = _builtin(
+    "authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", namespaced=False
+)
 
 
 def crd_resource(crd: dict[str, Any]) -> Resource:
     """The resource a CRD serves (its storage version)."""
     spec = crd["spec"]
     version = next(v for v in spec["versions"] if v.get("storage", True))
-    return Resource(spec["group"], version["name"], spec["names"]["kind"], spec["names"]["plural"],
-                    spec["scope"] == "Namespaced", status="status" in (version.get("subresources") or {}),
-                    generation=True, crd=crd)
+    return Resource(
+        spec["group"],
+        version["name"],
+        spec["names"]["kind"],
+        spec["names"]["plural"],
+        spec["scope"] == "Namespaced",
+        status="status" in (version.get("subresources") or {}),
+        generation=True,
+        crd=crd,
+    )
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -121,31 +134,50 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def loose_crd(group: str, version: str, kind: str, plural: str, namespaced: bool = True) -> dict[str, Any]:
     """A CRD whose schema knows only the top-level fields: its spec and status are kept as sent."""
     free = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-    schema = {"type": "object", "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                               "metadata": {"type": "object"}, "spec": free, "status": free}}
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.{group}"},
-            "spec": {"group": group, "names": {"kind": kind, "plural": plural, "singular": kind.lower(),
-                                               "listKind": f"{kind}List"},
-                     "scope": "Namespaced" if namespaced else "Cluster",
-                     "versions": [{"name": version, "served": True, "storage": True,
-                                   "schema": {"openAPIV3Schema": schema}}]}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": free,
+            "status": free,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
+            "scope": "Namespaced" if namespaced else "Cluster",
+            "versions": [{"name": version, "served": True, "storage": True, "schema": {"openAPIV3Schema": schema}}],
+        },
+    }
 
 
-MONITORING_CRDS = [loose_crd("monitoring.coreos.com", "v1", "PodMonitor", "podmonitors"),
-                   loose_crd("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules")]
-KUEUE_CRDS = [loose_crd("kueue.x-k8s.io", "v1beta1", "LocalQueue", "localqueues"),
-              loose_crd("kueue.x-k8s.io", "v1beta1", "Workload", "workloads"),
-              loose_crd("kueue.x-k8s.io", "v1beta1", "ClusterQueue", "clusterqueues", namespaced=False),
-              loose_crd("kueue.x-k8s.io", "v1beta1", "ResourceFlavor", "resourceflavors", namespaced=False)]
+MONITORING_CRDS = [
+    loose_crd("monitoring.coreos.com", "v1", "PodMonitor", "podmonitors"),
+    loose_crd("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules"),
+]
+KUEUE_CRDS = [
+    loose_crd("kueue.x-k8s.io", "v1beta1", "LocalQueue", "localqueues"),
+    loose_crd("kueue.x-k8s.io", "v1beta1", "Workload", "workloads"),
+    loose_crd("kueue.x-k8s.io", "v1beta1", "ClusterQueue", "clusterqueues", namespaced=False),
+    loose_crd("kueue.x-k8s.io", "v1beta1", "ResourceFlavor", "resourceflavors", namespaced=False),
+]
 
 
 # -- discovery ----------------------------------------------------------------------------
 
 
 def api_versions(server: str) -> dict[str, Any]:
-    return {"kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server}]}
+    return {
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server}],
+    }
 
 
 def api_group(group: str, resources: list[Resource]) -> dict[str, Any]:
@@ -163,12 +195,27 @@ def api_resource_list(group_version: str, resources: list[Resource]) -> dict[str
     entries = []
     for r in (r for r in resources if r.group_version == group_version):
         verbs = ["create"] if r is ACCESS_REVIEW else ["get", "list", "watch"] if r is CRD_RESOURCE else VERBS
-        entries.append({"name": r.plural, "singularName": r.kind.lower(), "namespaced": r.namespaced,
-                        "kind": r.kind, "verbs": verbs})
+        entries.append(
+            {
+                "name": r.plural,
+                "singularName": r.kind.lower(),
+                "namespaced": r.namespaced,
+                "kind": r.kind,
+                "verbs": verbs,
+            }
+        )
         if r.status:
-            entries.append({"name": f"{r.plural}/status", "singularName": "", "namespaced": r.namespaced,
-                            "kind": r.kind, "verbs": ["get", "patch", "update"]})
+            entries.append(
+                {
+                    "name": f"{r.plural}/status",
+                    "singularName": "",
+                    "namespaced": r.namespaced,
+                    "kind": r.kind,
+                    "verbs": ["get", "patch", "update"],
+                }
+            )
         if r.plural == "pods":
-            entries.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
-                            "verbs": ["get"]})
+            entries.append(
+                {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]}
+            )
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": entries}

@@ -75,26 +75,45 @@ TOKEN = "stand-in-token"
 USER = "tester"  # who the token authenticates as
 NAMESPACES = "/api/v1/namespaces"
 APPLY = "application/apply-patch+yaml"
-PATCH_TYPES = ["application/json-patch+json", "application/merge-patch+json",
-               "application/strategic-merge-patch+json", APPLY]
+PATCH_TYPES = [
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    APPLY,
+]
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 # Name rules and messages of k8s.io/apimachinery/pkg/util/validation.
 _NAME_RULES = {
-    "subdomain": (_SUBDOMAIN, 253, (
-        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
-        "start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
-        "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")),
-    "label": (_LABEL, 63, (
-        "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and "
-        "end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
-        "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')")),
-    "dns1035": (_DNS1035, 63, (
-        "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic "
-        "character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for "
-        "validation is '[a-z]([-a-z0-9]*[a-z0-9])?')")),
+    "subdomain": (
+        _SUBDOMAIN,
+        253,
+        (
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
+            "start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
+            "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+        ),
+    ),
+    "label": (
+        _LABEL,
+        63,
+        (
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and "
+            "end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
+            "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+        ),
+    ),
+    "dns1035": (
+        _DNS1035,
+        63,
+        (
+            "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic "
+            "character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for "
+            "validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"
+        ),
+    ),
 }
 _NAME_RULE = {"namespaces": "label", "services": "dns1035"}  # every other kind: a DNS subdomain
 
@@ -119,8 +138,13 @@ class Reply:
 def _success(resource: Resource, name: str = "", uid: str = "") -> dict[str, Any]:
     details = {"name": name} if name else {}
     details |= ({"group": resource.group} if resource.group else {}) | {"kind": resource.plural}
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-            "details": details | ({"uid": uid} if uid else {})}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": details | ({"uid": uid} if uid else {}),
+    }
 
 
 def _warnings(messages: list[str]) -> list[tuple[str, str]]:
@@ -195,9 +219,16 @@ class RestApi:
             if verb != "create":
                 raise errors.method_not_allowed()
             return self._access_review(req.body)
-        handler = {"get": self._get, "list": self._list, "watch": self._watch, "create": self._create,
-                   "update": self._update, "patch": self._patch, "delete": self._delete,
-                   "deletecollection": self._delete_collection}[verb]
+        handler = {
+            "get": self._get,
+            "list": self._list,
+            "watch": self._watch,
+            "create": self._create,
+            "update": self._update,
+            "patch": self._patch,
+            "delete": self._delete,
+            "deletecollection": self._delete_collection,
+        }[verb]
         if verb in ("create", "deletecollection") and resource.namespaced and namespace is None:
             raise errors.method_not_allowed()
         return handler(resource, namespace, name, sub, req)
@@ -206,8 +237,12 @@ class RestApi:
     def _verb(req: Request, name: str) -> str:
         if req.method == "GET":
             return "get" if name else "watch" if _flag(req.query, "watch") else "list"
-        verbs = {"POST": "create", "PUT": "update", "PATCH": "patch",
-                 "DELETE": "delete" if name else "deletecollection"}
+        verbs = {
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete" if name else "deletecollection",
+        }
         if req.method not in verbs or (req.method == "POST" and name) or (req.method in ("PUT", "PATCH") and not name):
             raise errors.method_not_allowed()
         return verbs[req.method]
@@ -217,8 +252,7 @@ class RestApi:
             raise errors.forbidden(resource, name, USER, verb, sub, namespace)
 
     def _denies(self, verb: str, resource: str, namespace: str | None) -> bool:
-        return any(v in (verb, "*") and res == resource and ns in (None, namespace)
-                   for v, res, ns in self.rbac_denied)
+        return any(v in (verb, "*") and res == resource and ns in (None, namespace) for v, res, ns in self.rbac_denied)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -237,8 +271,12 @@ class RestApi:
     def _selected(self, resource: Resource, namespace: str | None, query: dict[str, str]) -> list[dict[str, Any]]:
         matches = self._matcher(resource, query)
         with self.store.lock:
-            found = [obj for collection in self._collections(resource, namespace)
-                     for obj in self.store.objects.get(collection, {}).values() if matches(obj)]
+            found = [
+                obj
+                for collection in self._collections(resource, namespace)
+                for obj in self.store.objects.get(collection, {}).values()
+                if matches(obj)
+            ]
         return sorted(found, key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
 
     def _collections(self, resource: Resource, namespace: str | None) -> list[str]:
@@ -258,10 +296,18 @@ class RestApi:
 
     def _list_body(self, resource: Resource, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
         # A built-in kind's list items carry no apiVersion/kind (they are typed); custom resources' do.
-        items = [copy.deepcopy(o) if resource.crd else {k: v for k, v in copy.deepcopy(o).items()
-                                                        if k not in ("apiVersion", "kind")} for o in items]
-        return {"kind": f"{resource.kind}List", "apiVersion": resource.group_version,
-                "metadata": {"resourceVersion": str(self.store.revision)} | meta, "items": items}
+        items = [
+            copy.deepcopy(o)
+            if resource.crd
+            else {k: v for k, v in copy.deepcopy(o).items() if k not in ("apiVersion", "kind")}
+            for o in items
+        ]
+        return {
+            "kind": f"{resource.kind}List",
+            "apiVersion": resource.group_version,
+            "metadata": {"resourceVersion": str(self.store.revision)} | meta,
+            "items": items,
+        }
 
     def _list(self, resource: Resource, namespace: str | None, name: str, sub: str, req: Request) -> Reply:
         items = self._selected(resource, namespace, req.query)
@@ -278,9 +324,18 @@ class RestApi:
         return Reply(200, self._list_body(resource, items, meta))
 
     def _crds(self, verb: str, name: str) -> Reply:
-        crds = {r.crd["metadata"]["name"]: r.crd | {"status": {
-            "acceptedNames": r.crd["spec"]["names"], "storedVersions": [r.version],
-            "conditions": [{"type": "Established", "status": "True"}]}} for r in self.resources() if r.crd}
+        crds = {
+            r.crd["metadata"]["name"]: r.crd
+            | {
+                "status": {
+                    "acceptedNames": r.crd["spec"]["names"],
+                    "storedVersions": [r.version],
+                    "conditions": [{"type": "Established", "status": "True"}],
+                }
+            }
+            for r in self.resources()
+            if r.crd
+        }
         if verb == "get":
             if name not in crds:
                 raise errors.not_found(CRD_RESOURCE, name)
@@ -291,8 +346,9 @@ class RestApi:
 
     def _access_review(self, body: Any) -> Reply:
         attributes = (body or {}).get("spec", {}).get("resourceAttributes") or {}
-        resource = attributes.get("resource", "") + (f"/{attributes['subresource']}"
-                                                     if attributes.get("subresource") else "")
+        resource = attributes.get("resource", "") + (
+            f"/{attributes['subresource']}" if attributes.get("subresource") else ""
+        )
         allowed = not self._denies(attributes.get("verb", ""), resource, attributes.get("namespace") or None)
         return Reply(201, copy.deepcopy(body) | {"status": {"allowed": allowed}})
 
@@ -304,12 +360,21 @@ class RestApi:
         directive = query.get("fieldValidation") or "Warn"
         problems = []
         if directive not in ("Ignore", "Strict", "Warn"):
-            problems.append(FieldError("FieldValueNotSupported", "fieldValidation",
-                                       f'Unsupported value: "{directive}": supported values: "Ignore", "Strict", '
-                                       '"Warn"'))
+            problems.append(
+                FieldError(
+                    "FieldValueNotSupported",
+                    "fieldValidation",
+                    f'Unsupported value: "{directive}": supported values: "Ignore", "Strict", "Warn"',
+                )
+            )
         if query.get("dryRun") not in (None, "All"):
-            problems.append(FieldError("FieldValueNotSupported", "dryRun",
-                                       f'Unsupported value: "{query["dryRun"]}": supported values: "All"'))
+            problems.append(
+                FieldError(
+                    "FieldValueNotSupported",
+                    "dryRun",
+                    f'Unsupported value: "{query["dryRun"]}": supported values: "All"',
+                )
+            )
         if problems:
             raise errors.invalid("CreateOptions.meta.k8s.io", "", problems)
         return query.get("dryRun") == "All", directive
@@ -319,8 +384,9 @@ class RestApi:
         """fieldManager, else the User-Agent up to its first '/', as kube-apiserver defaults it."""
         return req.query.get("fieldManager") or req.headers.get("user-agent", "unknown").split("/")[0]
 
-    def _decode(self, resource: Resource, body: Any, op: str, directive: str,
-                where: tuple[str | None, str] = (None, "")) -> tuple[dict[str, Any], list[str], list[FieldError]]:
+    def _decode(
+        self, resource: Resource, body: Any, op: str, directive: str, where: tuple[str | None, str] = (None, "")
+    ) -> tuple[dict[str, Any], list[str], list[FieldError]]:
         """The body as the API server decodes it: (pruned object, warnings, validation errors for later)."""
         if not isinstance(body, dict):
             raise errors.bad_request(f"Object 'Kind' is missing in '{json.dumps(body)}'")
@@ -329,24 +395,32 @@ class RestApi:
         if not obj.get("kind"):
             raise errors.bad_request(f"Object 'Kind' is missing in '{json.dumps(body)}'")
         if obj.get("apiVersion") != resource.group_version:
-            raise errors.bad_request(f"the API version in the data ({obj.get('apiVersion')}) does not match the "
-                                     f"expected API version ({resource.group_version})")
+            raise errors.bad_request(
+                f"the API version in the data ({obj.get('apiVersion')}) does not match the "
+                f"expected API version ({resource.group_version})"
+            )
         if obj["kind"] != resource.kind:
-            raise errors.bad_request(f"{cannot}: the kind in the data ({obj['kind']}) does not match the expected "
-                                     f"kind ({resource.kind})")
+            raise errors.bad_request(
+                f"{cannot}: the kind in the data ({obj['kind']}) does not match the expected kind ({resource.kind})"
+            )
         if not isinstance(obj.get("metadata"), dict):
             obj["metadata"] = {}
         found = resource.schema.check(obj)
         problems = [f'unknown field "{path}"' for path in found.unknown]
         if resource.crd is None:
-            problems = [f"json: cannot unmarshal {got} into Go struct field {resource.kind}.{path} of type {want}"
-                        for path, got, want in found.type_errors] or problems
+            problems = [
+                f"json: cannot unmarshal {got} into Go struct field {resource.kind}.{path} of type {want}"
+                for path, got, want in found.type_errors
+            ] or problems
         if op == "apply" and (found.unknown or found.type_errors):
             namespace, name = where
             paths = [f".{p}: field not declared in schema" for p in found.unknown] + [
-                f".{p}: expected {want}, got {got}" for p, got, want in found.type_errors]
-            raise errors.internal(f"failed to create typed patch object ({namespace or ''}/{name}; "
-                                  f"{resource.group_version}, Kind={resource.kind}): " + "\n".join(paths))
+                f".{p}: expected {want}, got {got}" for p, got, want in found.type_errors
+            ]
+            raise errors.internal(
+                f"failed to create typed patch object ({namespace or ''}/{name}; "
+                f"{resource.group_version}, Kind={resource.kind}): " + "\n".join(paths)
+            )
         decode_failed = bool(found.type_errors) and resource.crd is None
         if decode_failed or (problems and directive == "Strict"):
             message = problems[0] if decode_failed else "strict decoding error: " + ", ".join(problems)
@@ -363,8 +437,9 @@ class RestApi:
         elif meta.get("namespace") in (None, "", namespace):
             meta["namespace"] = namespace
         else:
-            raise errors.bad_request("the namespace of the provided object does not match the namespace sent on "
-                                     "the request")
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
 
     def _validate(self, resource: Resource, obj: dict[str, Any], found: list[FieldError]) -> None:
         meta = obj["metadata"]
@@ -380,14 +455,26 @@ class RestApi:
         for key, value in (meta.get("labels") or {}).items():
             prefix, _, label = key.rpartition("/")
             if not _LABEL_VALUE.match(label) or len(label) > 63 or (prefix and not _SUBDOMAIN.match(prefix)):
-                problems.append(invalid("metadata.labels", key, "name part must consist of alphanumeric characters, "
-                                        "'-', '_' or '.', and must start and end with an alphanumeric character"))
+                problems.append(
+                    invalid(
+                        "metadata.labels",
+                        key,
+                        "name part must consist of alphanumeric characters, "
+                        "'-', '_' or '.', and must start and end with an alphanumeric character",
+                    )
+                )
             if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
-                problems.append(invalid("metadata.labels", value, "a valid label must be an empty string or "
-                                        "consist of alphanumeric characters, '-', '_' or '.', and must start and "
-                                        "end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or "
-                                        "'12345', regex used for validation is "
-                                        "'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"))
+                problems.append(
+                    invalid(
+                        "metadata.labels",
+                        value,
+                        "a valid label must be an empty string or "
+                        "consist of alphanumeric characters, '-', '_' or '.', and must start and "
+                        "end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or "
+                        "'12345', regex used for validation is "
+                        "'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')",
+                    )
+                )
         if problems:
             raise errors.resource_invalid(resource, name, problems)
 
@@ -397,8 +484,15 @@ class RestApi:
         obj = self.create_object(resource, namespace, obj, found, self._manager(req), dry_run)
         return Reply(201, obj, _warnings(warnings))
 
-    def create_object(self, resource: Resource, namespace: str | None, obj: dict[str, Any],
-                      found: list[FieldError], manager: str | None, dry_run: bool) -> dict[str, Any]:
+    def create_object(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        obj: dict[str, Any],
+        found: list[FieldError],
+        manager: str | None,
+        dry_run: bool,
+    ) -> dict[str, Any]:
         """Admit and store a decoded object; ``manager`` None when its managedFields are already set."""
         meta = obj["metadata"]
         self._match_namespace(resource, namespace, meta)
@@ -414,15 +508,23 @@ class RestApi:
         collection = resource.collection(namespace)
         if self.store.get(collection, meta["name"]) is not None:
             raise errors.already_exists(resource, meta["name"])
-        for key in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
-                    "selfLink"):
+        for key in (
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "selfLink",
+        ):
             meta.pop(key, None)
-        meta |= {"uid": str(uuid.uuid4()), "creationTimestamp": now()} | ({"generation": 1}
-                                                                         if resource.generation else {})
+        meta |= {"uid": str(uuid.uuid4()), "creationTimestamp": now()} | (
+            {"generation": 1} if resource.generation else {}
+        )
         if resource.status:
             obj.pop("status", None)
             obj |= {"Pod": {"status": {"phase": "Pending"}}, "Namespace": {"status": {"phase": "Active"}}}.get(
-                resource.kind, {})
+                resource.kind, {}
+            )
         if manager is not None:
             meta.pop("managedFields", None)
             record_update(None, obj, manager, resource.schema)
@@ -445,13 +547,24 @@ class RestApi:
         new = self._replace(resource, namespace, name, sub, current, obj, found, self._manager(req), dry_run)
         return Reply(200, new, _warnings(warnings))
 
-    def _replace(self, resource: Resource, namespace: str | None, name: str, sub: str, current: dict[str, Any],
-                 obj: dict[str, Any], found: list[FieldError], manager: str | None, dry_run: bool) -> dict[str, Any]:
+    def _replace(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        sub: str,
+        current: dict[str, Any],
+        obj: dict[str, Any],
+        found: list[FieldError],
+        manager: str | None,
+        dry_run: bool,
+    ) -> dict[str, Any]:
         meta = obj["metadata"]
         self._match_namespace(resource, namespace, meta)
         if meta.setdefault("name", name) != name:
-            raise errors.bad_request(f"the name of the object ({meta['name']}) does not match the name on the URL "
-                                     f"({name})")
+            raise errors.bad_request(
+                f"the name of the object ({meta['name']}) does not match the name on the URL ({name})"
+            )
         if meta.get("resourceVersion") not in (None, "", current["metadata"]["resourceVersion"]):
             raise errors.conflict(resource, name, errors.STALE)
         if sub == "status":
@@ -466,7 +579,8 @@ class RestApi:
                 new["status"] = status
         kept = ("uid", "creationTimestamp", "deletionTimestamp", "generation")
         new["metadata"] = {k: v for k, v in new["metadata"].items() if k not in kept} | {
-            k: current["metadata"][k] for k in kept if k in current["metadata"]}
+            k: current["metadata"][k] for k in kept if k in current["metadata"]
+        }
         if "managedFields" not in meta and "managedFields" in current["metadata"]:
             new["metadata"]["managedFields"] = current["metadata"]["managedFields"]
         if resource.generation and _spec(new) != _spec(current):
@@ -505,18 +619,32 @@ class RestApi:
         except PatchError as err:
             if err.code == 400:
                 raise errors.bad_request(str(err)) from None
-            raise ApiError(422, "Invalid", "the server rejected our request due to an error in our request",
-                           {"causes": [{"reason": "UnexpectedServerResponse", "message": str(err)}]}) from None
+            raise ApiError(
+                422,
+                "Invalid",
+                "the server rejected our request due to an error in our request",
+                {"causes": [{"reason": "UnexpectedServerResponse", "message": str(err)}]},
+            ) from None
         obj, warnings, found = self._decode(resource, patched, "patch", directive)
         new = self._replace(resource, namespace, name, sub, current, obj, found, self._manager(req), dry_run)
         return Reply(200, new, _warnings(warnings))
 
-    def _apply(self, resource: Resource, namespace: str | None, name: str, sub: str, current: dict[str, Any] | None,
-               req: Request, dry_run: bool, directive: str) -> Reply:
+    def _apply(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        sub: str,
+        current: dict[str, Any] | None,
+        req: Request,
+        dry_run: bool,
+        directive: str,
+    ) -> Reply:
         manager = req.query.get("fieldManager")
         if not manager:
-            raise errors.invalid("PatchOptions.meta.k8s.io", "",
-                                 [required("fieldManager", "is required for apply patch")])
+            raise errors.invalid(
+                "PatchOptions.meta.k8s.io", "", [required("fieldManager", "is required for apply patch")]
+            )
         config, warnings, found = self._decode(resource, req.body, "apply", directive, (namespace, name))
         if "managedFields" in config["metadata"]:
             raise errors.bad_request("metadata.managedFields must be nil")
@@ -524,8 +652,10 @@ class RestApi:
         try:
             obj = apply(current or {}, config, manager, _flag(req.query, "force"), resource.schema)
         except ApplyConflict as err:
-            causes = [{"reason": "FieldManagerConflict", "message": f"conflict with {m}", "field": p}
-                      for m, p in err.conflicts]
+            causes = [
+                {"reason": "FieldManagerConflict", "message": f"conflict with {m}", "field": p}
+                for m, p in err.conflicts
+            ]
             raise ApiError(409, "Conflict", err.message(), {"causes": causes}) from None
         if current is None:
             if sub:
@@ -552,15 +682,18 @@ class RestApi:
         pre = options.get("preconditions") or {}
         for key, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
             if pre.get(key) and pre[key] != current["metadata"].get(key):
-                raise errors.conflict(resource, name, f"Precondition failed: {label} in precondition: {pre[key]}, "
-                                                      f"{label} in object meta: {current['metadata'].get(key)}")
+                raise errors.conflict(
+                    resource,
+                    name,
+                    f"Precondition failed: {label} in precondition: {pre[key]}, "
+                    f"{label} in object meta: {current['metadata'].get(key)}",
+                )
         if "All" in (options.get("dryRun") or []):
             return Reply(200, _success(resource, name, current["metadata"].get("uid", "")))
         obj, gone = self.store.delete(resource.collection(namespace), name, _policy(options))
         return Reply(200, _success(resource, name, obj["metadata"].get("uid", "")) if gone else obj)
 
-    def _delete_collection(self, resource: Resource, namespace: str | None, name: str, sub: str,
-                           req: Request) -> Reply:
+    def _delete_collection(self, resource: Resource, namespace: str | None, name: str, sub: str, req: Request) -> Reply:
         options = self._delete_options(req)
         items = self._selected(resource, namespace, req.query)
         if "All" not in (options.get("dryRun") or []):
@@ -579,17 +712,23 @@ class RestApi:
         timeout = float(req.query.get("timeoutSeconds") or 0) or None
         if since not in ("", "0") and int(since) < self.store.compacted:
             error = errors.expired(int(since), self.store.compacted).body
-            return Reply(200, None, stream=(line for line in [json.dumps({"type": "ERROR", "object": error}).encode()
-                                                              + b"\n"]))
+            return Reply(
+                200, None, stream=(line for line in [json.dumps({"type": "ERROR", "object": error}).encode() + b"\n"])
+            )
         return Reply(200, None, stream=self._events(resource, namespace, matches, since, timeout))
 
-    def _events(self, resource: Resource, namespace: str | None, matches: Callable[[dict[str, Any]], bool],
-                since: str, timeout: float | None) -> Iterator[bytes]:
+    def _events(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        matches: Callable[[dict[str, Any]], bool],
+        since: str,
+        timeout: float | None,
+    ) -> Iterator[bytes]:
         deadline = time.monotonic() + timeout if timeout else None
         with self.store.lock:
             if since in ("", "0"):  # "get state and start at most recent": the present objects come as ADDED
-                pending = [("ADDED", obj) for obj in self._selected(resource, namespace, {})
-                           if matches(obj)]
+                pending = [("ADDED", obj) for obj in self._selected(resource, namespace, {}) if matches(obj)]
                 last = self.store.revision
             else:
                 pending, last = [], int(since)
@@ -615,8 +754,10 @@ class RestApi:
         container = query.get("container") or ""
         if not container:
             if len(pod["spec"]["containers"]) != 1:
-                raise errors.bad_request(f"a container name must be specified for pod {name}, choose one of: "
-                                         f"[{' '.join(c['name'] for c in pod['spec']['containers'])}]")
+                raise errors.bad_request(
+                    f"a container name must be specified for pod {name}, choose one of: "
+                    f"[{' '.join(c['name'] for c in pod['spec']['containers'])}]"
+                )
             container = names[-1]
         if container not in names:
             raise errors.bad_request(f"container {container} is not valid for pod {name}")
@@ -629,16 +770,19 @@ class RestApi:
             raise errors.bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
         waiting = (status.get("state") or {"waiting": {"reason": "ContainerCreating"}}).get("waiting")
         if not previous and waiting is not None:
-            raise errors.bad_request(f'container "{container}" in pod "{name}" is waiting to start: '
-                                     f'{waiting.get("reason", "ContainerCreating")}')
+            raise errors.bad_request(
+                f'container "{container}" in pod "{name}" is waiting to start: '
+                f"{waiting.get('reason', 'ContainerCreating')}"
+            )
         lines = _log_lines(self.previous_logs.get(key, []) if previous else self.logs.get(key, []), query)
         timestamps = _flag(query, "timestamps")
         if previous or not _flag(query, "follow") or "terminated" in (status.get("state") or {}):
             return Reply(200, b"".join(_log_line(t, line, timestamps) for t, line in lines).decode())
         return Reply(200, None, stream=self._follow(pod, key, lines, timestamps))
 
-    def _follow(self, pod: dict[str, Any], key: tuple[str, str, str], lines: list[tuple[float, str]],
-                timestamps: bool) -> Iterator[bytes]:
+    def _follow(
+        self, pod: dict[str, Any], key: tuple[str, str, str], lines: list[tuple[float, str]], timestamps: bool
+    ) -> Iterator[bytes]:
         """The log as it grows, until the container terminates or the pod is deleted (as kubelet's follow)."""
         namespace, name, container = key
         sent = len(self.logs.get(key, []))
@@ -648,9 +792,12 @@ class RestApi:
                 while True:
                     current = self.store.get(f"/api/v1/namespaces/{namespace}/pods", name)
                     new = self.logs.get(key, [])[sent:]
-                    ended = (self.stopping.is_set() or current is None or current["metadata"]["uid"] !=
-                             pod["metadata"]["uid"] or "terminated" in
-                             (_container_status(current, container).get("state") or {}))
+                    ended = (
+                        self.stopping.is_set()
+                        or current is None
+                        or current["metadata"]["uid"] != pod["metadata"]["uid"]
+                        or "terminated" in (_container_status(current, container).get("state") or {})
+                    )
                     if new or ended:
                         break
                     self.store.lock.wait(0.5)
@@ -687,7 +834,8 @@ def _event(change: Any, matches: Callable[[dict[str, Any]], bool]) -> tuple[str,
 
 def _container_status(pod: dict[str, Any], container: str) -> dict[str, Any]:
     statuses = (pod.get("status") or {}).get("containerStatuses", []) + (pod.get("status") or {}).get(
-        "initContainerStatuses", [])
+        "initContainerStatuses", []
+    )
     return next((s for s in statuses if s.get("name") == container), {})
 
 
@@ -698,7 +846,7 @@ def _log_lines(lines: list[tuple[float, str]], query: dict[str, str]) -> list[tu
         since = datetime.fromisoformat(query["sinceTime"].replace("Z", "+00:00")).timestamp()
         lines = [(t, line) for t, line in lines if t >= since]
     if query.get("tailLines"):
-        lines = lines[-int(query["tailLines"]):] if int(query["tailLines"]) else []
+        lines = lines[-int(query["tailLines"]) :] if int(query["tailLines"]) else []
     return lines
 
 

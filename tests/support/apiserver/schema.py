@@ -138,7 +138,8 @@ class Schema:
         if node.get("x-kubernetes-list-type") == "map":
             return list(node.get("x-kubernetes-list-map-keys") or [])
         if "merge" in (node.get("x-kubernetes-patch-strategy") or "").split(",") and node.get(
-                "x-kubernetes-patch-merge-key"):
+            "x-kubernetes-patch-merge-key"
+        ):
             return [node["x-kubernetes-patch-merge-key"]]
         return []
 
@@ -157,10 +158,14 @@ class Schema:
         if wanted and got not in wanted and not (got == "integer" and "number" in wanted):
             found.type_errors.append((path, got, ",".join(sorted(wanted))))
             if self.structural:
-                found.errors.append(FieldError(
-                    "FieldValueTypeInvalid", path,
-                    f"Invalid value: {json.dumps(got)}: {path} in body must be of type {','.join(sorted(wanted))}: "
-                    f"{json.dumps(got)}"))
+                found.errors.append(
+                    FieldError(
+                        "FieldValueTypeInvalid",
+                        path,
+                        f"Invalid value: {json.dumps(got)}: {path} in body must be of type {','.join(sorted(wanted))}: "
+                        f"{json.dumps(got)}",
+                    )
+                )
             return
         if isinstance(value, dict):
             self._object(value, node, path, found)
@@ -222,8 +227,11 @@ def _constraints(value: Any, node: dict[str, Any], path: str) -> list[FieldError
     where = f"{path} in body"
     if "enum" in node and value not in node["enum"]:
         supported = ", ".join(json.dumps(v) for v in node["enum"])
-        errors.append(FieldError("FieldValueNotSupported", path,
-                                 f"Unsupported value: {go_value(value)}: supported values: {supported}"))
+        errors.append(
+            FieldError(
+                "FieldValueNotSupported", path, f"Unsupported value: {go_value(value)}: supported values: {supported}"
+            )
+        )
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = node.get("minimum"), node.get("maximum")
         if low is not None and (value <= low if node.get("exclusiveMinimum") else value < low):
@@ -234,16 +242,20 @@ def _constraints(value: Any, node: dict[str, Any], path: str) -> list[FieldError
             errors.append(invalid(path, value, f"{where} should be {word} {high}"))
     if isinstance(value, str):
         if "maxLength" in node and len(value) > node["maxLength"]:
-            errors.append(FieldError("FieldValueTooLong", path,
-                                     f"Too long: may not be longer than {node['maxLength']}"))
+            errors.append(
+                FieldError("FieldValueTooLong", path, f"Too long: may not be longer than {node['maxLength']}")
+            )
         if "minLength" in node and len(value) < node["minLength"]:
             errors.append(invalid(path, value, f"{where} should be at least {node['minLength']} chars long"))
         if "pattern" in node and not re.search(node["pattern"], value):
             errors.append(invalid(path, value, f"{where} should match '{node['pattern']}'"))
     if isinstance(value, list):
         if "maxItems" in node and len(value) > node["maxItems"]:
-            errors.append(FieldError("FieldValueTooMany", path,
-                                     f"Too many: {len(value)}: must have at most {node['maxItems']} items"))
+            errors.append(
+                FieldError(
+                    "FieldValueTooMany", path, f"Too many: {len(value)}: must have at most {node['maxItems']} items"
+                )
+            )
         if "minItems" in node and len(value) < node["minItems"]:
             errors.append(invalid(path, value, f"{where} should have at least {node['minItems']} items"))
     return errors

@@ -14,19 +14,39 @@ from typing import Any
 
 # Extra field labels by resource, from each registry's GetAttrs / field label conversion functions (1.29).
 FIELD_LABELS = {
-    "pods": {"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
-             "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName"},
-    "events": {"involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
-               "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
-               "reason", "reportingComponent", "source", "type"},
+    "pods": {
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "spec.hostNetwork",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    },
+    "events": {
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    },
     "secrets": {"type"},
     "namespaces": {"status.phase"},
     "nodes": {"spec.unschedulable"},
     "replicasets": {"status.replicas"},
     "jobs": {"status.successful"},
 }
-_TERM = re.compile(r"^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9_./-]+)\s*"
-                   r"(?:(?P<op>==|!=|=|\s+in\s+|\s+notin\s+)\s*(?P<value>\([^)]*\)|[A-Za-z0-9_.-]*))?\s*$")
+_TERM = re.compile(
+    r"^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9_./-]+)\s*"
+    r"(?:(?P<op>==|!=|=|\s+in\s+|\s+notin\s+)\s*(?P<value>\([^)]*\)|[A-Za-z0-9_.-]*))?\s*$"
+)
 
 
 class SelectorError(ValueError):
@@ -51,8 +71,10 @@ def label_matcher(selector: str) -> Callable[[dict[str, Any]], bool]:
     for term in _split(selector or ""):
         match = _TERM.match(term)
         if not match or (match["neg"] and match["op"]):
-            raise SelectorError(f"unable to parse requirement: found '{term.strip()}', expected: key, !key, "
-                                "key=value, key!=value, key in (values) or key notin (values)")
+            raise SelectorError(
+                f"unable to parse requirement: found '{term.strip()}', expected: key, !key, "
+                "key=value, key!=value, key in (values) or key notin (values)"
+            )
         key, op, value = match["key"], (match["op"] or "").strip(), match["value"]
         if op in ("in", "notin"):
             if not (value.startswith("(") and value.endswith(")")):
@@ -77,8 +99,9 @@ def field_matcher(selector: str, plural: str, custom: bool) -> Callable[[dict[st
         label, op, value = match.groups()
         if label not in supported:
             if custom:
-                raise SelectorError(f'"{label}" is not a known field selector: only "metadata.name", '
-                                    '"metadata.namespace"')
+                raise SelectorError(
+                    f'"{label}" is not a known field selector: only "metadata.name", "metadata.namespace"'
+                )
             raise SelectorError(f"field label not supported: {label}")
         tests.append(lambda obj, f=label, v=value, neg=op == "!=": (_field(obj, f) == v) != neg)
     return lambda obj: all(test(obj) for test in tests)

@@ -67,10 +67,13 @@ class ApiServer(RestApi):
 
     def resources(self) -> list[Resource]:
         """Every kind served now: the built-in ones, and the custom ones whose CRDs are installed."""
-        custom = ([_vendored(PYTORCHJOB_CRD)] if self.crd_installed else []) + (
-            MONITORING if self.monitoring_crds else []) + (
-            [_vendored(path) for path in TRAINER_V2_CRDS] if self.trainer_v2 else []) + (
-            KUEUE if self.kueue else []) + self.installed_crds
+        custom = (
+            ([_vendored(PYTORCHJOB_CRD)] if self.crd_installed else [])
+            + (MONITORING if self.monitoring_crds else [])
+            + ([_vendored(path) for path in TRAINER_V2_CRDS] if self.trainer_v2 else [])
+            + (KUEUE if self.kueue else [])
+            + self.installed_crds
+        )
         return [*BUILTINS, CRD_RESOURCE, ACCESS_REVIEW, *custom]
 
     def after_create(self, resource: Resource, obj: dict[str, Any]) -> None:
@@ -82,8 +85,16 @@ class ApiServer(RestApi):
     def start(self) -> ApiServer:
         self.resources()  # a missing vendored CRD skips the test here, not in a request thread
         for namespace in self.namespaces:
-            self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace},
-                                  "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+            self.put(
+                NAMESPACES,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": namespace},
+                    "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"},
+                },
+            )
         if self.trainer_v2:
             self.put("/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes", load_yaml(TORCH_RUNTIME))
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"api": self}))
@@ -103,14 +114,24 @@ class ApiServer(RestApi):
 
     def kubeconfig(self, path: Path, namespace: str = "ml", server: str | None = None) -> Path:
         """A kubeconfig for this server: context stand-in (namespace ``namespace``) and other (no namespace)."""
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
-            "clusters": [{"name": "stand-in", "cluster": {"server": server or self.url}}],
-            "users": [{"name": "tester", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "tester",
-                                                          "namespace": namespace}},
-                         {"name": "other", "context": {"cluster": "stand-in", "user": "tester"}}],
-        }))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "stand-in",
+                    "clusters": [{"name": "stand-in", "cluster": {"server": server or self.url}}],
+                    "users": [{"name": "tester", "user": {"token": TOKEN}}],
+                    "contexts": [
+                        {
+                            "name": "stand-in",
+                            "context": {"cluster": "stand-in", "user": "tester", "namespace": namespace},
+                        },
+                        {"name": "other", "context": {"cluster": "stand-in", "user": "tester"}},
+                    ],
+                }
+            )
+        )
         return path
 
     # -- what the cluster holds ----------------------------------------------------------------
@@ -148,29 +169,48 @@ class ApiServer(RestApi):
 
     # -- what controllers and kubelets do (workloads.py) -----------------------------------------
 
-    def add_pod(self, namespace: str, job: str, rtype: str, index: int, phase: str = "Running",
-                log: str = "") -> dict[str, Any]:
+    def add_pod(
+        self, namespace: str, job: str, rtype: str, index: int, phase: str = "Running", log: str = ""
+    ) -> dict[str, Any]:
         """A pod of replica ``rtype`` ``index`` as the operator creates it (owned by ``job`` if it exists)."""
         name = f"{job}-{rtype}-{index}"
         owner = self.store.get(f"/apis/kubeflow.org/v1/namespaces/{namespace}/pytorchjobs", job)
-        self.put(f"/api/v1/namespaces/{namespace}/pods", {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": workloads.operator_labels(job, rtype, index),
-                         **({"ownerReferences": [workloads.owner_reference(owner)]} if owner else {})},
-            "spec": {"nodeName": f"gpu-node-{index}",
-                     "containers": [{"name": "pytorch", "image": "mfr-trainer:0.1.0"}]},
-        })
+        self.put(
+            f"/api/v1/namespaces/{namespace}/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": workloads.operator_labels(job, rtype, index),
+                    **({"ownerReferences": [workloads.owner_reference(owner)]} if owner else {}),
+                },
+                "spec": {
+                    "nodeName": f"gpu-node-{index}",
+                    "containers": [{"name": "pytorch", "image": "mfr-trainer:0.1.0"}],
+                },
+            },
+        )
         if log:
             self.write_log(namespace, name, log)
         return self.set_pod_phase(namespace, name, phase)
 
-    def set_pod_phase(self, namespace: str, name: str, phase: str, exit_code: int | None = None,
-                      reason: str | None = None, node: str | None = None) -> dict[str, Any]:
+    def set_pod_phase(
+        self,
+        namespace: str,
+        name: str,
+        phase: str,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        node: str | None = None,
+    ) -> dict[str, Any]:
         """Pending (waiting: ContainerCreating), Running, or Succeeded/Failed with the containers' exit code."""
         return workloads.set_pod_phase(self, namespace, name, phase, exit_code, reason, node)
 
-    def restart_container(self, namespace: str, name: str, exit_code: int = 1, reason: str = "Error",
-                          container: str | None = None) -> dict[str, Any]:
+    def restart_container(
+        self, namespace: str, name: str, exit_code: int = 1, reason: str = "Error", container: str | None = None
+    ) -> dict[str, Any]:
         """The container exited and was restarted: restartCount+1, lastState, its log becomes ``previous``."""
         return workloads.restart_container(self, namespace, name, exit_code, reason, container)
 
@@ -178,13 +218,22 @@ class ApiServer(RestApi):
         """Append to a container's log (default: the pod's first container)."""
         workloads.write_log(self, namespace, pod, text, container)
 
-    def set_job_condition(self, namespace: str, name: str, type_: str, status: str = "True", reason: str = "",
-                          message: str = "", plural: str = "pytorchjobs") -> dict[str, Any]:
+    def set_job_condition(
+        self,
+        namespace: str,
+        name: str,
+        type_: str,
+        status: str = "True",
+        reason: str = "",
+        message: str = "",
+        plural: str = "pytorchjobs",
+    ) -> dict[str, Any]:
         """Set a condition of a job's status (Succeeded/Failed turn Running False and set completionTime)."""
         return workloads.set_condition(self, namespace, name, type_, status, reason, message, plural)
 
-    def emit_event(self, obj: dict[str, Any], reason: str, message: str, type_: str = "Normal",
-                   component: str = "stand-in") -> dict[str, Any]:
+    def emit_event(
+        self, obj: dict[str, Any], reason: str, message: str, type_: str = "Normal", component: str = "stand-in"
+    ) -> dict[str, Any]:
         """A core/v1 Event whose involvedObject is ``obj``."""
         return workloads.emit_event(self, obj, reason, message, type_, component)
 

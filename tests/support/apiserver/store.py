@@ -92,8 +92,12 @@ class Store:
         return None
 
     def dependents(self, uid: str) -> list[tuple[str, dict[str, Any]]]:
-        return [(collection, obj) for collection, objs in self.objects.items() for obj in list(objs.values())
-                if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])]
+        return [
+            (collection, obj)
+            for collection, objs in self.objects.items()
+            for obj in list(objs.values())
+            if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+        ]
 
     # -- deletion and garbage collection -------------------------------------------------------
 
@@ -108,8 +112,10 @@ class Store:
             uid = meta.get("uid")
             answer = _copy(obj)
             if policy in ("Orphan", "Foreground"):
-                answer["metadata"] |= {"deletionTimestamp": now(), "finalizers": [
-                    ORPHAN_FINALIZER if policy == "Orphan" else FOREGROUND_FINALIZER]}
+                answer["metadata"] |= {
+                    "deletionTimestamp": now(),
+                    "finalizers": [ORPHAN_FINALIZER if policy == "Orphan" else FOREGROUND_FINALIZER],
+                }
             if policy == "Orphan":
                 for dep_collection, dependent in self.dependents(uid):
                     self._drop_owners(dep_collection, dependent, {uid})
@@ -128,8 +134,9 @@ class Store:
             if self.get(collection, dependent["metadata"]["name"]) is dependent:
                 self.collect_if_orphaned(collection, dependent, gone={uid}, policy=policy)
 
-    def collect_if_orphaned(self, collection: str, obj: dict[str, Any], gone: set[str] = frozenset(),
-                            policy: str = "Background") -> bool:
+    def collect_if_orphaned(
+        self, collection: str, obj: dict[str, Any], gone: set[str] = frozenset(), policy: str = "Background"
+    ) -> bool:
         """The garbage collector's look at one dependent; True when it deleted it."""
         refs = obj["metadata"].get("ownerReferences") or []
         missing = {ref.get("uid") for ref in refs if ref.get("uid") in gone or self.by_uid(ref.get("uid")) is None}
@@ -143,8 +150,9 @@ class Store:
 
     def _drop_owners(self, collection: str, obj: dict[str, Any], uids: set[str]) -> None:
         updated = _copy(obj)
-        updated["metadata"]["ownerReferences"] = [r for r in obj["metadata"]["ownerReferences"]
-                                                  if r.get("uid") not in uids]
+        updated["metadata"]["ownerReferences"] = [
+            r for r in obj["metadata"]["ownerReferences"] if r.get("uid") not in uids
+        ]
         if not updated["metadata"]["ownerReferences"]:
             del updated["metadata"]["ownerReferences"]
         self.write(collection, updated)

@@ -32,15 +32,25 @@ FINAL_CONDITIONS = ("Succeeded", "Failed")
 
 
 def owner_reference(obj: dict[str, Any], controller: bool = True) -> dict[str, Any]:
-    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
-            "uid": obj["metadata"]["uid"], "controller": controller, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
 
 
 def operator_labels(job: str, rtype: str, index: int) -> dict[str, str]:
     """The labels v1.9 puts on a replica's pod (GenLabels, plus replica type, index and the master's role)."""
-    return {"training.kubeflow.org/operator-name": CONTROLLER, JOB_NAME_LABEL: job,
-            "training.kubeflow.org/replica-type": rtype.lower(), "training.kubeflow.org/replica-index": str(index),
-            **({"training.kubeflow.org/job-role": "master"} if rtype.lower() == "master" else {})}
+    return {
+        "training.kubeflow.org/operator-name": CONTROLLER,
+        JOB_NAME_LABEL: job,
+        "training.kubeflow.org/replica-type": rtype.lower(),
+        "training.kubeflow.org/replica-index": str(index),
+        **({"training.kubeflow.org/job-role": "master"} if rtype.lower() == "master" else {}),
+    }
 
 
 def start_pytorchjob(api: ApiServer, job: dict[str, Any]) -> None:
@@ -51,8 +61,14 @@ def start_pytorchjob(api: ApiServer, job: dict[str, Any]) -> None:
             ports = container.setdefault("ports", [])
             if container.get("name") == "pytorch" and not any(p.get("name") == "pytorchjob-port" for p in ports):
                 ports.append({"name": "pytorchjob-port", "containerPort": DEFAULT_PORT, "protocol": "TCP"})
-    set_condition(api, job["metadata"]["namespace"], name, "Created", reason="PyTorchJobCreated",
-                  message=f"PyTorchJob {name} is created.")
+    set_condition(
+        api,
+        job["metadata"]["namespace"],
+        name,
+        "Created",
+        reason="PyTorchJobCreated",
+        message=f"PyTorchJob {name} is created.",
+    )
     for rtype, index in replicas(defaulted):
         pod = operator_pod(defaulted, rtype, index)
         pod["metadata"] |= {"namespace": namespace, "ownerReferences": [owner_reference(job)]}
@@ -60,15 +76,26 @@ def start_pytorchjob(api: ApiServer, job: dict[str, Any]) -> None:
         created = api.create_object(PODS, namespace, pod, [], CONTROLLER, dry_run=False)
         container = next(c for c in pod["spec"]["containers"] if c["name"] == "pytorch")
         port = next(p["containerPort"] for p in container["ports"] if p.get("name") == "pytorchjob-port")
-        service = {"apiVersion": "v1", "kind": "Service", "metadata": {
-            "name": created["metadata"]["name"], "namespace": namespace,
-            "labels": operator_labels(name, rtype, index), "ownerReferences": [owner_reference(job)]},
-            "spec": {"clusterIP": "None", "selector": operator_labels(name, rtype, index),
-                     "ports": [{"name": "pytorchjob-port", "port": port, "targetPort": port}]}}
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": created["metadata"]["name"],
+                "namespace": namespace,
+                "labels": operator_labels(name, rtype, index),
+                "ownerReferences": [owner_reference(job)],
+            },
+            "spec": {
+                "clusterIP": "None",
+                "selector": operator_labels(name, rtype, index),
+                "ports": [{"name": "pytorchjob-port", "port": port, "targetPort": port}],
+            },
+        }
         api.create_object(SERVICES, namespace, service, [], CONTROLLER, dry_run=False)
         emit_event(api, job, "SuccessfulCreatePod", f"Created pod: {created['metadata']['name']}", component=CONTROLLER)
-        emit_event(api, job, "SuccessfulCreateService", f"Created service: {service['metadata']['name']}",
-                   component=CONTROLLER)
+        emit_event(
+            api, job, "SuccessfulCreateService", f"Created service: {service['metadata']['name']}", component=CONTROLLER
+        )
 
 
 def _update(api: ApiServer, resource: Resource, namespace: str, name: str, change: Any) -> dict[str, Any]:
@@ -82,8 +109,16 @@ def _update(api: ApiServer, resource: Resource, namespace: str, name: str, chang
         return api.store.write(collection, obj)
 
 
-def set_condition(api: ApiServer, namespace: str, name: str, type_: str, status: str = "True", reason: str = "",
-                  message: str = "", plural: str = "pytorchjobs") -> dict[str, Any]:
+def set_condition(
+    api: ApiServer,
+    namespace: str,
+    name: str,
+    type_: str,
+    status: str = "True",
+    reason: str = "",
+    message: str = "",
+    plural: str = "pytorchjobs",
+) -> dict[str, Any]:
     """Set one condition of a job's status, as the operator does (Succeeded or Failed turn Running False)."""
     resource = next(r for r in api.resources() if r.plural == plural)
     stamp = now()
@@ -95,8 +130,14 @@ def set_condition(api: ApiServer, namespace: str, name: str, type_: str, status:
                 if condition["type"] == "Running" and condition["status"] == "True":
                     condition |= {"status": "False", "lastTransitionTime": stamp}
         old = next((c for c in conditions if c["type"] == type_), None)
-        new = {"type": type_, "status": status, "reason": reason, "message": message, "lastUpdateTime": stamp,
-               "lastTransitionTime": stamp if old is None or old["status"] != status else old["lastTransitionTime"]}
+        new = {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastUpdateTime": stamp,
+            "lastTransitionTime": stamp if old is None or old["status"] != status else old["lastTransitionTime"],
+        }
         if old is None:
             conditions.append(new)
         else:
@@ -107,8 +148,15 @@ def set_condition(api: ApiServer, namespace: str, name: str, type_: str, status:
     return _update(api, resource, namespace, name, change)
 
 
-def set_pod_phase(api: ApiServer, namespace: str, name: str, phase: str, exit_code: int | None = None,
-                  reason: str | None = None, node: str | None = None) -> dict[str, Any]:
+def set_pod_phase(
+    api: ApiServer,
+    namespace: str,
+    name: str,
+    phase: str,
+    exit_code: int | None = None,
+    reason: str | None = None,
+    node: str | None = None,
+) -> dict[str, Any]:
     """Move a pod to Pending, Running, Succeeded or Failed, with its containers' states as kubelet reports them."""
     stamp = now()
 
@@ -124,13 +172,27 @@ def set_pod_phase(api: ApiServer, namespace: str, name: str, phase: str, exit_co
                 state = {"running": {"startedAt": stamp}}
             else:
                 code = exit_code if exit_code is not None else 0 if phase == "Succeeded" else 1
-                state = {"terminated": {"exitCode": code, "reason": reason or ("Completed" if code == 0 else "Error"),
-                                        "startedAt": stamp, "finishedAt": stamp}}
+                state = {
+                    "terminated": {
+                        "exitCode": code,
+                        "reason": reason or ("Completed" if code == 0 else "Error"),
+                        "startedAt": stamp,
+                        "finishedAt": stamp,
+                    }
+                }
             previous = old.get(container["name"], {})
-            statuses.append({"name": container["name"], "image": container.get("image", ""), "imageID": "",
-                             "ready": phase == "Running", "started": phase == "Running", "state": state,
-                             "lastState": previous.get("lastState", {}),
-                             "restartCount": previous.get("restartCount", 0)})
+            statuses.append(
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "ready": phase == "Running",
+                    "started": phase == "Running",
+                    "state": state,
+                    "lastState": previous.get("lastState", {}),
+                    "restartCount": previous.get("restartCount", 0),
+                }
+            )
         pod["status"] = pod.get("status", {}) | {"phase": phase, "containerStatuses": statuses}
         if phase != "Pending":
             pod["status"].setdefault("startTime", stamp)
@@ -138,16 +200,20 @@ def set_pod_phase(api: ApiServer, namespace: str, name: str, phase: str, exit_co
     return _update(api, PODS, namespace, name, change)
 
 
-def restart_container(api: ApiServer, namespace: str, name: str, exit_code: int = 1, reason: str = "Error",
-                      container: str | None = None) -> dict[str, Any]:
+def restart_container(
+    api: ApiServer, namespace: str, name: str, exit_code: int = 1, reason: str = "Error", container: str | None = None
+) -> dict[str, Any]:
     """The container exited and kubelet started it again: its log becomes the ``previous`` one."""
     stamp = now()
 
     def change(pod: dict[str, Any]) -> None:
         wanted = container or pod["spec"]["containers"][0]["name"]
         status = next(s for s in pod["status"]["containerStatuses"] if s["name"] == wanted)
-        status |= {"restartCount": status.get("restartCount", 0) + 1, "state": {"running": {"startedAt": stamp}},
-                   "lastState": {"terminated": {"exitCode": exit_code, "reason": reason, "finishedAt": stamp}}}
+        status |= {
+            "restartCount": status.get("restartCount", 0) + 1,
+            "state": {"running": {"startedAt": stamp}},
+            "lastState": {"terminated": {"exitCode": exit_code, "reason": reason, "finishedAt": stamp}},
+        }
         key = (namespace, name, wanted)
         api.previous_logs[key] = api.logs.pop(key, [])
 
@@ -161,21 +227,37 @@ def write_log(api: ApiServer, namespace: str, pod: str, text: str, container: st
             container = api.store.get(PODS.collection(namespace), pod)["spec"]["containers"][0]["name"]
         stamp = time.time()
         api.logs.setdefault((namespace, pod, container), []).extend(
-            (stamp, line) for line in text.splitlines(keepends=True))
+            (stamp, line) for line in text.splitlines(keepends=True)
+        )
         api.store.lock.notify_all()
 
 
-def emit_event(api: ApiServer, obj: dict[str, Any], reason: str, message: str, type_: str = "Normal",
-               component: str = "stand-in") -> dict[str, Any]:
+def emit_event(
+    api: ApiServer, obj: dict[str, Any], reason: str, message: str, type_: str = "Normal", component: str = "stand-in"
+) -> dict[str, Any]:
     """A core/v1 Event about ``obj``, as client-go's event recorder writes one."""
     meta = obj["metadata"]
     namespace = meta.get("namespace") or "default"
     stamp = now()
-    event = {"apiVersion": "v1", "kind": "Event",
-             "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": namespace},
-             "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
-                                "namespace": meta.get("namespace", ""), "uid": meta.get("uid", ""),
-                                "resourceVersion": meta.get("resourceVersion", "")},
-             "reason": reason, "message": message, "type": type_, "count": 1, "firstTimestamp": stamp,
-             "lastTimestamp": stamp, "source": {"component": component}, "reportingComponent": component}
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "name": meta["name"],
+            "namespace": meta.get("namespace", ""),
+            "uid": meta.get("uid", ""),
+            "resourceVersion": meta.get("resourceVersion", ""),
+        },
+        "reason": reason,
+        "message": message,
+        "type": type_,
+        "count": 1,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "source": {"component": component},
+        "reportingComponent": component,
+    }
     return api.create_object(EVENTS, namespace, event, [], component, dry_run=False)
