@@ -34,12 +34,10 @@ BACKWARD_TRANSIENT_TENSORS = 2.0
 # Measured on CPU: under autocast the backward holds about one more fp32
 # tensor of that size (mixed-precision BatchNorm works in fp32).
 AUTOCAST_TRANSIENT_TENSORS = 1.0
-# Measured: the head holds about this many (global batch x local classes)
-# fp32 buffers at its peak (cosines, logits, probabilities, their gradients).
-HEAD_LOGIT_BUFFERS = 5.0
-# Measured: the backward of the normalised centres holds about this many
-# (sampled classes x embedding) fp32 tensors, the shard's gradient included.
-HEAD_CENTRE_BUFFERS = 5.0
+# Measured: the head holds about this many (global batch x sampled classes)
+# fp32 buffers at its peak: the one that holds cosines, logits, probabilities
+# and their gradient in turn, and the transients of the softmax beside it.
+HEAD_LOGIT_BUFFERS = 2.0
 
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)\s*$", re.IGNORECASE)
 
@@ -326,6 +324,8 @@ def plan_memory(spec: PlanSpec) -> Plan:
     sampled = sampled_classes(num_local, spec.sample_rate)  # the batch's positives assumed among them
     rows, e = world * micro, spec.embedding
     centres = FP32 * num_local * e
+    sampling = sampled < num_local
+    sampled_rows = FP32 * sampled * e  # the head's temporaries are blocks of the sampled rows (trainer/head.py)
     optimizer_state = "momentum" if spec.optimizer == "sgd" else "exp_avg, exp_avg_sq"
 
     held = [
@@ -334,8 +334,16 @@ def plan_memory(spec: PlanSpec) -> Plan:
         Item("backbone", "optimizer state", copies * shard, f"{spec.optimizer} {optimizer_state}{sharded}"),
         Item("head", "shard weights", centres, f"{num_local:,} classes x {e} fp32"),
         Item("head", "optimizer state", copies * centres, f"{spec.optimizer} {optimizer_state}"),
+        Item(
+            "head",
+            "gradient",
+            sampled_rows,
+            "kept from step to step" + (f", the {sampled:,} sampled rows only" if sampling else ""),
+        ),
         Item("data", "input batch", FP32 * spec.batch * 3 * INPUT_SIZE**2, f"{spec.batch} x 3x112x112 fp32"),
     ]
+    if sampling and spec.optimizer == "sgd":
+        held.append(Item("head", "gathered rows", 2 * sampled_rows, "the sampled rows and their momentum, kept"))
     if spec.zero == 0:
         held.append(Item("backbone", "DDP gradient buckets", full, "all-reduce buffers, as large as the gradients"))
 
@@ -353,14 +361,17 @@ def plan_memory(spec: PlanSpec) -> Plan:
         in_step.append(
             Item("backbone", "accumulated gradients", full, "earlier micro-batches, unsharded until the last")
         )
-        in_step.append(Item("head", "accumulated gradient", centres, "earlier micro-batches"))
+        if sampling:  # a dense gradient accumulates in place; sparse ones are concatenated
+            accumulated = (spec.micro_batches - 1) * sampled_rows
+            in_step.append(Item("head", "accumulated gradient", accumulated, "earlier micro-batches' sampled rows"))
+    if sampling and spec.optimizer != "sgd":
+        in_step.append(Item("head", "gathered rows", sampled_rows, f"{sampled:,} sampled rows, saved for backward"))
     backbone_grads = Item(
         "backbone",
         "gradients",
         full if spec.zero == 0 else shard,
         "fp32" if spec.zero == 0 else f"reduce-scattered to 1/{world} per unit",
     )
-    head_grad = Item("head", "gradient", centres, "dense over the shard, also when sampling")
 
     kept, backbone_peak = backbone_activations(arch, spec.activation_checkpointing, spec.checkpoint_every, act)
     checkpointing = (
@@ -369,21 +380,10 @@ def plan_memory(spec: PlanSpec) -> Plan:
         else f", {spec.activation_checkpointing} checkpointing"
         + (f" every {spec.checkpoint_every}" if spec.activation_checkpointing == "block" else "")
     )
-    logits = HEAD_LOGIT_BUFFERS * FP32 * rows * sampled + FP32 * sampled * e * (2 if sampled < num_local else 1)
-    centre_side = HEAD_CENTRE_BUFFERS * FP32 * sampled * e
-    if sampled < num_local:  # the gradient of the whole shard, scattered from the sampled rows
-        centre_side = max(centre_side, centres + 2 * FP32 * sampled * e)
-    centre_side += FP32 * rows * sampled  # the logits' gradient
+    logits = int(HEAD_LOGIT_BUFFERS * FP32 * rows * sampled)
     head_backward = [
         Item("backbone", "activations", micro * kept, f"saved for backward, {micro} samples{checkpointing}"),
-        Item(
-            "head",
-            "logits and softmax" if logits >= centre_side else "centre gradients",
-            int(max(logits, centre_side)),
-            f"{rows} rows x {sampled:,} classes"
-            if logits >= centre_side
-            else f"normalised centres and their gradients, {sampled:,} x {e}",
-        ),
+        Item("head", "logits and softmax", logits, f"{rows} rows x {sampled:,} classes, one buffer in turn"),
         Item("head", "all-gathered embeddings", 3 * FP32 * rows * e, f"{rows} x {e}: gathered, normalised, gradient"),
     ]
     backbone_backward = [
@@ -394,20 +394,33 @@ def plan_memory(spec: PlanSpec) -> Plan:
             f"still saved, recomputed and gradients of one block, {micro} samples{checkpointing}",
         ),
         *(
-            [backbone_grads, head_grad]
+            [Item("backbone", "a unit's full gradients", FP32 * _largest_unit(arch), "before their reduce-scatter")]
+            if spec.zero
+            else []
+        ),
+        *(
+            [backbone_grads]
             if spec.micro_batches == 1
             else [
                 # measured: the last micro-batch's gradients exist beside the accumulated ones before the sum
                 Item("backbone", "new gradients", full, "this micro-batch's, before they are accumulated"),
-                Item("head", "new gradient", centres, "this micro-batch's, before it is accumulated"),
+                Item(
+                    "head",
+                    "new gradient",
+                    (1 + spec.micro_batches) * sampled_rows if sampling else centres,
+                    "this micro-batch's" + (", and the concatenation it joins" if sampling else ", before the sum"),
+                ),
             ]
         ),
     ]
     step = [
         backbone_grads,
-        head_grad,
-        Item("backbone", "optimizer temporaries", copies * (shard + centres), "e.g. the weight-decayed gradients"),
+        Item("backbone", "optimizer temporaries", copies * shard, "e.g. the weight-decayed gradients"),
     ]
+    if spec.optimizer != "sgd":  # AdamW steps every row (trainer/row_optim.py): a dense gradient and temporaries
+        step.append(Item("head", "optimizer temporaries", (copies + sampling) * centres, "dense over the shard"))
+    elif sampling and spec.micro_batches > 1:
+        step.append(Item("head", "coalesced gradient", sampled_rows, "the micro-batches' rows summed"))
     moments = {
         "head backward": [*held, *in_step, *head_backward],
         "backbone backward": [*held, *in_step, *backbone_backward],
@@ -420,6 +433,11 @@ def plan_memory(spec: PlanSpec) -> Plan:
 
 def _largest_block(arch: Architecture) -> int:
     return max(b.parameters() for b in arch.blocks())
+
+
+def _largest_unit(arch: Architecture) -> int:
+    """Parameters of the largest FSDP unit: a block, or the root (stem and output layer)."""
+    return max(_largest_block(arch), arch.parameters() - sum(b.parameters() for b in arch.blocks()))
 
 
 def _next_micro_batches(spec: PlanSpec) -> int | None:

@@ -81,7 +81,7 @@ def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(s, 110, cfg) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.25)
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     cosine = cfg.model_copy(update={"schedule": "cosine"})
     assert lr_factor(60, 110, cosine) == pytest.approx(0.5)
 

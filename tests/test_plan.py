@@ -165,7 +165,7 @@ def test_a_configuration_that_does_not_fit_exits_3_with_suggestions_that_fit():
         "--gpus-per-node",
         "8",
         "--gpu-memory",
-        "32GB",
+        "24GB",
         "--classes",
         "2059906",
         "--backbone",
