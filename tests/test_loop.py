@@ -12,18 +12,9 @@ from mfr.trainer.config import load_config
 from mfr.trainer.dist import init_distributed
 from mfr.trainer.loop import Trainer, TrainingAborted
 from mfr.trainer.optim import clip_global_grad_norm, lr_factor
+from tests.support import configs
 
-SMALL = [
-    "head.num_classes=8",
-    "data.images_per_identity=4",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "eval.num_identities=4",
-    "eval.images_per_identity=2",
-    "model.embedding_size=16",
-    "run.steps=20",
-    "optim.warmup_steps=2",
-]
+SMALL = [*configs.SMALL, "run.steps=20", "optim.warmup_steps=2"]  # steps for the schedule to matter
 
 
 @pytest.fixture

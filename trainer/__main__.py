@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import traceback
 
 from . import exitcodes
 from .config import ConfigError, TrainConfig, load_config
@@ -103,17 +101,8 @@ def _unavailable(why: str) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """``main``, with any other exception printed as a traceback and reported as exit code 1."""
-    try:
-        return main(argv)
-    except SystemExit as err:
-        return err.code if isinstance(err.code, int) else 2  # argparse's usage errors
-    except BaseException:
-        traceback.print_exc()
-        return exitcodes.ABORTED
+    return exitcodes.guarded(lambda: main(argv))
 
 
 if __name__ == "__main__":
-    code = run()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exitcodes.exit_now(run())

@@ -10,7 +10,12 @@ Torch-free: ``mfrctl train`` applies the same rule to its emulated pods.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 DONE = 0
 ABORTED = 1  # the run failed (non-finite loss, a crash): permanent
@@ -41,3 +46,23 @@ def describe(code: int) -> str:
     else:
         what = "exit"
     return f"{code} ({what}, {'retryable' if retryable(code) else 'permanent'})"
+
+
+def guarded(main: Callable[[], int]) -> int:
+    """``main()``'s exit code; argparse's usage errors as theirs (else 2), any other exception printed as a
+    traceback and reported as 1 (a crash, permanent)."""
+    try:
+        return main()
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else CONFIG_ERROR
+    except BaseException:
+        traceback.print_exc()
+        return ABORTED
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once its output is flushed, without interpreter finalization: no thread a
+    library left behind (gloo's workers, an exporter's, a DataLoader's) may race it (see ``mfr.trainer.__main__``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -25,9 +25,7 @@ import argparse
 import io
 import json
 import os
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -521,17 +519,8 @@ def _unavailable(why: str) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """``main``, with any other exception printed as a traceback and reported as exit code 1."""
-    try:
-        return main(argv)
-    except SystemExit as err:
-        return err.code if isinstance(err.code, int) else 2
-    except BaseException:
-        traceback.print_exc()
-        return exitcodes.ABORTED
+    return exitcodes.guarded(lambda: main(argv))
 
 
 if __name__ == "__main__":
-    code = run()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exitcodes.exit_now(run())
