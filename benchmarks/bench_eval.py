@@ -42,10 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
+
 from mfr.ctl.scoring import score_with_ranks
 from mfr.trainer import pairsets, score
 from mfr.trainer.features import FeatureWriter
 from mfr.trainer.verification import DEFAULT_FPRS, tpr_at_fpr
+from tests.support.references import all_scores
 
 DIM = 512
 PER_IDENTITY = 10
@@ -178,14 +181,7 @@ def measure_exact(url: str) -> None:
     embedded = score.load_embedded(url)
     entry = score.score_set(embedded, score.Ranks(join=False), fprs=DEFAULT_FPRS)
     pairs = score.protocol_pairs(embedded, "unmasked-unmasked", 0, None)
-    buffer = np.empty(pairsets.TILE * pairsets.TILE, np.float32)
-    genuine, impostor = [], []
-    with pairsets.one_blas_thread():
-        for unit in pairs.units():
-            g, i = pairs.score(unit, buffer)
-            genuine.append(np.array(g).ravel())
-            impostor.append(np.array(i).ravel())
-    genuine, impostor = np.concatenate(genuine), np.concatenate(impostor)
+    genuine, impostor = all_scores(pairs)
     scores = np.concatenate([genuine, impostor]).astype(np.float64)
     del impostor
     reference = tpr_at_fpr(scores, np.arange(scores.size) < genuine.size, DEFAULT_FPRS)

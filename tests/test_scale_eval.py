@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from mfr.trainer import pairsets, score, tail
 from mfr.trainer.verification import PROTOCOLS, roc_curve, tpr_at_fpr
 from tests.support.evalsets import without_timing, write_embedded_set
+from tests.support.references import all_scores
 
 FPRS = (0.5, 0.2, 0.1, 0.05, 0.01, 3e-3, 1e-3, 1e-4, 1e-6)
 
@@ -63,21 +64,9 @@ def _pair_sets(unmasked, masked, labels, gallery):
     return sets
 
 
-def _all_scores(pairs) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force: every score of every unit, kept."""
-    buffer = np.empty(pairsets.TILE * pairsets.TILE, np.float32)
-    genuine, impostor = [], []
-    with pairsets.one_blas_thread():
-        for unit in pairs.units():
-            g, i = pairs.score(unit, buffer)
-            genuine.append(np.array(g).ravel())
-            impostor.append(np.array(i).ravel())
-    return np.concatenate(genuine), np.concatenate(impostor)
-
-
 def _reference(pairs, fprs=FPRS, curve=None):
     """The brute force's operating points; ``curve`` ``(fpr, tpr)`` points must all lie on its exact curve."""
-    genuine, impostor = _all_scores(pairs)
+    genuine, impostor = all_scores(pairs)
     scores = np.concatenate([genuine, impostor]).astype(np.float64)
     is_genuine = np.arange(scores.size) < genuine.size
     points = tpr_at_fpr(scores, is_genuine, fprs)
@@ -133,7 +122,7 @@ def test_pairs_are_each_protocols_pairs_once(small_tiles):
     for name, pairs in _pair_sets(unmasked, masked, labels, gallery).items():
         if name == "list":
             continue
-        genuine, impostor = _all_scores(pairs)
+        genuine, impostor = all_scores(pairs)
         expected = {True: Counter(), False: Counter()}
         for left, a, right, b in loops[name]:
             expected[bool(labels[a] == labels[b])][float(left[a] @ right[b])] += 1
@@ -149,7 +138,7 @@ def test_pairs_are_each_protocols_pairs_once(small_tiles):
 
 def test_scores_are_float32_cosines():
     unmasked, masked, labels = _set(1, 40, 6, ties=False, dim=64)
-    genuine, impostor = _all_scores(pairsets.MatrixPairs(masked, labels, unmasked, labels, True, False))
+    genuine, impostor = all_scores(pairsets.MatrixPairs(masked, labels, unmasked, labels, True, False))
     cosines = (masked @ unmasked.T).astype(np.float64)  # float64 products of the same unit rows
     off_diagonal = ~np.eye(len(labels), dtype=bool)
     same = labels[:, None] == labels[None, :]
@@ -192,7 +181,7 @@ def test_a_missed_bracket_is_scored_again_not_reported_wrong(small_tiles, monkey
     pairs = pairsets.MatrixPairs(masked, labels, unmasked, labels, True, False)
     reference = _reference(pairs)
     # An unlucky sample: only the 5 highest impostor scores, so every bracket sits far above its target.
-    highest = np.sort(_all_scores(pairs)[1])[-5:]
+    highest = np.sort(all_scores(pairs)[1])[-5:]
     monkeypatch.setattr(pairs, "pair_scores", lambda rows, columns: np.resize(highest, rows.size))
     assert _tail_points(pairs, keep=3, world=1).missed
     entry = score.score_protocol(pairs, "masked-unmasked", FPRS, score.Ranks(join=False), max_kept=3)
