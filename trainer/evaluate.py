@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, DataConfig, EvalConfig
-from .data.synthetic import SyntheticFaces, to_tensor
+from .data.synthetic import SIZE, SyntheticFaces, to_tensor
 from .dist import DistEnv
 from .verification import (
     PROTOCOLS,
@@ -58,9 +58,8 @@ class HeldOutEvaluator:
         mine = range(self.env.rank, per_rank * world, world)
         per_id = self.cfg.images_per_identity
         images = [to_tensor(self.faces.render(i // per_id, i % per_id, masked=masked)) for i in mine if i < n]
-        if len(images) < len(mine):  # the share runs past the last photo (or past all: more ranks than photos)
-            blank = torch.zeros_like(to_tensor(self.faces.render(0, 0, masked=masked)))
-            images += [blank] * (len(mine) - len(images))
+        # The share runs past the last photo (or past all of them: more ranks than photos): pad with blanks.
+        images += [torch.zeros(3, SIZE, SIZE)] * (len(mine) - len(images))
         return torch.stack(images)
 
     @torch.no_grad()
