@@ -42,7 +42,8 @@ from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 
-from .partition import class_shard
+from .config import check_world_size
+from .partition import class_shard, sampled_classes
 from .scratch import Scratch
 
 _COS_EPS = 1e-7
@@ -200,8 +201,7 @@ class PartialFC(nn.Module):
         self.group = group or dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        if num_classes < self.world_size:
-            raise ValueError(f"head.num_classes ({num_classes}) must be >= the world size ({self.world_size})")
+        check_world_size(self.world_size, num_classes=num_classes)  # a ConfigError, which is a ValueError
         self.num_classes = num_classes
         self.start, self.num_local = class_shard(num_classes, self.world_size, self.rank)
         self.margins = tuple(float(m) for m in margins)
@@ -258,7 +258,7 @@ class PartialFC(nn.Module):
         Returns the sorted local rows kept and ``target`` remapped into them.
         """
         positives = torch.unique(target[target >= 0])
-        num_sample = min(self.num_local, max(positives.numel(), math.ceil(self.sample_rate * self.num_local)))
+        num_sample = sampled_classes(self.num_local, self.sample_rate, positives.numel())
         priority = torch.rand(self.num_local, generator=self.sampler).to(target.device)
         priority[positives] = 2.0
         index = priority.topk(num_sample).indices.sort().values
